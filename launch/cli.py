@@ -1,0 +1,164 @@
+"""``trainctl VERB [overrides] [-m]``: the verb table, and a Hydra app per verb.
+
+Each verb that takes a config runs as a ``hydra.main`` app, so overrides,
+``-m`` (multirun: one run directory per point), ``--cfg job --resolve`` and
+``--help`` behave as in any Hydra app. Hydra is told to raise instead of print
+(HYDRA_FULL_ERROR) so that every user error leaves here as one message per
+problem and exit code 2, with no traceback.
+
+Nothing here imports torch, deepspeed or megatron: this runs on login nodes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from launch.errors import EXIT_USER_ERROR, UserError
+
+USAGE = """\
+usage: trainctl VERB [overrides] [-m] [--cfg job --resolve] [--help]
+
+Compose a training run from config groups, check it, estimate it, and write its
+launch artifacts into its run directory (runs/NAME).
+
+verbs:
+{verbs}
+
+not built yet: submit, status, cancel, tune, size, prepare (see the README).
+
+Examples:
+  trainctl plan recipe=llama3_70b_pretrain_h100
+  trainctl plan recipe=llama3_70b_pretrain_h100 parallel.tp=8 cluster.nodes=32
+  trainctl plan --cfg job --resolve recipe=tiny_local
+  trainctl plan -m recipe=llama3_8b_pretrain_h100 parallel.tp=1,2,4
+  trainctl plan --help          (config groups and their options)
+"""
+
+
+@dataclass(frozen=True)
+class Verb:
+    summary: str
+    run: Callable[[object, Path, list[str]], None]
+    """(composed config, run directory, the command line) -> None; raises UserError."""
+
+
+def _plan(composed, run_dir: Path, command: list[str]) -> None:
+    _write(composed, run_dir, command, with_job_script=False)
+
+
+def _render(composed, run_dir: Path, command: list[str]) -> None:
+    _write(composed, run_dir, command, with_job_script=True)
+
+
+VERBS: dict[str, Verb] = {
+    "plan": Verb("compose, validate, estimate; print the plan; write RUN_DIR/{config,overrides}.yaml, plan.json, meta.json", _plan),
+    "render": Verb("plan + the job script (a placeholder until the executor issues land)", _render),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        near = difflib.get_close_matches(verb, VERBS, n=1)
+        hint = f"did you mean 'trainctl {near[0]}'? " if near else ""
+        _error(f"unknown verb {verb!r}\n  fix: {hint}verbs: {', '.join(VERBS)}")
+        return EXIT_USER_ERROR
+    return _run_hydra_verb(verb, rest)
+
+
+def _usage() -> str:
+    width = max(map(len, VERBS))
+    return USAGE.format(verbs="\n".join(f"  {name:<{width}}  {v.summary}" for name, v in VERBS.items()))
+
+
+def _run_hydra_verb(verb: str, args: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from launch.config.hydra_errors import explain
+    from launch.config.source import register
+
+    register()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # raise, so errors are reported below with exit 2
+    failures: list[UserError] = []
+
+    def task(composed) -> None:
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        try:
+            VERBS[verb].run(composed, run_dir, ["trainctl", verb, *args])
+        except UserError as exc:
+            failures.append(exc)
+            point = f" (point {hc.job.num}: {','.join(hc.overrides.task)})" if hc.mode.name == "MULTIRUN" else ""
+            _error(f"{len(exc.problems)} problem(s) with this config{point}:\n" + "\n".join(exc.problems))
+
+    if "--help" in args or "-h" in args:
+        print(f"trainctl {verb}: {VERBS[verb].summary}\n")
+    app = hydra.main(version_base="1.3", config_path=None, config_name="config")(task)
+    saved_argv = sys.argv
+    sys.argv = [f"trainctl {verb}", *args]
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - only composition errors are user errors
+        message = explain(exc)
+        if message is None:
+            raise
+        _error(message)
+        return EXIT_USER_ERROR
+    finally:
+        sys.argv = saved_argv
+    return EXIT_USER_ERROR if failures else 0
+
+
+def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool) -> None:
+    """Plan, then write the run's records; a failure leaves a new run directory absent."""
+    from launch.executors import job_script
+    from launch.plan import make_plan
+    from launch.report import print_plan
+    from launch.rundir import dump_json, meta, write_run
+
+    fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
+    try:
+        plan = make_plan(composed)
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+        files = {
+            "config.yaml": plan.config_yaml(),
+            "overrides.yaml": "".join(f"- {_yaml_str(o)}\n" for o in overrides) or "[]\n",
+            "meta.json": dump_json(meta(command)),
+        }
+        if with_job_script:
+            name, text = job_script(plan.cfg, run_dir)
+            files[name] = text
+        files["plan.json"] = dump_json(plan.numbers)
+        write_run(run_dir, files)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    print_plan(plan, str(run_dir))
+
+
+def _yaml_str(text: str) -> str:
+    import json
+
+    return json.dumps(text)  # a JSON string is a valid YAML scalar
+
+
+def _error(message: str) -> None:
+    print(f"trainctl: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The numbers that follow from a config, computed here and nowhere else.
+
+dp, gradient-accumulation steps, tokens per step, steps from tokens and the
+layers on each pipeline stage are read by the validator, the estimator, the
+backend translators and the trainer; each reads them from ``Derived``.
+
+``derive`` never raises on a bad layout: it rounds down so the validator can
+report every broken equation at once, with the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launch.config.schema import Config
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    """cluster.nodes * cluster.gpus_per_node."""
+    dp: int
+    """Data-parallel replicas: world / (tp * pp * cp)."""
+    etp: int
+    """Tensor parallel size inside experts (parallel.etp, or tp)."""
+    expert_dp: int
+    """Data-parallel replicas of each expert: world / (ep * etp * pp)."""
+    sequence_parallel: bool
+    grad_accum_steps: int
+    """Micro-batches per optimizer step on each replica: gbs / (mbs * dp)."""
+    tokens_per_step: int
+    steps: int
+    tokens: int
+    """Tokens the run trains on (train.tokens, or steps * tokens_per_step)."""
+    stage_layers: tuple[int, ...]
+    """Transformer layers on each pipeline rank, first to last."""
+    lr: float
+    """Peak learning rate: stage.lr when set, else optim.lr."""
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def stage_layers(num_layers: int, pp: int, first: int | None, last: int | None,
+                 embedding_as_layer: bool, loss_as_layer: bool) -> tuple[int, ...]:
+    """Transformer layers per pipeline rank, as Megatron-Core assigns them.
+
+    Explicit first/last stage sizes (``--decoder-first/last-pipeline-num-layers``)
+    pin those stages and split the rest evenly. ``account_for_embedding/loss``
+    count the embedding and the loss as one layer each of the first and last
+    stage, so 126 layers + 2 = 128 = 16 stages x 8. When layers do not divide,
+    the remainder goes to the middle stages (the validator reports it).
+    """
+    pp = max(pp, 1)
+    if pp == 1:
+        return (num_layers,)
+    if first is not None or last is not None:
+        pinned = [first, last]
+        middle_stages = pp - sum(x is not None for x in pinned)
+        rest = num_layers - (first or 0) - (last or 0)
+        middle = _even_split(rest, middle_stages)
+        head = [first] if first is not None else []
+        tail = [last] if last is not None else []
+        return tuple(head + middle + tail)
+    extra_first, extra_last = int(embedding_as_layer), int(loss_as_layer)
+    slots = _even_split(num_layers + extra_first + extra_last, pp)
+    slots[0] -= extra_first
+    slots[-1] -= extra_last
+    return tuple(slots)
+
+
+def _even_split(n: int, parts: int) -> list[int]:
+    if parts <= 0:
+        return []
+    base, rem = divmod(max(n, 0), parts)
+    # Remainder on the middle stages: the first and last carry embedding/loss.
+    order = sorted(range(parts), key=lambda i: (i in (0, parts - 1), i))
+    out = [base] * parts
+    for i in order[:rem]:
+        out[i] += 1
+    return out
+
+
+def derive(cfg: Config) -> Derived:
+    p, c, t, m = cfg.parallel, cfg.cluster, cfg.train, cfg.model
+    world = c.nodes * c.gpus_per_node
+    model_parallel = max(p.tp * p.pp * p.cp, 1)
+    dp = max(world // model_parallel, 1)
+    etp = p.etp if p.etp is not None else p.tp
+    expert_dp = max(world // max(p.ep * etp * p.pp, 1), 1)
+    sp = p.sequence_parallel
+    sequence_parallel = p.tp > 1 if sp == "auto" else bool(sp)
+    grad_accum = max(t.global_batch_size // max(p.micro_batch_size * dp, 1), 1)
+    tokens_per_step = t.global_batch_size * m.seq_length
+    if t.tokens is not None:
+        steps = _ceil_div(t.tokens, max(tokens_per_step, 1))
+        tokens = t.tokens
+    else:
+        steps = t.steps or 0
+        tokens = steps * tokens_per_step
+    layers = stage_layers(
+        m.num_layers, p.pp,
+        p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage,
+        p.account_for_embedding_in_pipeline_split, p.account_for_loss_in_pipeline_split,
+    )
+    lr = cfg.stage.lr if cfg.stage.lr is not None else cfg.optim.lr
+    return Derived(
+        world_size=world, dp=dp, etp=etp, expert_dp=expert_dp,
+        sequence_parallel=sequence_parallel, grad_accum_steps=grad_accum,
+        tokens_per_step=tokens_per_step, steps=steps, tokens=tokens,
+        stage_layers=layers, lr=lr,
+    )

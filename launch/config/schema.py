@@ -1,0 +1,311 @@
+"""Typed schema of a trainctl config: one dataclass per config group.
+
+Every YAML option under ``conf/<group>/`` is merged into the dataclass of its
+group, so a wrong type (``parallel.tp=abc``) or an unknown key
+(``parallel.tpp=2``) fails while Hydra composes, before anything runs.
+
+Field names follow Megatron-Core where an equivalent exists (``num_layers``,
+``ffn_hidden_size``, ``num_query_groups``, ...) so that a custom architecture is
+a set of overrides and the Megatron translation is a rename-free copy.
+
+OmegaConf 2.3 supports ``Enum`` but not ``Literal``; choices are enums, whose
+member names are what a user types (``parallel.recompute=selective``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class Normalization(Enum):
+    RMSNorm = "RMSNorm"
+    LayerNorm = "LayerNorm"
+
+
+class Activation(Enum):
+    swiglu = "swiglu"  # gated SiLU, three FFN matrices (Llama, Mixtral)
+    gelu = "gelu"  # two FFN matrices (GPT-3)
+
+
+class PositionEmbedding(Enum):
+    rope = "rope"
+    learned_absolute = "learned_absolute"
+
+
+class Recompute(Enum):
+    none = "none"
+    selective = "selective"  # attention core only (Korthikanti et al. 2022, sec. 5)
+    full = "full"  # whole transformer layer
+
+
+class Offload(Enum):
+    none = "none"
+    cpu = "cpu"
+    nvme = "nvme"
+
+
+class StageKind(Enum):
+    pretrain = "pretrain"
+    sft = "sft"
+    dpo = "dpo"
+    rlhf = "rlhf"
+
+
+class Schedule(Enum):
+    cosine = "cosine"  # linear warmup, cosine decay to min_lr
+    wsd = "wsd"  # warmup, stable, decay (Hu et al. 2024, MiniCPM)
+
+
+class BackendName(Enum):
+    megatron = "megatron"
+    deepspeed = "deepspeed"
+
+
+class Scheduler(Enum):
+    local = "local"  # processes on this machine (torchrun)
+    slurm = "slurm"
+
+
+class Precision(Enum):
+    bf16 = "bf16"
+    fp8 = "fp8"  # bf16 weights, fp8 matmuls (TransformerEngine)
+    fp32 = "fp32"  # CPU runs
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer. Presets live in ``conf/model/``."""
+
+    name: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    """FFN inner size; for MoE, the size of one expert."""
+    num_attention_heads: int = MISSING
+    num_query_groups: Optional[int] = None
+    """KV heads for grouped-query attention; None means one per head (MHA)."""
+    kv_channels: Optional[int] = None
+    """Head dimension; None means hidden_size / num_attention_heads."""
+    vocab_size: int = MISSING
+    seq_length: int = MISSING
+    """Training sequence length in tokens."""
+    max_position_embeddings: Optional[int] = None
+    """Longest sequence the positions support; None means seq_length."""
+    position_embedding_type: PositionEmbedding = PositionEmbedding.rope
+    rotary_base: int = 10000
+    normalization: Normalization = Normalization.RMSNorm
+    norm_epsilon: float = 1e-5
+    activation: Activation = Activation.swiglu
+    add_bias_linear: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    num_experts: Optional[int] = None
+    """Experts per MoE layer; None for a dense model."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (MoE only)."""
+    init_method_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over GPUs. dp is derived: world / (tp * pp * cp)."""
+
+    tp: int = 1
+    """Tensor parallel size; stays inside a node (NVLink)."""
+    pp: int = 1
+    """Pipeline parallel size."""
+    vpp: int = 1
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); 1 = off."""
+    cp: int = 1
+    """Context parallel size: splits the sequence."""
+    ep: int = 1
+    """Expert parallel size (MoE)."""
+    etp: Optional[int] = None
+    """Tensor parallel size inside experts; None means tp (Megatron's default)."""
+    micro_batch_size: int = 1
+    sequence_parallel: Any = "auto"
+    """auto | true | false; auto is on when tp > 1 (Megatron only)."""
+    recompute: Recompute = Recompute.selective
+    distributed_optimizer: bool = True
+    """Megatron: shard optimizer state over dp. Ignored on deepspeed."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage 0-3. Ignored on megatron."""
+    offload_optimizer: Offload = Offload.none
+    """DeepSpeed: where optimizer state lives."""
+    offload_params: Offload = Offload.none
+    """DeepSpeed ZeRO-3: where parameters live."""
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """Uneven split (Megatron --decoder-first-pipeline-num-layers)."""
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    """Uneven split (Megatron --decoder-last-pipeline-num-layers)."""
+    account_for_embedding_in_pipeline_split: bool = False
+    """Count the embedding as one layer of the first stage (Megatron flag)."""
+    account_for_loss_in_pipeline_split: bool = False
+    """Count the output layer and loss as one layer of the last stage."""
+    allow_tp_across_nodes: bool = False
+    """Permit tp > GPUs per node (TP traffic then crosses InfiniBand)."""
+
+
+@dataclass
+class DataSource:
+    path: str = MISSING
+    """Local file or directory: .jsonl, .parquet or .txt."""
+    weight: float = MISSING
+    """Relative sampling weight; normalised over the mixture."""
+    text_key: str = "text"
+
+
+@dataclass
+class DataConfig:
+    """A mixture of weighted sources, tokenized with one tokenizer."""
+
+    name: str = MISSING
+    sources: Dict[str, DataSource] = field(default_factory=dict)
+    """Keyed by source name: data.sources.web.weight=0.7 overrides one."""
+    tokenizer: str = MISSING
+    """Path to a Hugging Face tokenizer.json."""
+    split: List[float] = field(default_factory=lambda: [0.98, 0.01, 0.01])
+    """Train / validation / test fractions of each source."""
+    prepared_dir: str = "data/prepared"
+    """Where `trainctl prepare` writes the indexed shards."""
+
+
+@dataclass
+class StageConfig:
+    """An alignment stage. Fields a stage does not use keep their defaults."""
+
+    kind: StageKind = MISSING
+    init_checkpoint: Optional[str] = None
+    """Checkpoint to start from; required after pretraining unless from_scratch."""
+    from_scratch: bool = False
+    """Start a post-training stage from random weights (tests, ablations)."""
+    lr: Optional[float] = None
+    """Replaces optim.lr for this stage when set."""
+    mask_prompt: bool = False
+    """SFT/DPO: no loss on prompt tokens."""
+    dpo_beta: float = 0.1
+    """DPO: strength of the KL constraint (Rafailov et al. 2023)."""
+    dpo_loss: str = "sigmoid"
+    """DPO loss variant, as in TRL's DPOConfig.loss_type."""
+    reference_checkpoint: Optional[str] = None
+    """DPO/RLHF reference policy; None means init_checkpoint."""
+    reward_model: Optional[str] = None
+    """RLHF: reward model checkpoint."""
+    kl_coef: float = 0.05
+    """RLHF: KL penalty against the reference policy."""
+    ppo_clip: float = 0.2
+    """RLHF: PPO ratio clip."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and a decay schedule."""
+
+    name: str = MISSING
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: int = 2000
+    decay_fraction: float = 0.2
+    """WSD only: share of the steps spent decaying at the end."""
+
+
+@dataclass
+class BackendConfig:
+    name: BackendName = MISSING
+
+
+@dataclass
+class GPUSpec:
+    """One accelerator. Peak numbers are vendor datasheet figures."""
+
+    name: str = MISSING
+    peak_bf16_tflops: float = MISSING
+    """Dense BF16 tensor-core peak (H100 SXM: 989)."""
+    peak_fp8_tflops: float = MISSING
+    """Dense FP8 peak (H100 SXM: 1979)."""
+    hbm_gib: float = MISSING
+    """Usable memory as the driver reports it, in GiB (H100 80 GB: 79.6)."""
+    hbm_bandwidth_tbps: float = MISSING
+    nvlink_gbps: float = MISSING
+    """NVLink bandwidth per GPU per direction, GB/s."""
+    ib_gbps: float = MISSING
+    """InfiniBand bandwidth per GPU per direction, GB/s (NDR 400 Gb/s = 50)."""
+    power_w: float = MISSING
+    """Board power at full load, W."""
+    mtbf_hours: float = MISSING
+    """Mean hours between job-interrupting failures, per GPU."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where the job runs. A site's own profile lives on Hydra's search path."""
+
+    name: str = MISSING
+    scheduler: Scheduler = MISSING
+    nodes: int = 1
+    gpus_per_node: int = 8
+    """GPUs per node; on cluster=local, processes on this machine."""
+    gpu: GPUSpec = MISSING
+    usd_per_gpu_hour: float = 0.0
+    pue: float = 1.0
+    """Data-centre power usage effectiveness applied to GPU energy."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_limit: str = "04:00:00"
+    """Per-job wall-clock limit (HH:MM:SS or D-HH:MM:SS)."""
+    container_image: Optional[str] = None
+    """Run inside this image (pyxis/enroot); None is bare metal."""
+    container_mounts: List[str] = field(default_factory=list)
+    setup: List[str] = field(default_factory=list)
+    """Bare metal: shell lines run before launch (modules, venv)."""
+    env: Dict[str, str] = field(default_factory=dict)
+    """Environment for the job (NCCL settings); never put secrets here."""
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = MISSING
+    """Sequences per optimizer step."""
+    tokens: Optional[int] = None
+    """Tokens to train on; steps are derived. Set exactly one of tokens, steps."""
+    steps: Optional[int] = None
+    precision: Precision = Precision.bf16
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    checkpoint_interval: Optional[int] = None
+    """Steps between checkpoints; None lets the estimator choose (Young/Daly)."""
+    checkpoint_dir: Optional[str] = None
+    """None means RUN_DIR/checkpoints."""
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    """The run's name: job name and run directory (runs/NAME)."""
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    data: DataConfig = MISSING
+    stage: StageConfig = MISSING
+    optim: OptimConfig = MISSING
+    backend: BackendConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register_schemas() -> None:
+    """Store the schema so ``conf/config.yaml`` can extend it by name."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="trainctl_schema", node=Config)

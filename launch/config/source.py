@@ -1,0 +1,103 @@
+"""A Hydra config source that serves ``conf/`` with ``recipes/`` as its ``recipe`` group.
+
+Recipes are complete experiments and live in the top-level ``recipes/`` folder,
+yet are selected like any group (``recipe=NAME``). Hydra maps a group to a
+sub-folder of a search-path root, so this source presents one virtual tree:
+``recipe/*`` comes from ``recipes/``, everything else from ``conf/``. It is
+registered under the scheme ``trainctl://`` and used as the primary config path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from hydra._internal.core_plugins.file_config_source import FileConfigSource
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.object_type import ObjectType
+from hydra.core.plugins import Plugins
+from hydra.plugins.config_source import ConfigResult, ConfigSource
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+from launch.paths import asset_dir
+
+RECIPE_GROUP = "recipe"
+USER_PATH_ENV = "TRAINCTL_CONFIG_PATH"
+
+
+class TrainctlConfigSource(ConfigSource):
+    def __init__(self, provider: str, path: str) -> None:
+        super().__init__(provider=provider, path=path)
+        self._conf = FileConfigSource(provider, str(asset_dir("conf")))
+        self._recipes = FileConfigSource(provider, str(asset_dir("recipes")))
+
+    @staticmethod
+    def scheme() -> str:
+        return "trainctl"
+
+    def _route(self, config_path: str) -> tuple[FileConfigSource, str]:
+        """The real source and its relative path for a virtual ``config_path``."""
+        head, _, rest = config_path.partition("/")
+        if head == RECIPE_GROUP or head == f"{RECIPE_GROUP}.yaml":
+            return self._recipes, rest
+        return self._conf, config_path
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        source, path = self._route(config_path)
+        return source.load_config(path)
+
+    def available(self) -> bool:
+        return self._conf.available()
+
+    def is_group(self, config_path: str) -> bool:
+        if config_path == RECIPE_GROUP:
+            return self._recipes.available()
+        source, path = self._route(config_path)
+        return source.is_group(path)
+
+    def is_config(self, config_path: str) -> bool:
+        source, path = self._route(config_path)
+        return bool(path) and source.is_config(path)
+
+    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+        source, path = self._route(config_path)
+        found = source.list(path, results_filter)
+        if config_path == "" and results_filter in (None, ObjectType.GROUP):
+            found = sorted(set(found) | {RECIPE_GROUP})
+        return found
+
+
+class TrainctlSearchPath(SearchPathPlugin):
+    """Puts trainctl's configs on Hydra's search path, after the user's own.
+
+    Directories in ``TRAINCTL_CONFIG_PATH`` (``:``-separated) come first, so a
+    site's ``cluster/h100.yaml`` or ``recipe/my_run.yaml`` adds to the shipped
+    options and wins over a shipped file of the same name.
+    """
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        for directory in os.environ.get(USER_PATH_ENV, "").split(os.pathsep):
+            if directory:
+                search_path.append("trainctl-user", f"file://{os.path.abspath(directory)}")
+        search_path.append("trainctl", "trainctl://")
+
+
+def register() -> None:
+    """Make trainctl's configs visible to Hydra in this process only.
+
+    Also registers the ``${asset:data/sample/x.jsonl}`` resolver: the absolute
+    path of a file shipped with trainctl (checkout or wheel).
+
+    Registered explicitly by the CLI (not discovered as a plugin), so other
+    Hydra apps in the same environment never see trainctl's groups.
+    """
+    from launch.config.schema import register_schemas
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", lambda path: str(asset_dir(path.split("/")[0]) / path.partition("/")[2]))
+    plugins = Plugins.instance()
+    plugins.register(TrainctlConfigSource)
+    plugins.register(TrainctlSearchPath)
+    register_schemas()

@@ -1,0 +1,386 @@
+"""Validation rules: each takes the typed config and its derived numbers and
+returns the problems it finds. ``validate`` runs them all, so a user sees every
+problem of a layout at once, before anything is written or queued.
+
+A problem names the keys with their values, says what is wrong with the numbers
+of the broken equation, and proposes a fix (torchtitan's ParallelDims._validate
+is the model). Rules are scoped: a Megatron-only rule says nothing about a
+DeepSpeed run and vice versa.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from launch.config.derive import Derived
+from launch.config.schema import BackendName, Config, Precision, Recompute, Scheduler, StageKind
+
+
+@dataclass(frozen=True)
+class Problem:
+    keys: dict[str, object]
+    """The offending keys and their values, as the user would type them."""
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        keys = ", ".join(f"{k}={_show(v)}" for k, v in self.keys.items())
+        return f"{keys}: {self.message}\n  fix: {self.fix}"
+
+
+def _show(value: object) -> str:
+    name = getattr(value, "name", None)
+    if name is not None and not isinstance(value, str):
+        return str(name)  # enums as the user types them
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+Rule = Callable[[Config, Derived], Iterator[Problem]]
+RULES: list[Rule] = []
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+def validate(cfg: Config, d: Derived) -> list[Problem]:
+    return [problem for check in RULES for problem in check(cfg, d)]
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _megatron(cfg: Config) -> bool:
+    return cfg.backend.name == BackendName.megatron
+
+
+# --- names and sizes ----------------------------------------------------------
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@rule
+def name_is_a_path_component(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The name becomes a directory and a SLURM job name."""
+    if not _SAFE_NAME.match(cfg.name):
+        yield Problem({"name": cfg.name}, "the run name must be letters, digits, '.', '_' or '-'",
+                      "name=my_run_v2")
+
+
+@rule
+def sizes_are_positive(cfg: Config, d: Derived) -> Iterator[Problem]:
+    p, c, t = cfg.parallel, cfg.cluster, cfg.train
+    sizes = {
+        "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.vpp": p.vpp, "parallel.cp": p.cp,
+        "parallel.ep": p.ep, "parallel.micro_batch_size": p.micro_batch_size,
+        "cluster.nodes": c.nodes, "cluster.gpus_per_node": c.gpus_per_node,
+        "train.global_batch_size": t.global_batch_size,
+    }
+    if p.etp is not None:
+        sizes["parallel.etp"] = p.etp
+    for key, value in sizes.items():
+        if value < 1:
+            yield Problem({key: value}, "must be at least 1", f"{key}=1")
+
+
+@rule
+def tokens_or_steps(cfg: Config, d: Derived) -> Iterator[Problem]:
+    t = cfg.train
+    keys = {"train.tokens": t.tokens, "train.steps": t.steps}
+    if (t.tokens is None) == (t.steps is None):
+        yield Problem(keys, "set exactly one of train.tokens and train.steps",
+                      "train.tokens=1000000000 train.steps=null, or train.steps=1000 train.tokens=null")
+    elif (t.tokens or t.steps or 0) < 1:
+        yield Problem(keys, "the run must train on at least one step", "train.steps=1000")
+
+
+# --- the parallel layout ------------------------------------------------------
+
+@rule
+def world_divisible_by_model_parallel(cfg: Config, d: Derived) -> Iterator[Problem]:
+    p = cfg.parallel
+    mp = p.tp * p.pp * p.cp
+    if mp > 0 and d.world_size % mp:
+        yield Problem(
+            {"cluster.nodes": cfg.cluster.nodes, "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
+             "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.cp": p.cp},
+            f"world size {d.world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {mp}",
+            f"make nodes*gpus_per_node a multiple of {mp}, or choose tp*pp*cp from the "
+            f"divisors of {d.world_size}: {_divisors(d.world_size)}",
+        )
+
+
+@rule
+def expert_layout_divides_world(cfg: Config, d: Derived) -> Iterator[Problem]:
+    p = cfg.parallel
+    size = p.ep * d.etp * p.pp
+    if cfg.model.num_experts and size > 0 and d.world_size % size:
+        yield Problem(
+            {"parallel.ep": p.ep, "parallel.etp": d.etp, "parallel.pp": p.pp, "world_size": d.world_size},
+            f"expert layers need ep*etp*pp = {p.ep}*{d.etp}*{p.pp} = {size} to divide the world size {d.world_size}",
+            "choose ep so that ep*etp*pp divides nodes*gpus_per_node",
+        )
+
+
+@rule
+def experts_divisible_by_ep(cfg: Config, d: Derived) -> Iterator[Problem]:
+    p, m = cfg.parallel, cfg.model
+    if p.ep > 1 and not m.num_experts:
+        yield Problem({"parallel.ep": p.ep, "model.num_experts": m.num_experts},
+                      "expert parallelism needs an MoE model", "parallel.ep=1, or pick an MoE model (model=mixtral_8x7b)")
+    elif m.num_experts and p.ep > 0 and m.num_experts % p.ep:
+        yield Problem({"model.num_experts": m.num_experts, "parallel.ep": p.ep},
+                      f"{m.num_experts} experts cannot be split evenly over ep={p.ep}",
+                      f"choose parallel.ep from {_divisors(m.num_experts)}")
+
+
+@rule
+def tp_within_node(cfg: Config, d: Derived) -> Iterator[Problem]:
+    p, c = cfg.parallel, cfg.cluster
+    if p.tp > c.gpus_per_node and not p.allow_tp_across_nodes:
+        yield Problem(
+            {"parallel.tp": p.tp, "cluster.gpus_per_node": c.gpus_per_node},
+            f"tp={p.tp} spans more than one node of {c.gpus_per_node} GPUs: every layer's "
+            "all-reduce would cross InfiniBand instead of NVLink",
+            f"parallel.tp={c.gpus_per_node} and raise parallel.pp, or force it with "
+            "parallel.allow_tp_across_nodes=true",
+        )
+
+
+@rule
+def heads_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
+    m, p = cfg.model, cfg.parallel
+    if p.tp > 0 and m.num_attention_heads % p.tp:
+        yield Problem({"model.num_attention_heads": m.num_attention_heads, "parallel.tp": p.tp},
+                      f"{m.num_attention_heads} heads cannot be split evenly over tp={p.tp}",
+                      f"choose parallel.tp from {_divisors(m.num_attention_heads)}")
+
+
+@rule
+def query_groups_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Megatron-Core shards KV heads over tp; it does not replicate them."""
+    m, p = cfg.model, cfg.parallel
+    groups = m.num_query_groups or m.num_attention_heads
+    if p.tp > 0 and groups % p.tp:
+        yield Problem({"model.num_query_groups": groups, "parallel.tp": p.tp},
+                      f"{groups} KV groups cannot be split evenly over tp={p.tp}",
+                      f"choose parallel.tp from {_divisors(groups)}")
+    if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
+        yield Problem({"model.num_attention_heads": m.num_attention_heads, "model.num_query_groups": m.num_query_groups},
+                      "attention heads must be a multiple of the KV groups",
+                      f"choose model.num_query_groups from {_divisors(m.num_attention_heads)}")
+
+
+@rule
+def head_dim_is_whole(cfg: Config, d: Derived) -> Iterator[Problem]:
+    m = cfg.model
+    if m.kv_channels is None and m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
+        yield Problem({"model.hidden_size": m.hidden_size, "model.num_attention_heads": m.num_attention_heads},
+                      "hidden_size is not divisible by num_attention_heads",
+                      "set model.kv_channels (the head dimension) or change the head count")
+
+
+@rule
+def vpp_needs_pp(cfg: Config, d: Derived) -> Iterator[Problem]:
+    p = cfg.parallel
+    if p.vpp > 1 and p.pp < 2:
+        yield Problem({"parallel.vpp": p.vpp, "parallel.pp": p.pp},
+                      "virtual pipeline stages interleave a pipeline of at least 2 stages",
+                      "parallel.vpp=1, or parallel.pp>=2")
+
+
+@rule
+def pipeline_split(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Layers must divide into pp*vpp chunks, or an explicit uneven split must add up.
+
+    Megatron's account_for_embedding/loss flags count the embedding and the
+    loss as one layer each; explicit first/last stage sizes pin those stages and
+    split the rest evenly over the middle stages.
+    """
+    p, L = cfg.parallel, cfg.model.num_layers
+    if p.pp < 1 or p.vpp < 1:
+        return
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    accounting = p.account_for_embedding_in_pipeline_split or p.account_for_loss_in_pipeline_split
+    explicit = first is not None or last is not None
+    keys: dict[str, object] = {"model.num_layers": L, "parallel.pp": p.pp, "parallel.vpp": p.vpp}
+    if (explicit or accounting) and p.pp < 2:
+        yield Problem(keys, "an uneven pipeline split needs parallel.pp >= 2",
+                      "remove the first/last stage settings, or raise parallel.pp")
+        return
+    if explicit and accounting:
+        yield Problem({**keys, "parallel.num_layers_in_first_pipeline_stage": first,
+                       "parallel.num_layers_in_last_pipeline_stage": last},
+                      "explicit first/last stage sizes and account_for_* flags cannot be combined (Megatron refuses)",
+                      "use either the explicit sizes or the account_for_* flags")
+        return
+    if explicit:
+        yield from _explicit_split(cfg, keys, first, last)
+        return
+    slots = L + int(p.account_for_embedding_in_pipeline_split) + int(p.account_for_loss_in_pipeline_split)
+    chunks = p.pp * p.vpp
+    if slots % chunks:
+        what = f"{L} layers" + (f" (+{slots - L} for embedding/loss = {slots})" if slots != L else "")
+        yield Problem(keys, f"{what} cannot be split evenly into pp*vpp = {p.pp}*{p.vpp} = {chunks} chunks",
+                      _propose_split(L, p.pp, p.vpp))
+
+
+def _explicit_split(cfg: Config, keys: dict, first: int | None, last: int | None) -> Iterator[Problem]:
+    p, L = cfg.parallel, cfg.model.num_layers
+    keys = {**keys, "parallel.num_layers_in_first_pipeline_stage": first,
+            "parallel.num_layers_in_last_pipeline_stage": last}
+    pinned = (first or 0) + (last or 0)
+    middle_stages = p.pp - (first is not None) - (last is not None)
+    rest = L - pinned
+    if rest < 0 or (middle_stages == 0 and rest != 0):
+        yield Problem(keys, f"the stages add up to {pinned} layers, not {L}", _propose_split(L, p.pp, p.vpp))
+        return
+    if middle_stages and rest % (middle_stages * p.vpp):
+        yield Problem(keys, f"the remaining {rest} layers cannot be split evenly over {middle_stages} middle "
+                      f"stages x vpp {p.vpp}", _propose_split(L, p.pp, p.vpp))
+        return
+    for key, n in (("first", first), ("last", last)):
+        if n is not None and (n < 1 or n % p.vpp):
+            yield Problem(keys, f"the {key} stage's {n} layers must be a positive multiple of vpp={p.vpp}",
+                          _propose_split(L, p.pp, p.vpp))
+
+
+def _propose_split(layers: int, pp: int, vpp: int) -> str:
+    """A split Megatron accepts for ``layers`` over ``pp`` stages, as overrides."""
+    if (layers + 2) % (pp * vpp) == 0:
+        return ("count the embedding and the loss as layers: parallel.account_for_embedding_in_pipeline_split=true "
+                f"parallel.account_for_loss_in_pipeline_split=true ({layers}+2 = {pp}x{(layers + 2) // pp})")
+    if (layers + 1) % (pp * vpp) == 0:
+        return (f"count the loss as a layer: parallel.account_for_loss_in_pipeline_split=true "
+                f"({layers}+1 = {pp}x{(layers + 1) // pp})")
+    if pp > 2:
+        per = -(-layers // pp)
+        per += (-per) % vpp  # a multiple of vpp
+        rest = layers - per * (pp - 2)
+        lo = rest // 2 - (rest // 2) % vpp
+        hi = rest - lo
+        if 0 < lo <= per and 0 < hi <= per and hi % vpp == 0:
+            return (f"parallel.num_layers_in_first_pipeline_stage={lo} "
+                    f"parallel.num_layers_in_last_pipeline_stage={hi} ({pp - 2} middle stages of {per})")
+    good = [k for k in _divisors(layers) if k <= 64]
+    return f"choose parallel.pp*parallel.vpp from the divisors of {layers}: {good}"
+
+
+@rule
+def context_parallel_sequence(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Megatron's CP splits each sequence into 2*cp chunks (load-balanced causal attention)."""
+    p, m = cfg.parallel, cfg.model
+    if p.cp > 1 and m.seq_length % (2 * p.cp):
+        yield Problem({"model.seq_length": m.seq_length, "parallel.cp": p.cp},
+                      f"seq_length must be divisible by 2*cp = {2 * p.cp}",
+                      f"model.seq_length={m.seq_length - m.seq_length % (2 * p.cp)}, or another cp")
+
+
+@rule
+def sequence_fits_positions(cfg: Config, d: Derived) -> Iterator[Problem]:
+    m = cfg.model
+    if m.max_position_embeddings is not None and m.seq_length > m.max_position_embeddings:
+        yield Problem({"model.seq_length": m.seq_length, "model.max_position_embeddings": m.max_position_embeddings},
+                      "the sequence is longer than the model's positions",
+                      f"model.seq_length={m.max_position_embeddings}, or raise model.max_position_embeddings")
+
+
+@rule
+def batch_divisible(cfg: Config, d: Derived) -> Iterator[Problem]:
+    p, t = cfg.parallel, cfg.train
+    per_step = p.micro_batch_size * d.dp
+    if per_step > 0 and t.global_batch_size % per_step:
+        lower = max(t.global_batch_size - t.global_batch_size % per_step, per_step)
+        yield Problem(
+            {"train.global_batch_size": t.global_batch_size, "parallel.micro_batch_size": p.micro_batch_size, "dp": d.dp},
+            f"global batch {t.global_batch_size} is not divisible by micro_batch_size*dp = "
+            f"{p.micro_batch_size}*{d.dp} = {per_step}",
+            f"train.global_batch_size={lower} or {lower + per_step}, or another micro_batch_size",
+        )
+
+
+@rule
+def sequence_parallel_setting(cfg: Config, d: Derived) -> Iterator[Problem]:
+    sp = cfg.parallel.sequence_parallel
+    if sp not in ("auto", True, False):
+        yield Problem({"parallel.sequence_parallel": sp}, "must be auto, true or false",
+                      "parallel.sequence_parallel=auto")
+    elif sp is True and cfg.parallel.tp < 2:
+        yield Problem({"parallel.sequence_parallel": sp, "parallel.tp": cfg.parallel.tp},
+                      "sequence parallelism splits activations over the tensor-parallel group; it needs tp > 1",
+                      "parallel.sequence_parallel=auto, or parallel.tp>1")
+
+
+# --- backend scope ------------------------------------------------------------
+
+@rule
+def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The DeepSpeed backend trains Hugging Face models with ZeRO data parallelism."""
+    if _megatron(cfg):
+        return
+    p = cfg.parallel
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep), ("parallel.cp", p.cp)):
+        if value > 1:
+            yield Problem({"backend": "deepspeed", key: value},
+                          f"{key.split('.')[1]} > 1 is not supported on the DeepSpeed backend (ZeRO data parallelism only)",
+                          f"backend=megatron, or {key}=1")
+    if p.recompute == Recompute.selective:
+        yield Problem({"backend": "deepspeed", "parallel.recompute": p.recompute},
+                      "Hugging Face models offer full activation checkpointing only",
+                      "parallel.recompute=full (or none)")
+    if p.zero_stage not in (0, 1, 2, 3):
+        yield Problem({"parallel.zero_stage": p.zero_stage}, "ZeRO stages are 0, 1, 2 and 3", "parallel.zero_stage=3")
+    if p.offload_params.name != "none" and p.zero_stage != 3:
+        yield Problem({"parallel.offload_params": p.offload_params, "parallel.zero_stage": p.zero_stage},
+                      "parameter offload needs ZeRO stage 3", "parallel.zero_stage=3")
+    if cfg.train.precision == Precision.fp8:
+        yield Problem({"backend": "deepspeed", "train.precision": cfg.train.precision},
+                      "FP8 training goes through TransformerEngine, which the Megatron backend uses",
+                      "train.precision=bf16, or backend=megatron")
+
+
+@rule
+def local_cluster_precision(cfg: Config, d: Derived) -> Iterator[Problem]:
+    if cfg.cluster.scheduler == Scheduler.local and cfg.train.precision == Precision.fp8:
+        yield Problem({"cluster": cfg.cluster.name, "train.precision": cfg.train.precision},
+                      "FP8 needs H100-class GPUs", "train.precision=fp32 (CPU) or bf16")
+
+
+# --- data and stage -----------------------------------------------------------
+
+@rule
+def mixture_weights(cfg: Config, d: Derived) -> Iterator[Problem]:
+    sources = cfg.data.sources
+    if not sources:
+        yield Problem({"data.sources": "{}"}, "the mixture has no sources",
+                      "choose a mixture with sources (data=tiny_mix), or write your own data/ config")
+    for name, source in sources.items():
+        if not source.weight > 0:
+            yield Problem({f"data.sources.{name}.weight": source.weight}, "mixture weights must be positive",
+                          f"data.sources.{name}.weight=0.1, or remove the source with ~data.sources.{name}")
+
+
+@rule
+def data_split(cfg: Config, d: Derived) -> Iterator[Problem]:
+    split = cfg.data.split
+    if len(split) != 3 or any(x < 0 for x in split) or sum(split) <= 0:
+        yield Problem({"data.split": list(split)}, "need three non-negative fractions: train, validation, test",
+                      "data.split=[0.98,0.01,0.01]")
+
+
+@rule
+def stage_needs_init(cfg: Config, d: Derived) -> Iterator[Problem]:
+    s = cfg.stage
+    if s.kind != StageKind.pretrain and not s.init_checkpoint and not s.from_scratch:
+        yield Problem({"stage": s.kind, "stage.init_checkpoint": s.init_checkpoint},
+                      f"{s.kind.name} starts from a trained model",
+                      "stage.init_checkpoint=/path/to/checkpoint, or stage.from_scratch=true")
+    if s.kind == StageKind.rlhf and not s.reward_model and not s.from_scratch:
+        yield Problem({"stage": s.kind, "stage.reward_model": s.reward_model}, "RLHF needs a reward model",
+                      "stage.reward_model=/path/to/reward_model")

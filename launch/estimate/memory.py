@@ -1,0 +1,319 @@
+"""Memory per GPU on every pipeline stage: model states, activations, overheads.
+
+Model states (weights, gradients, optimizer) follow the backend's bookkeeping:
+
+- Megatron (mixed precision): bf16 weights 2 B, fp32 gradient buffer 4 B
+  (``main_grad``; Megatron-LM accumulates and reduces gradients in fp32 under
+  bf16), fp32 master weights + Adam m + v 12 B: 18 B per parameter, or
+  ``6 + 12/dp`` with the distributed optimizer, which shards the 12 B over the
+  data-parallel ranks (megatron/training/theoretical_memory_usage.py,
+  ``compute_weight_and_optimizer_memory``).
+- DeepSpeed (mixed precision): 2 + 2 + 12 = 16 B per parameter; ZeRO stage 1
+  shards the optimizer over dp, stage 2 also the gradients, stage 3 also the
+  weights (Rajbhandari et al. 2020, "ZeRO", sec. 5 and fig. 1:
+  ``(2+2+K)Ψ``, ``4Ψ + KΨ/N``, ``2Ψ + (2+K)Ψ/N``, ``(4+K)Ψ/N`` with K = 12).
+  ZeRO-3 also holds the largest module gathered (bf16 weights and gradients,
+  ``4 * largest_layer_params`` in DeepSpeed's ``estimate_zero3_model_states_mem_needs``).
+  ``offload_optimizer`` moves the optimizer state and the gradient partitions
+  to the host (the estimator's ``cpu_offload``); ``offload_params`` (ZeRO-3)
+  moves the weights.
+- fp32 training (CPU runs): 4 B weights (they are the master copy), 4 B
+  gradients, 8 B Adam m + v.
+
+Activations per layer and micro-batch follow Korthikanti et al. 2022 ("Reducing
+Activation Recomputation in Large Transformer Models", sec. 4, table 2):
+``s*b*h*(34 + 5*a*s/h)`` bytes for a GPT layer without parallelism, written out
+term by term below so that GQA, SwiGLU, FFN width and MoE change the right terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launch.config.derive import Derived
+from launch.config.schema import Activation, BackendName, Config, Offload, Precision, Recompute
+from launch.estimate.params import (
+    StageParams, is_moe, kv_size, largest_module_params, model_vocab_size, query_size, stage_params,
+)
+
+GIB = 2**30
+
+CUDA_CONTEXT_GIB = 0.5
+"""CUDA context, cuBLAS/cuDNN workspaces and kernels loaded by PyTorch (~0.5 GiB on H100)."""
+NCCL_BUFFERS_GIB = 1.0
+"""NCCL communicator buffers over the TP, PP, DP, CP, EP groups (a few hundred MiB each)."""
+ALLOCATOR_FRAGMENTATION = 0.07
+"""PyTorch caching-allocator overhead as a fraction of live tensors (5-10% is typical)."""
+FLASH_ATTENTION = True
+"""The attention core runs fused (FlashAttention / cuDNN fused attention, the default
+of Megatron-Core with TransformerEngine and of Hugging Face's sdpa on H100): the s x s
+scores are never stored, so Korthikanti's 5*a*s/h term is dropped in every recompute
+mode. With False, recompute=none stores the scores as in Korthikanti's table 2."""
+
+ACTIVATION_BYTES_BF16 = 2
+"""Korthikanti's coefficients assume 16-bit activations (and 1-byte dropout masks)."""
+
+
+# ---- model states -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of weights, gradients and optimizer state (per parameter, or per GPU)."""
+
+    weights: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    def __add__(self, other: "StateBytes") -> "StateBytes":
+        return StateBytes(self.weights + other.weights, self.grads + other.grads,
+                          self.optimizer + other.optimizer)
+
+    def scaled(self, n: float) -> "StateBytes":
+        return StateBytes(self.weights * n, self.grads * n, self.optimizer * n)
+
+
+def bytes_per_param(cfg: Config) -> StateBytes:
+    """Unsharded bytes per parameter for the backend and precision (module docstring)."""
+    if cfg.train.precision == Precision.fp32:
+        return StateBytes(weights=4, grads=4, optimizer=8)
+    if cfg.backend.name == BackendName.megatron:
+        return StateBytes(weights=2, grads=4, optimizer=12)
+    return StateBytes(weights=2, grads=2, optimizer=12)
+
+
+def _on_gpu(where: Offload) -> bool:
+    return where == Offload.none
+
+
+def megatron_state_bytes(cfg: Config, params: float, dp: int) -> StateBytes:
+    """Megatron: 2 + 4 + 12 B, the 12 divided by dp with the distributed optimizer."""
+    b = bytes_per_param(cfg)
+    shard = dp if cfg.parallel.distributed_optimizer else 1
+    return StateBytes(b.weights, b.grads, b.optimizer / shard).scaled(params)
+
+
+def deepspeed_state_bytes(cfg: Config, params: float, dp: int, largest_module: float = 0) -> StateBytes:
+    """DeepSpeed ZeRO stage 0-3 with optional CPU offload (module docstring).
+
+    ``largest_module``: parameters of the largest module, gathered whole under ZeRO-3.
+    """
+    p, b = cfg.parallel, bytes_per_param(cfg)
+    stage = p.zero_stage
+    weights = b.weights * params / (dp if stage >= 3 else 1)
+    grads = b.grads * params / (dp if stage >= 2 else 1)
+    optimizer = b.optimizer * params / (dp if stage >= 1 else 1)
+    if not _on_gpu(p.offload_optimizer):
+        grads = optimizer = 0.0
+    if stage >= 3 and not _on_gpu(p.offload_params):
+        weights = 0.0
+    if stage >= 3:  # the gathered module: its weights and their gradients
+        weights += b.weights * largest_module
+        grads += b.grads * largest_module
+    return StateBytes(weights, grads, optimizer)
+
+
+def stage_state_bytes(cfg: Config, d: Derived, stage: StageParams) -> StateBytes:
+    """Model states on one GPU of a stage: dense parameters sharded over dp*cp, experts over expert_dp."""
+    if cfg.backend.name == BackendName.deepspeed:
+        return deepspeed_state_bytes(cfg, stage.total, d.dp, largest_module_params(cfg.model))
+    dense = megatron_state_bytes(cfg, stage.dense, d.dp * max(cfg.parallel.cp, 1))
+    return dense + megatron_state_bytes(cfg, stage.expert, d.expert_dp)
+
+
+# ---- activations ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes per (local token x hidden) element of one layer for one micro-batch,
+    grouped by what divides them (Korthikanti et al. 2022, sec. 4.1 and 4.2).
+
+    sequence: replicated over tp, divided by tp only under sequence parallelism:
+        two norm inputs 2*2, QKV input 2, the MLP input 2, two dropout masks 1+1 (= 10).
+    tensor: divided by tp: Q 2q/h, K 2k/h, V 2k/h, output-projection input 2q/h
+        (= 8 for MHA), the softmax statistics of flash attention (fp32, 4a/h), and the
+        dense MLP: GELU input 2f/h + second linear input 2f/h (= 16 for f = 4h);
+        SwiGLU keeps its gate and up outputs 4f/h + the second linear input 2f/h.
+    expert: divided by etp: per routed copy of a token (topk) its permuted input 2 and
+        the expert MLP terms as above; the router's fp32 logits 4E/h.
+    scores: divided by tp: softmax output 2as/h, its dropout mask as/h and the dropout
+        output 2as/h (= 5as/h); 0 when the attention core is fused (FLASH_ATTENTION).
+    For a GPT layer (MHA, GELU, f = 4h, no flash): 10 + 24 + 5as/h = 34 + 5as/h.
+    """
+
+    sequence: float
+    tensor: float
+    expert: float
+    scores: float
+
+
+def _mlp_internal_coefficient(cfg: Config) -> float:
+    """MLP activations inside the tensor-parallel region, per (s*b*h): 4f/h GELU, 6f/h SwiGLU."""
+    m = cfg.model
+    ratio = m.ffn_hidden_size / m.hidden_size
+    return (6 if m.activation == Activation.swiglu else 4) * ratio
+
+
+def layer_activations(cfg: Config, flash_attention: bool | None = None) -> LayerActivations:
+    """Korthikanti's per-layer coefficients for this model (see LayerActivations).
+
+    ``flash_attention``: None reads FLASH_ATTENTION.
+    """
+    if flash_attention is None:
+        flash_attention = FLASH_ATTENTION
+    m = cfg.model
+    h, a, s = m.hidden_size, m.num_attention_heads, m.seq_length
+    attention = 4 * (query_size(m) + kv_size(m)) / h
+    if flash_attention:
+        attention += 4 * a / h
+    mlp = _mlp_internal_coefficient(cfg)
+    expert = 0.0
+    if is_moe(m):
+        expert = m.moe_router_topk * (2 + mlp) + 4 * m.num_experts / h
+        mlp = 0.0
+    scores = 0.0 if flash_attention else 5 * a * s / h
+    return LayerActivations(sequence=10, tensor=attention + mlp, expert=expert, scores=scores)
+
+
+def _tokens_hidden(cfg: Config) -> float:
+    """s*b*h of one micro-batch on one GPU: context parallelism splits the sequence."""
+    m, p = cfg.model, cfg.parallel
+    return m.seq_length / max(p.cp, 1) * p.micro_batch_size * m.hidden_size
+
+
+def _precision_scale(cfg: Config) -> float:
+    """Activations in fp32 take twice Korthikanti's 16-bit bytes."""
+    return 2.0 if cfg.train.precision == Precision.fp32 else 1.0
+
+
+def _sequence_divisor(cfg: Config, d: Derived) -> int:
+    return max(cfg.parallel.tp, 1) if d.sequence_parallel else 1
+
+
+def layer_activation_bytes(cfg: Config, d: Derived, keep_scores: bool) -> float:
+    """All activations of one layer for one micro-batch on one GPU (no recomputation).
+
+    ``keep_scores``: store the attention scores (recompute=none without flash attention).
+    """
+    c = layer_activations(cfg)
+    tp = max(cfg.parallel.tp, 1)
+    per_element = (c.sequence / _sequence_divisor(cfg, d) + c.tensor / tp
+                   + c.expert / max(d.etp, 1) + (c.scores / tp if keep_scores else 0.0))
+    return _tokens_hidden(cfg) * per_element * _precision_scale(cfg)
+
+
+def layer_input_bytes(cfg: Config, d: Derived) -> float:
+    """Full recomputation keeps only each layer's input: 2*s*b*h (divided by tp under SP)."""
+    return (_tokens_hidden(cfg) * ACTIVATION_BYTES_BF16 / _sequence_divisor(cfg, d)
+            * _precision_scale(cfg))
+
+
+def stored_bytes_per_layer(cfg: Config, d: Derived) -> float:
+    """What one layer keeps per micro-batch in flight, by recompute mode.
+
+    none: everything (scores too unless flash attention); selective: everything
+    but the attention scores (Korthikanti sec. 5, "selective activation
+    recomputation"); full: the layer input only.
+    """
+    mode = cfg.parallel.recompute
+    if mode == Recompute.full:
+        return layer_input_bytes(cfg, d)
+    return layer_activation_bytes(cfg, d, keep_scores=mode == Recompute.none)
+
+
+def microbatches_in_flight(stage: int, pp: int, vpp: int, microbatches: int) -> float:
+    """Micro-batches whose activations a pipeline stage holds at its peak, in units of
+    the whole stage's layers.
+
+    1F1B (Narayanan et al. 2021): stage i runs pp-i-1 warm-up forwards plus one,
+    so min(pp - i, m). Interleaved (vpp > 1): Megatron-Core runs
+    (pp-i-1)*2 + (vpp-1)*pp warm-up forwards of model chunks of 1/vpp of the
+    stage's layers, plus one (megatron/core/pipeline_parallel/schedules.py,
+    ``forward_backward_pipelining_with_interleaving``); for the first stage that
+    is pp * (1 + (pp-1)/(pp*vpp)) stages' worth, Megatron's interleaving penalty.
+    """
+    if pp <= 1:
+        return 1.0
+    if vpp <= 1:
+        return float(min(pp - stage, microbatches))
+    chunks = (pp - stage - 1) * 2 + (vpp - 1) * pp + 1
+    return min(chunks, microbatches * vpp) / vpp
+
+
+def embedding_activation_bytes(cfg: Config, d: Derived) -> float:
+    """First stage, per micro-batch in flight: int64 token ids 8*s*b and the embedding
+    dropout mask s*b*h (theoretical_memory_usage.py, ``compute_activation_memory``)."""
+    tokens = _tokens_hidden(cfg) / cfg.model.hidden_size
+    return 8 * tokens + _tokens_hidden(cfg) / _sequence_divisor(cfg, d)
+
+
+def logits_activation_bytes(cfg: Config) -> float:
+    """Last stage, one micro-batch: the output layer's input and the fp32 logits for
+    the loss, 4*s*b*(h + V) / tp (theoretical_memory_usage.py)."""
+    tokens = _tokens_hidden(cfg) / cfg.model.hidden_size
+    h, vocab = cfg.model.hidden_size, model_vocab_size(cfg)
+    return 4 * tokens * (h + vocab) / max(cfg.parallel.tp, 1) * _precision_scale(cfg)
+
+
+def stage_activation_bytes(cfg: Config, d: Derived, stage: int) -> float:
+    """Activations on one GPU of pipeline stage ``stage`` at its peak.
+
+    Layers x micro-batches in flight x what each layer keeps; plus, under full
+    recomputation, one layer's whole working set (the layer being recomputed);
+    the embedding's on the first stage and the logits on the last.
+    """
+    p = cfg.parallel
+    pp = len(d.stage_layers)
+    in_flight = microbatches_in_flight(stage, pp, max(p.vpp, 1), d.grad_accum_steps)
+    total = d.stage_layers[stage] * in_flight * stored_bytes_per_layer(cfg, d)
+    if p.recompute == Recompute.full:
+        total += layer_activation_bytes(cfg, d, keep_scores=False)
+    if stage == 0:
+        total += in_flight * embedding_activation_bytes(cfg, d)
+    if stage == pp - 1:
+        total += logits_activation_bytes(cfg)
+    return total
+
+
+# ---- per stage -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one GPU of a pipeline stage."""
+
+    states: StateBytes
+    activations: float
+
+    @property
+    def peak(self) -> float:
+        """Tensors plus allocator fragmentation, plus the CUDA context and NCCL buffers."""
+        tensors = self.states.total + self.activations
+        return tensors * (1 + ALLOCATOR_FRAGMENTATION) + (CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB) * GIB
+
+
+def stage_memory(cfg: Config, d: Derived) -> list[StageMemory]:
+    """Memory per GPU on each pipeline stage, first to last."""
+    return [
+        StageMemory(stage_state_bytes(cfg, d, params), stage_activation_bytes(cfg, d, i))
+        for i, params in enumerate(stage_params(cfg, d))
+    ]
+
+
+def memory_estimate(cfg: Config, d: Derived) -> tuple[dict, list[float]]:
+    """The plan's ``memory_gib`` block for the heaviest stage, and every stage's peak (GiB)."""
+    stages = stage_memory(cfg, d)
+    worst = max(stages, key=lambda s: s.peak)
+    hbm = cfg.cluster.gpu.hbm_gib
+    block = {
+        "per_gpu_peak": worst.peak / GIB,
+        "weights": worst.states.weights / GIB,
+        "grads": worst.states.grads / GIB,
+        "optimizer": worst.states.optimizer / GIB,
+        "activations": worst.activations / GIB,
+        "hbm": hbm,
+        "fits": worst.peak / GIB <= hbm,
+    }
+    return block, [s.peak / GIB for s in stages]

@@ -1,0 +1,91 @@
+"""The run directory's records, written so that a failure leaves nothing that looks like success.
+
+Files are written to a staging folder inside the run directory, then renamed
+into place one by one (a rename within a filesystem is atomic), ``plan.json``
+last: a run directory with a ``plan.json`` has all of its records.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+COMPLETION_MARKER = "plan.json"
+_PACKAGES = ("trainctl", "hydra-core", "omegaconf", "jinja2", "rich", "torch", "deepspeed",
+             "megatron-core", "transformer-engine", "transformers", "datasets", "tokenizers", "wandb")
+
+
+def write_run(run_dir: Path, files: dict[str, str]) -> None:
+    """Write ``files`` (name -> text) into ``run_dir``; ``plan.json`` lands last."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_dir))
+    try:
+        for name, text in files.items():
+            (staging / name).write_text(text)
+            if name.endswith((".sh", ".sbatch")):
+                (staging / name).chmod(0o755)
+        for name in sorted(files, key=lambda n: n == COMPLETION_MARKER):
+            os.replace(staging / name, run_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def dump_json(data: object) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def meta(argv: list[str]) -> dict:
+    """What ran: versions, git state of the project and of the user's directory, command, host, time."""
+    from launch.paths import project_root
+
+    root = project_root()
+    cwd = Path.cwd()
+    return {
+        "trainctl_version": _version("trainctl"),
+        "command": " ".join(_quote(a) for a in argv),
+        "project_git": _git_state(root) if root else None,
+        "workdir": str(cwd),
+        "workdir_git": _git_state(cwd) if cwd != root else None,
+        "python": platform.python_version(),
+        "packages": {name: v for name in _PACKAGES if (v := _version(name))},
+        "host": socket.gethostname(),
+        "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_state(path: Path) -> dict | None:
+    """Commit and dirty flag of the git work tree holding ``path``, or None."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status)}

@@ -1,0 +1,198 @@
+"""The command line as a user meets it: records written, sweeps, errors with exit 2 and no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.config.compose import compose_config
+from tests.conftest import ROOT, run_trainctl
+
+PLAN_KEYS = {
+    "world_size", "nodes", "gpus_per_node", "parallel", "model", "flops", "memory_gib", "throughput", "run", "scaling",
+}
+BLOCK_KEYS = {
+    "parallel": {"tp", "pp", "cp", "ep", "vpp", "dp", "micro_batch_size", "grad_accum_steps", "global_batch_size"},
+    "model": {"params_total", "params_active"},
+    "flops": {"per_token", "per_step", "total"},
+    "memory_gib": {"per_gpu_peak", "weights", "grads", "optimizer", "activations", "hbm", "fits"},
+    "throughput": {"step_time_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu"},
+    "run": {"tokens", "steps", "wall_clock_days", "gpu_hours", "cost_usd", "energy_mwh", "expected_failures",
+            "checkpoint_interval_min", "jobs_needed"},
+    "scaling": {"tokens_per_param", "predicted_loss"},
+}
+
+
+def test_plan_writes_the_run_records(workdir: Path):
+    out = run_trainctl("plan", "recipe=tiny_local", "train.steps=30", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    run_dir = workdir / "runs" / "tiny_local"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "meta.json", "overrides.yaml", "plan.json"]
+
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert PLAN_KEYS <= set(plan)
+    for block, keys in BLOCK_KEYS.items():
+        assert keys <= set(plan[block]), block
+    assert plan["world_size"] == 2 and plan["parallel"]["dp"] == 2
+    assert plan["parallel"]["grad_accum_steps"] == 2  # 8 sequences = 2 micro x 2 accum x 2 dp
+    assert plan["run"]["steps"] == 30
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["train"]["steps"] == 30 and config["backend"]["name"] == "deepspeed"
+    assert Path(config["data"]["sources"]["prose"]["path"]).is_file()  # ${asset:...} resolved
+    assert yaml.safe_load((run_dir / "overrides.yaml").read_text()) == ["recipe=tiny_local", "train.steps=30"]
+
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["command"] == "trainctl plan recipe=tiny_local train.steps=30"
+    assert meta["packages"]["hydra-core"].startswith("1.3")
+    assert {"trainctl_version", "project_git", "workdir_git", "python", "host", "time_utc"} <= set(meta)
+    assert "Traceback" not in out.stderr
+    assert "runs/tiny_local" in out.stdout.replace("\n", "")
+
+
+def test_config_yaml_recomposes_to_the_same_config(workdir: Path):
+    assert run_trainctl("plan", "recipe=llama3_70b_pretrain_h100", cwd=workdir).returncode == 0
+    from omegaconf import OmegaConf
+
+    from launch.config.schema import Config
+
+    written = OmegaConf.load(workdir / "runs/llama3_70b_pretrain_h100/config.yaml")
+    again = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), written))
+    assert again == compose_config(["recipe=llama3_70b_pretrain_h100"])
+
+
+def test_overrides_reach_the_plan(workdir: Path):
+    out = run_trainctl("plan", "recipe=llama3_70b_pretrain_h100", "parallel.tp=8", "cluster.nodes=32", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads((workdir / "runs/llama3_70b_pretrain_h100/plan.json").read_text())
+    assert plan["world_size"] == 256
+    assert plan["parallel"]["tp"] == 8
+    assert plan["parallel"]["dp"] == 256 // (8 * 4 * 2)
+    assert plan["parallel"]["grad_accum_steps"] == 512 // plan["parallel"]["dp"]
+    assert "8 x 4 x 2 x 4" in out.stdout  # tp x pp x cp x dp, derived, in the table
+
+
+def test_cfg_job_resolve_prints_and_writes_nothing(workdir: Path):
+    out = run_trainctl("plan", "--cfg", "job", "--resolve", "recipe=tiny_local", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["name"] == "tiny_local" and printed["cluster"]["gpus_per_node"] == 2
+    assert "${" not in out.stdout
+    assert not (workdir / "runs").exists()
+
+
+def test_multirun_gives_each_point_its_own_directory(workdir: Path):
+    out = run_trainctl("plan", "-m", "model=llama3_8b", "cluster=h100", "parallel.tp=2,4,8", "train.global_batch_size=64",
+                       cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    points = sorted((workdir / "runs" / "run").glob("*/plan.json"))
+    assert len(points) == 3
+    assert sorted(json.loads(p.read_text())["parallel"]["tp"] for p in points) == [2, 4, 8]
+    assert all("parallel.tp=" in p.parent.name for p in points)
+
+
+def test_multirun_reports_bad_points_and_plans_the_rest(workdir: Path):
+    out = run_trainctl("plan", "-m", "cluster.gpus_per_node=4", "parallel.tp=1,4", cwd=workdir)
+    assert out.returncode == 2
+    assert "2 KV groups cannot be split evenly over tp=4" in out.stderr
+    assert len(list((workdir / "runs" / "run").glob("*/plan.json"))) == 1
+    assert not any("parallel.tp=4" in p.name for p in (workdir / "runs" / "run").iterdir())
+
+
+BAD = [
+    (["parallel.tpp=2"], "did you mean parallel.tp?"),
+    (["parallel.tp=abc"], "parallel.tp: Value 'abc'"),
+    (["+parallel.foo=1"], "parallel.foo: no such key"),
+    (["model=llama3_7b"], "did you mean model=llama3_70b?"),
+    (["recipe=tiny_locl"], "did you mean recipe=tiny_local?"),
+    (["parallel.tp=["], "cannot parse the override"),
+    (["parallel.recompute=some"], "one of none, selective, full"),
+    (["cluster.gpus_per_node=3"], "global batch 8 is not divisible by micro_batch_size*dp = 1*3 = 3"),
+    (["name=../../etc"], "name=../../etc"),
+]
+
+
+@pytest.mark.parametrize("verb", ["plan", "render"])
+@pytest.mark.parametrize("args,words", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_input_exits_2_without_traceback_or_directory(workdir: Path, verb, args, words):
+    out = run_trainctl(verb, *args, cwd=workdir)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert words in out.stderr
+    assert "fix:" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (workdir / "runs").exists() or not any((workdir / "runs").rglob("*"))
+
+
+def test_unknown_verb(workdir: Path):
+    out = run_trainctl("plna", cwd=workdir)
+    assert out.returncode == 2 and "did you mean 'trainctl plan'" in out.stderr
+
+
+def test_failed_rerun_keeps_the_previous_records(workdir: Path):
+    assert run_trainctl("plan", "recipe=tiny_local", cwd=workdir).returncode == 0
+    run_dir = workdir / "runs/tiny_local"
+    before = {p.name: p.read_text() for p in run_dir.iterdir()}
+    out = run_trainctl("plan", "recipe=tiny_local", "parallel.micro_batch_size=3", cwd=workdir)
+    assert out.returncode == 2
+    assert {p.name: p.read_text() for p in run_dir.iterdir()} == before
+
+
+def test_rerun_lands_in_the_same_directory(workdir: Path):
+    for steps in (5, 6):
+        assert run_trainctl("plan", "recipe=tiny_local", f"train.steps={steps}", cwd=workdir).returncode == 0
+    assert [p.name for p in (workdir / "runs").iterdir()] == ["tiny_local"]
+    assert json.loads((workdir / "runs/tiny_local/plan.json").read_text())["run"]["steps"] == 6
+
+
+@pytest.mark.parametrize("cluster,script", [("local", "launch.sh"), ("h100", "job.sbatch")])
+def test_render_writes_the_job_script(workdir: Path, cluster, script):
+    out = run_trainctl("render", f"cluster={cluster}", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    path = workdir / "runs/run" / script
+    assert path.stat().st_mode & 0o111
+    assert (workdir / "runs/run/plan.json").is_file()
+    # The placeholder says what it is and refuses to pretend to run.
+    done = subprocess.run(["bash", str(path)], capture_output=True, text=True)
+    assert done.returncode == 1 and "not built yet" in done.stderr
+
+
+def test_help_lists_verbs_groups_and_options(workdir: Path):
+    top = run_trainctl("--help", cwd=workdir)
+    assert top.returncode == 0 and "plan" in top.stdout and "render" in top.stdout
+    out = run_trainctl("plan", "--help", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    for word in ("recipe:", "llama3_405b_pretrain_h100", "model:", "mixtral_8x22b", "parallel:", "cluster:", "h100",
+                 "stage:", "dpo", "optim:", "wsd", "backend:", "deepspeed", "data:"):
+        assert word in out.stdout, word
+
+
+def test_user_recipes_and_cluster_profiles_join_through_the_search_path(workdir: Path, tmp_path: Path):
+    site = tmp_path / "site-configs"
+    (site / "cluster").mkdir(parents=True)
+    (site / "recipe").mkdir()
+    (site / "cluster" / "mysite.yaml").write_text(
+        "defaults:\n  - h100\n  - _self_\nname: mysite\npartition: gpu-long\naccount: proj42\nusd_per_gpu_hour: 1.9\n")
+    (site / "recipe" / "my_8b.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /recipe/llama3_8b_pretrain_h100\n  - override /cluster: mysite\n"
+        "  - _self_\nname: my_8b\ncluster:\n  nodes: 16\n")
+    for how in ({"env": {"TRAINCTL_CONFIG_PATH": str(site)}, "args": []},
+                {"env": {}, "args": [f"hydra.searchpath=[file://{site}]"]}):
+        out = run_trainctl("plan", "recipe=my_8b", *how["args"], cwd=workdir, env=how["env"])
+        assert out.returncode == 0, out.stderr
+        config = yaml.safe_load((workdir / "runs/my_8b/config.yaml").read_text())
+        assert config["cluster"]["partition"] == "gpu-long" and config["cluster"]["nodes"] == 16
+        assert config["cluster"]["gpu"]["hbm_gib"] == 79.6 and config["model"]["num_layers"] == 32
+
+
+def test_cli_path_imports_no_training_packages(workdir: Path):
+    code = ("import sys; from launch.cli import main; rc = main(['render', 'recipe=llama3_405b_pretrain_h100']);"
+            "heavy = [m for m in ('torch', 'deepspeed', 'megatron', 'transformers', 'datasets', 'wandb') if m in sys.modules];"
+            "print(heavy); sys.exit(rc or bool(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,149 @@
+"""Every validation rule: a config it accepts and a config it rejects, with the message a user sees."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from launch.config import validate as v
+from tests.conftest import RECIPES, typed
+
+G8 = "cluster.gpus_per_node=8"
+
+# rule -> (accepted overrides, [(rejected overrides, words the message must contain)])
+CASES = {
+    v.name_is_a_path_component: (["name=my_run-2.b"], [(["name=a/b"], "name=a/b")]),
+    v.sizes_are_positive: (["parallel.tp=1"], [(["parallel.pp=0"], "parallel.pp=0: must be at least 1")]),
+    v.tokens_or_steps: (
+        ["train.tokens=1000000", "train.steps=null"],
+        [(["train.tokens=1000"], "exactly one of train.tokens and train.steps"),
+         (["train.steps=0"], "at least one step")]),
+    v.world_divisible_by_model_parallel: (
+        [G8, "parallel.tp=2", "parallel.pp=2"],
+        [(["cluster.gpus_per_node=6", "parallel.tp=4"], "world size 6 is not divisible by tp*pp*cp = 4*1*1 = 4")]),
+    v.expert_layout_divides_world: (
+        ["model=mixtral_8x7b", G8, "parallel.ep=8"],
+        [(["model=mixtral_8x7b", "cluster.gpus_per_node=6", "parallel.ep=4"], "ep*etp*pp = 4*1*1 = 4")]),
+    v.experts_divisible_by_ep: (
+        ["model=mixtral_8x7b", G8, "parallel.ep=4"],
+        [(["model=mixtral_8x7b", G8, "parallel.ep=3"], "8 experts cannot be split evenly over ep=3"),
+         ([G8, "parallel.ep=2"], "needs an MoE model")]),
+    v.tp_within_node: (
+        ["model=llama3_8b", "cluster.nodes=2", "cluster.gpus_per_node=4", "parallel.tp=8",
+         "parallel.allow_tp_across_nodes=true"],
+        [(["model=llama3_8b", "cluster.nodes=2", "cluster.gpus_per_node=4", "parallel.tp=8"],
+          "parallel.allow_tp_across_nodes=true")]),
+    v.heads_divisible_by_tp: (
+        ["model=llama3_8b", G8, "parallel.tp=8"],
+        [(["model=llama3_8b", "model.num_attention_heads=20", G8, "parallel.tp=8"],
+          "20 heads cannot be split evenly over tp=8")]),
+    v.query_groups_divisible_by_tp: (
+        ["model=llama3_8b", G8, "parallel.tp=8"],
+        [(["cluster.gpus_per_node=4", "parallel.tp=4"], "2 KV groups cannot be split evenly over tp=4"),
+         (["model.num_query_groups=3"], "multiple of the KV groups")]),
+    v.head_dim_is_whole: (
+        ["model.num_attention_heads=3", "model.num_query_groups=null", "model.kv_channels=64"],
+        [(["model.num_attention_heads=3", "model.num_query_groups=null"], "not divisible by num_attention_heads")]),
+    v.vpp_needs_pp: (
+        ["parallel.pp=2", "parallel.vpp=2", "cluster.gpus_per_node=2"],
+        [(["parallel.vpp=2"], "at least 2 stages")]),
+    v.pipeline_split: (
+        ["recipe=llama3_405b_pretrain_h100"],
+        [(["recipe=llama3_405b_pretrain_h100", "parallel.account_for_embedding_in_pipeline_split=false",
+           "parallel.account_for_loss_in_pipeline_split=false"],
+          "126 layers cannot be split evenly into pp*vpp = 16*2 = 32 chunks"),
+         (["model=llama3_70b", G8, "cluster.nodes=6", "parallel.pp=6",
+           "parallel.num_layers_in_first_pipeline_stage=11", "parallel.num_layers_in_last_pipeline_stage=10"],
+          "remaining 59 layers cannot be split evenly over 4 middle stages"),
+         (["recipe=llama3_405b_pretrain_h100", "parallel.num_layers_in_first_pipeline_stage=6"],
+          "cannot be combined")]),
+    v.context_parallel_sequence: (
+        ["parallel.cp=2", "cluster.gpus_per_node=2"],
+        [(["parallel.cp=2", "cluster.gpus_per_node=2", "model.seq_length=254"], "divisible by 2*cp = 4")]),
+    v.sequence_fits_positions: (["model.seq_length=128"], [(["model.seq_length=512"], "longer than the model's positions")]),
+    v.batch_divisible: (
+        ["cluster.gpus_per_node=4"],
+        [(["cluster.gpus_per_node=3"], "global batch 8 is not divisible by micro_batch_size*dp = 1*3 = 3")]),
+    v.sequence_parallel_setting: (
+        ["parallel.sequence_parallel=true", "parallel.tp=2", "cluster.gpus_per_node=2"],
+        [(["parallel.sequence_parallel=true"], "needs tp > 1"),
+         (["parallel.sequence_parallel=maybe"], "must be auto, true or false")]),
+    v.deepspeed_layout: (
+        ["backend=deepspeed", "parallel.recompute=full", "parallel.offload_params=cpu"],
+        [(["backend=deepspeed", "parallel.tp=2", "cluster.gpus_per_node=2"], "backend=megatron"),
+         (["backend=deepspeed", "parallel.pp=2", "cluster.gpus_per_node=2"], "parallel.pp=2"),
+         (["backend=deepspeed", "parallel.recompute=selective"], "full activation checkpointing only"),
+         (["backend=deepspeed", "parallel.zero_stage=4"], "ZeRO stages are 0, 1, 2 and 3"),
+         (["backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=cpu"], "needs ZeRO stage 3"),
+         (["backend=deepspeed", "cluster=h100", "train.precision=fp8"], "TransformerEngine")]),
+    v.local_cluster_precision: (["cluster=h100", "train.precision=fp8"], [(["train.precision=fp8"], "FP8 needs H100")]),
+    v.mixture_weights: (
+        ["data.sources.code.weight=0.01"],
+        [(["data.sources.code.weight=0"], "data.sources.code.weight=0"),
+         (["~data.sources.code", "~data.sources.prose"], "no sources")]),
+    v.data_split: (["data.split=[1,0,0]"], [(["data.split=[0.5,0.5]"], "three non-negative fractions")]),
+    v.stage_needs_init: (
+        ["stage=sft", "stage.init_checkpoint=/ckpt/sft"],
+        [(["stage=dpo"], "stage.from_scratch=true"),
+         (["stage=rlhf", "stage.init_checkpoint=/ckpt/sft"], "needs a reward model")]),
+}
+
+
+def test_every_rule_has_cases():
+    assert set(CASES) == set(v.RULES)
+
+
+@pytest.mark.parametrize("rule", list(CASES), ids=lambda r: r.__name__)
+def test_rule_accepts(rule):
+    cfg, d = typed(*CASES[rule][0])
+    assert list(rule(cfg, d)) == []
+
+
+REJECTS = [(rule, ov, words) for rule, (_, bad) in CASES.items() for ov, words in bad]
+
+
+@pytest.mark.parametrize("rule,overrides,words", REJECTS, ids=lambda x: getattr(x, "__name__", None))
+def test_rule_rejects(rule, overrides, words):
+    cfg, d = typed(*overrides)
+    problems = list(rule(cfg, d))
+    assert problems, f"{rule.__name__} accepted {overrides}"
+    text = "\n".join(map(str, problems))
+    assert words in text
+    assert "fix:" in text
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_are_valid(recipe):
+    cfg, d = typed(f"recipe={recipe}")
+    assert v.validate(cfg, d) == []
+
+
+@pytest.mark.parametrize("layers,pp,vpp", [(80, 6, 1), (126, 16, 1), (126, 16, 2), (62, 8, 1), (30, 4, 1), (100, 7, 1)])
+def test_proposed_pipeline_split_is_accepted(layers, pp, vpp):
+    """The fix the pipeline rule proposes is itself a valid layout."""
+    base = ["model=llama3_70b", f"model.num_layers={layers}", G8, f"cluster.nodes={pp}", f"parallel.pp={pp}",
+            f"parallel.vpp={vpp}", "train.global_batch_size=64"]
+    cfg, d = typed(*base)
+    (problem,) = v.pipeline_split(cfg, d)
+    proposed = [w for w in problem.fix.replace("(", " ").split() if w.startswith("parallel.") and "=" in w]
+    if not proposed:
+        assert "divisors" in problem.fix
+        return
+    cfg, d = typed(*base, *proposed)
+    assert list(v.pipeline_split(cfg, d)) == [], shlex.join(proposed)
+    assert sum(d.stage_layers) == layers
+
+
+def test_backend_scoped_keys_are_ignored():
+    """zero_stage means nothing to Megatron, distributed_optimizer nothing to DeepSpeed."""
+    cfg, d = typed("backend=megatron", "parallel.zero_stage=7")
+    assert v.validate(cfg, d) == []
+    cfg, d = typed("backend=deepspeed", "parallel.distributed_optimizer=false")
+    assert v.validate(cfg, d) == []
+
+
+def test_all_problems_reported_at_once():
+    cfg, d = typed("cluster.gpus_per_node=6", "parallel.tp=4", "data.sources.code.weight=-1", "stage=sft")
+    names = {p.message.split(":")[0] for p in v.validate(cfg, d)}
+    assert len(v.validate(cfg, d)) >= 4, names
