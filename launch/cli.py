@@ -134,7 +134,7 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
 
         overrides = list(HydraConfig.get().overrides.task)
         files = {
-            "config.yaml": plan.config_yaml(),
+            "config.yaml": plan.config_yaml,
             "overrides.yaml": "".join(f"- {_yaml_str(o)}\n" for o in overrides) or "[]\n",
             "meta.json": dump_json(meta(command)),
         }

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launch.config import Config, Derived, derive, to_config
-from launch.config.hydra_errors import explain, unknown_key
+from launch.config import Config, Derived, derive
+from launch.config.hydra_errors import explain, extra_keys, unknown_key
 from launch.config.validate import validate
 from launch.errors import UserError
 from launch.estimate import estimate
@@ -24,37 +24,24 @@ class Plan:
     derived: Derived
     numbers: dict
     """The plan.json content."""
-
-    def config_yaml(self) -> str:
-        """The fully resolved config, enums written as the names a user types."""
-        return OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+    config_yaml: str
+    """The fully resolved config (RUN_DIR/config.yaml), enums as the names a user types."""
 
 
 def make_plan(composed: DictConfig) -> Plan:
+    extra = extra_keys(composed)
+    if extra:
+        raise UserError([unknown_key(key) for key in extra])
     try:
-        cfg = to_config(composed)
-    except OmegaConfBaseException as exc:
+        cfg = OmegaConf.to_object(composed)
+        text = OmegaConf.to_yaml(composed, resolve=True)
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve
         raise UserError(explain(exc) or str(exc)) from None
-    extra = _keys(composed) - _keys(OmegaConf.structured(cfg))
-    if extra:  # '+parallel.foo=1' forces a key the schema does not have
-        raise UserError([unknown_key(key) for key in sorted(extra)])
     d = derive(cfg)
     problems = validate(cfg, d)
     if problems:
         raise UserError([str(p) for p in problems])
-    return Plan(cfg, d, plan_numbers(cfg, d))
-
-
-def _keys(node: DictConfig, prefix: str = "") -> set[str]:
-    """Every dotted key path in a config (values that are mappings are walked)."""
-    keys = set()
-    for key in node.keys():
-        path = f"{prefix}{key}"
-        keys.add(path)
-        value = node._get_node(key)
-        if isinstance(value, DictConfig) and not value._is_none() and not value._is_missing():
-            keys |= _keys(value, path + ".")
-    return keys
+    return Plan(cfg, d, plan_numbers(cfg, d), text)
 
 
 def plan_numbers(cfg: Config, d: Derived) -> dict:

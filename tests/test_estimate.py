@@ -25,7 +25,8 @@ from launch.estimate.params import (
     largest_module_params, params_active, params_total, stage_params, word_embedding_params,
 )
 from launch.estimate.perf import bubble_fraction
-from launch.estimate.run import checkpoint_bytes, parse_time_limit, young_daly_interval_seconds
+from launch.config.slurm_time import parse_time_limit
+from launch.estimate.run import checkpoint_bytes, young_daly_interval_seconds
 from launch.estimate.scaling import chinchilla_loss
 
 RECIPES = [
@@ -358,7 +359,7 @@ def test_full_recompute_is_slower():
 
 @pytest.mark.parametrize("text,seconds", [
     ("04:00:00", 4 * 3600), ("2-00:00:00", 2 * 86400), ("1-12:30:15", 86400 + 12 * 3600 + 30 * 60 + 15),
-    ("30", 1800), ("10:30", 630), ("3-6", 3 * 86400 + 6 * 3600),
+    ("30", 1800), ("10:30", 630), ("3-6", 3 * 86400 + 6 * 3600), ("UNLIMITED", math.inf),
 ])
 def test_parse_time_limit(text, seconds):
     assert parse_time_limit(text) == seconds

@@ -19,6 +19,7 @@ CASES = {
         ["train.tokens=1000000", "train.steps=null"],
         [(["train.tokens=1000"], "exactly one of train.tokens and train.steps"),
          (["train.steps=0"], "at least one step")]),
+    v.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a SLURM time limit")]),
     v.world_divisible_by_model_parallel: (
         [G8, "parallel.tp=2", "parallel.pp=2"],
         [(["cluster.gpus_per_node=6", "parallel.tp=4"], "world size 6 is not divisible by tp*pp*cp = 4*1*1 = 4")]),

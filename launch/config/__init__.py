@@ -6,8 +6,8 @@ from launch.config.schema import Config
 __all__ = ["Config", "Derived", "derive", "to_config"]
 
 
-def to_config(cfg) -> Config:
-    """The composed DictConfig as schema dataclasses (interpolations resolved)."""
+def to_config(composed) -> Config:
+    """The composed config (already typed: it extends the schema) as dataclasses."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_object(cfg)
+    return OmegaConf.to_object(composed)

@@ -12,6 +12,7 @@ import difflib
 import typing
 
 from hydra.errors import MissingConfigException, OverrideParseException
+from omegaconf import DictConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from launch.config.schema import Config
@@ -61,6 +62,39 @@ def unknown_key(full_key: str) -> str:
     return f"{full_key}: no such key in {where}\n  fix: {guess}valid keys: {', '.join(valid)}"
 
 
+def extra_keys(node: DictConfig, schema: type = Config, prefix: str = "") -> list[str]:
+    """Keys in a composed config that the schema lacks.
+
+    Hydra lets ``+parallel.foo=1`` force a key into a typed node, and
+    ``OmegaConf.to_object`` then drops it without a word; a user who typed it
+    must hear that it does nothing.
+    """
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            found.append(path)
+            continue
+        value = node._get_node(key)
+        if not isinstance(value, DictConfig) or value._is_none() or value._is_missing():
+            continue
+        kind = _unwrap(hints[key])
+        if dataclasses.is_dataclass(kind):
+            found += extra_keys(value, kind, path + ".")
+        elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(item := typing.get_args(kind)[1]):
+            for name in value.keys():
+                found += extra_keys(value[name], item, f"{path}.{name}.")
+    return found
+
+
+def _unwrap(hint):
+    """X for Optional[X]; anything else as it is."""
+    if typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
 def _schema_at(path: str):
     """The dataclass (or ``dict`` for free-form mappings) at a dotted path of the schema."""
     node: typing.Any = Config
@@ -70,12 +104,8 @@ def _schema_at(path: str):
         hints = typing.get_type_hints(node)
         if part not in hints:
             return None
-        node = hints[part]
-        origin = typing.get_origin(node)
-        if origin is typing.Union:  # Optional[X]
-            node = next(a for a in typing.get_args(node) if a is not type(None))
-            origin = typing.get_origin(node)
-        if origin in (dict, typing.Dict):
+        node = _unwrap(hints[part])
+        if typing.get_origin(node) is dict:
             node = dict
     return node
 

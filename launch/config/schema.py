@@ -305,7 +305,12 @@ class Config:
 
 
 def register_schemas() -> None:
-    """Store the schema so ``conf/config.yaml`` can extend it by name."""
+    """Store the schema as ``trainctl_schema``, the first entry of ``conf/config.yaml``.
+
+    Every option YAML then merges into a typed node: every key exists with its
+    default (``parallel.etp=2`` needs no ``+``), and a misspelt key or a wrong
+    type fails while Hydra composes.
+    """
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="trainctl_schema", node=Config)

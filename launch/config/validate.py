@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from launch.config.derive import Derived
+from launch.config.slurm_time import parse_time_limit
 from launch.config.schema import BackendName, Config, Precision, Recompute, Scheduler, StageKind
 
 
@@ -98,6 +99,15 @@ def tokens_or_steps(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "train.tokens=1000000000 train.steps=null, or train.steps=1000 train.tokens=null")
     elif (t.tokens or t.steps or 0) < 1:
         yield Problem(keys, "the run must train on at least one step", "train.steps=1000")
+
+
+@rule
+def time_limit_format(cfg: Config, d: Derived) -> Iterator[Problem]:
+    try:
+        parse_time_limit(cfg.cluster.time_limit)
+    except ValueError:
+        yield Problem({"cluster.time_limit": cfg.cluster.time_limit}, "not a SLURM time limit",
+                      "cluster.time_limit=04:00:00 (HH:MM:SS) or 2-00:00:00 (D-HH:MM:SS)")
 
 
 # --- the parallel layout ------------------------------------------------------

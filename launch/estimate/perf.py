@@ -130,7 +130,8 @@ def dp_comm_seconds(cfg: Config, d: Derived, stage: StageParams) -> float:
 
 
 def step_seconds(cfg: Config, d: Derived, model_flops_per_step: float, stage: StageParams) -> float:
-    """Step time of the busiest stage (module docstring)."""
+    """Step time (module docstring): compute is the mean over all GPUs; TP and EP
+    traffic and the DP volume are those of ``stage``, the stage with the most layers."""
     work = (compute_seconds(cfg, d, model_flops_per_step)
             + TP_COMM_EXPOSED_FRACTION * tp_comm_seconds(cfg, d, stage.layers)
             + EP_COMM_EXPOSED_FRACTION * ep_comm_seconds(cfg, d, stage.layers))

@@ -8,10 +8,10 @@ waits, evaluation; wall clock is steps x step time.
 from __future__ import annotations
 
 import math
-import re
 
 from launch.config.derive import Derived
 from launch.config.schema import Config
+from launch.config.slurm_time import parse_time_limit
 from launch.estimate.memory import bytes_per_param
 
 SECONDS_PER_DAY = 86400
@@ -20,24 +20,6 @@ CHECKPOINT_WRITE_GBPS = 100.0
 (provisional: Lustre/GPFS scratch of a few-thousand-GPU cluster; Llama 3 reports
 2-7 TB/s on Tectonic, sec. 3.3.4)."""
 
-_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
-
-
-def parse_time_limit(text: str) -> float:
-    """Seconds in a SLURM time limit (sbatch --time): "MM", "MM:SS", "HH:MM:SS",
-    "D-HH", "D-HH:MM" or "D-HH:MM:SS". Raises ValueError otherwise."""
-    match = _SLURM_TIME.match(text.strip())
-    if not match:
-        raise ValueError(f"not a SLURM time limit: {text!r} (use HH:MM:SS or D-HH:MM:SS)")
-    parts = [int(x) for x in match["rest"].split(":")]
-    if match["days"] is not None:
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-        return ((int(match["days"]) * 24 + hours) * 60 + minutes) * 60.0 + seconds
-    if len(parts) == 3:
-        hours, minutes, seconds = parts
-    else:
-        hours, (minutes, seconds) = 0, (parts + [0])[:2]
-    return (hours * 60 + minutes) * 60.0 + seconds
 
 
 def checkpoint_bytes(cfg: Config, n_params: float) -> float:
