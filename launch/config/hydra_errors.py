@@ -13,7 +13,7 @@ import typing
 
 from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
 from launch.config.schema import Config
 
@@ -32,8 +32,12 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         detail = str(cause).splitlines()[0]
         return f"{cause.full_key}: {detail}\n  fix: {_type_hint(cause.full_key)}"
+    if isinstance(cause, InterpolationResolutionError):
+        key = getattr(cause, "full_key", None) or "a value"
+        return (f"{key}: cannot resolve its interpolation: {str(cause).splitlines()[0]}\n"
+                "  fix: set what it refers to (an environment variable for ${oc.env:...}), or give a plain value")
     if isinstance(exc, OmegaConfBaseException) or type(exc).__module__.startswith("hydra"):
-        return str(exc).strip()
+        return f"{str(exc).strip()}\n  fix: check the overrides and config files named above"
     return None
 
 
