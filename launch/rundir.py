@@ -45,12 +45,13 @@ def dump_json(data: object) -> str:
 
 def meta(argv: list[str]) -> dict:
     """What ran: versions, git state of the project and of the user's directory, command, host, time."""
+    from launch import __version__
     from launch.paths import project_root
 
     root = project_root()
     cwd = Path.cwd()
     return {
-        "trainctl_version": _version("trainctl"),
+        "trainctl_version": _version("trainctl") or __version__,
         "command": " ".join(_quote(a) for a in argv),
         "project_git": _git_state(root) if root else None,
         "workdir": str(cwd),

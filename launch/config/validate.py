@@ -57,6 +57,14 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+def _split_evenly(count_key: str, count: int, what: str, size_key: str, size: int) -> Iterator[Problem]:
+    """``count`` things (heads, experts) must divide evenly over a group of ``size``."""
+    if size > 0 and count % size:
+        name = size_key.split(".")[-1]
+        yield Problem({count_key: count, size_key: size}, f"{count} {what} cannot be split evenly over {name}={size}",
+                      f"choose {size_key} from {_divisors(count)}")
+
+
 def _megatron(cfg: Config) -> bool:
     return cfg.backend.name == BackendName.megatron
 
@@ -144,10 +152,8 @@ def experts_divisible_by_ep(cfg: Config, d: Derived) -> Iterator[Problem]:
     if p.ep > 1 and not m.num_experts:
         yield Problem({"parallel.ep": p.ep, "model.num_experts": m.num_experts},
                       "expert parallelism needs an MoE model", "parallel.ep=1, or pick an MoE model (model=mixtral_8x7b)")
-    elif m.num_experts and p.ep > 0 and m.num_experts % p.ep:
-        yield Problem({"model.num_experts": m.num_experts, "parallel.ep": p.ep},
-                      f"{m.num_experts} experts cannot be split evenly over ep={p.ep}",
-                      f"choose parallel.ep from {_divisors(m.num_experts)}")
+    elif m.num_experts:
+        yield from _split_evenly("model.num_experts", m.num_experts, "experts", "parallel.ep", p.ep)
 
 
 @rule
@@ -165,11 +171,8 @@ def tp_within_node(cfg: Config, d: Derived) -> Iterator[Problem]:
 
 @rule
 def heads_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
-    m, p = cfg.model, cfg.parallel
-    if p.tp > 0 and m.num_attention_heads % p.tp:
-        yield Problem({"model.num_attention_heads": m.num_attention_heads, "parallel.tp": p.tp},
-                      f"{m.num_attention_heads} heads cannot be split evenly over tp={p.tp}",
-                      f"choose parallel.tp from {_divisors(m.num_attention_heads)}")
+    yield from _split_evenly("model.num_attention_heads", cfg.model.num_attention_heads, "heads",
+                             "parallel.tp", cfg.parallel.tp)
 
 
 @rule
@@ -177,10 +180,7 @@ def query_groups_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
     """Megatron-Core shards KV heads over tp; it does not replicate them."""
     m, p = cfg.model, cfg.parallel
     groups = m.num_query_groups or m.num_attention_heads
-    if p.tp > 0 and groups % p.tp:
-        yield Problem({"model.num_query_groups": groups, "parallel.tp": p.tp},
-                      f"{groups} KV groups cannot be split evenly over tp={p.tp}",
-                      f"choose parallel.tp from {_divisors(groups)}")
+    yield from _split_evenly("model.num_query_groups", groups, "KV groups", "parallel.tp", p.tp)
     if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
         yield Problem({"model.num_attention_heads": m.num_attention_heads, "model.num_query_groups": m.num_query_groups},
                       "attention heads must be a multiple of the KV groups",
