@@ -85,18 +85,23 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from launch import hydra_callbacks
     from launch.config.hydra_errors import explain
     from launch.config.source import register
 
     register()
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # raise, so errors are reported below with exit 2
     failures: list[UserError] = []
+    written: set[Path] = set()
 
     def task(composed) -> None:
         hc = HydraConfig.get()
-        run_dir = Path(hc.runtime.output_dir)
+        run_dir = Path(hc.runtime.output_dir).absolute()
         try:
+            if run_dir in written:
+                raise UserError(f"{run_dir}: another point of this sweep already wrote this run directory\n"
+                                "  fix: give each point its own name, or keep hydra.sweep.subdir at its default")
             VERBS[verb].run(composed, run_dir, ["trainctl", verb, *args])
+            written.add(run_dir)
         except UserError as exc:
             failures.append(exc)
             point = f" (point {hc.job.num}: {','.join(hc.overrides.task)})" if hc.mode.name == "MULTIRUN" else ""
@@ -105,18 +110,27 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     if "--help" in args or "-h" in args:
         print(f"trainctl {verb}: {VERBS[verb].summary}\n")
     app = hydra.main(version_base="1.3", config_path=None, config_name="config")(task)
-    saved_argv = sys.argv
+    saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [f"trainctl {verb}", *args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; reported below with exit 2
     try:
         app()
-    except Exception as exc:  # noqa: BLE001 - only composition errors are user errors
+    except Exception as exc:  # noqa: BLE001 - only Hydra's and OmegaConf's errors are user errors
         message = explain(exc)
         if message is None:
             raise
         _error(message)
-        return EXIT_USER_ERROR
+        failures.append(UserError(message))
     finally:
-        sys.argv = saved_argv
+        sys.argv = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved[1]
+        if written:
+            hydra_callbacks.forget()
+        else:
+            hydra_callbacks.cleanup()
     return EXIT_USER_ERROR if failures else 0
 
 
@@ -147,7 +161,8 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    print_plan(plan, str(run_dir))
+    print_plan(plan)
+    print(f"wrote {run_dir}/: {', '.join(sorted(files))}")
 
 
 def _yaml_str(text: str) -> str:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launch.config import Config, Derived, derive
-from launch.config.hydra_errors import explain, extra_keys, unknown_key
+from launch.config.hydra_errors import absent_keys, explain, extra_keys, unknown_key
 from launch.config.validate import validate
 from launch.errors import UserError
 from launch.estimate import estimate
@@ -32,6 +32,10 @@ def make_plan(composed: DictConfig) -> Plan:
     extra = extra_keys(composed)
     if extra:
         raise UserError([unknown_key(key) for key in extra])
+    missing = sorted(set(OmegaConf.missing_keys(composed)) | set(absent_keys(composed)))
+    if missing:  # '~train' or a preset without a required key
+        raise UserError([f"{key}: has no value (???)\n  fix: set it, e.g. {key}=..., or choose an option "
+                         "of its group that sets it" for key in missing])
     try:
         cfg = OmegaConf.to_object(composed)
         text = OmegaConf.to_yaml(composed, resolve=True)

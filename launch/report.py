@@ -15,7 +15,7 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.3g} {unit}".rstrip()
 
 
-def plan_table(plan: Plan, run_dir: str) -> Table:
+def plan_table(plan: Plan) -> Table:
     cfg, d, n = plan.cfg, plan.derived, plan.numbers
     mem, thr, run, par = n["memory_gib"], n["throughput"], n["run"], n["parallel"]
     table = Table(title=f"trainctl plan: {cfg.name}", show_header=False, title_justify="left")
@@ -54,7 +54,6 @@ def plan_table(plan: Plan, run_dir: str) -> Table:
     table.add_row("checkpoint every", f"{run['checkpoint_interval_min']:.0f} min")
     table.add_row("tokens per param / predicted loss",
                   f"{n['scaling']['tokens_per_param']:.3g} / {n['scaling']['predicted_loss']:.3f}")
-    table.add_row("run directory", run_dir)
     return table
 
 
@@ -64,5 +63,5 @@ def _stages(layers: tuple[int, ...]) -> str:
     return " ".join(str(n) for n in layers) + " layers"
 
 
-def print_plan(plan: Plan, run_dir: str, console: Console | None = None) -> None:
-    (console or Console()).print(plan_table(plan, run_dir))
+def print_plan(plan: Plan, console: Console | None = None) -> None:
+    (console or Console()).print(plan_table(plan))

@@ -1,8 +1,11 @@
 """The run directory's records, written so that a failure leaves nothing that looks like success.
 
-Files are written to a staging folder inside the run directory, then renamed
-into place one by one (a rename within a filesystem is atomic), ``plan.json``
-last: a run directory with a ``plan.json`` has all of its records.
+Files are written to a staging folder inside the run directory; then the old
+``plan.json`` is removed, the files are renamed into place one by one (a rename
+within a filesystem is atomic) and ``plan.json`` comes last: a run directory
+with a ``plan.json`` has all of its records, from one command. Artifacts an
+earlier command wrote that this one does not (a ``job.sbatch`` after switching
+to cluster=local) are removed, so the directory never mixes two runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from importlib import metadata
 from pathlib import Path
 
 COMPLETION_MARKER = "plan.json"
+ARTIFACTS = ("config.yaml", "overrides.yaml", "meta.json", "plan.json", "job.sbatch", "launch.sh")
+"""Every file a trainctl command writes into a run directory."""
 _PACKAGES = ("trainctl", "hydra-core", "omegaconf", "jinja2", "rich", "torch", "deepspeed",
              "megatron-core", "transformer-engine", "transformers", "datasets", "tokenizers", "wandb")
 
@@ -33,6 +38,10 @@ def write_run(run_dir: Path, files: dict[str, str]) -> None:
             (staging / name).write_text(text)
             if name.endswith((".sh", ".sbatch")):
                 (staging / name).chmod(0o755)
+        (run_dir / COMPLETION_MARKER).unlink(missing_ok=True)
+        for name in ARTIFACTS:
+            if name not in files:
+                (run_dir / name).unlink(missing_ok=True)
         for name in sorted(files, key=lambda n: n == COMPLETION_MARKER):
             os.replace(staging / name, run_dir / name)
     finally:

@@ -100,8 +100,24 @@ def test_multirun_reports_bad_points_and_plans_the_rest(workdir: Path):
     out = run_trainctl("plan", "-m", "cluster.gpus_per_node=4", "parallel.tp=1,4", cwd=workdir)
     assert out.returncode == 2
     assert "2 KV groups cannot be split evenly over tp=4" in out.stderr
-    assert len(list((workdir / "runs" / "run").glob("*/plan.json"))) == 1
-    assert not any("parallel.tp=4" in p.name for p in (workdir / "runs" / "run").iterdir())
+    sweep = workdir / "runs" / "run"
+    assert sorted(p.name for p in sweep.iterdir()) == ["cluster.gpus_per_node=4,parallel.tp=1", "multirun.yaml"]
+
+
+def test_sweep_points_never_share_a_directory(workdir: Path):
+    out = run_trainctl("plan", "-m", "name=a,a", "train.steps=3,4", "hydra.sweep.subdir=same", cwd=workdir)
+    assert out.returncode == 2
+    assert "another point of this sweep already wrote this run directory" in out.stderr
+    assert json.loads((workdir / "runs/a/same/plan.json").read_text())["run"]["steps"] == 3
+
+
+def test_switching_cluster_removes_the_other_job_script(workdir: Path):
+    assert run_trainctl("render", "cluster=h100", cwd=workdir).returncode == 0
+    assert run_trainctl("render", "cluster=local", cwd=workdir).returncode == 0
+    names = {p.name for p in (workdir / "runs/run").iterdir()}
+    assert "launch.sh" in names and "job.sbatch" not in names
+    assert run_trainctl("plan", cwd=workdir).returncode == 0
+    assert "launch.sh" not in {p.name for p in (workdir / "runs/run").iterdir()}
 
 
 BAD = [
@@ -114,6 +130,16 @@ BAD = [
     (["parallel.recompute=some"], "one of none, selective, full"),
     (["cluster.gpus_per_node=3"], "global batch 8 is not divisible by micro_batch_size*dp = 1*3 = 3"),
     (["name=../../etc"], "name=../../etc"),
+    (["name=../elsewhere/deeper"], "name=../elsewhere/deeper"),
+    (["~train"], "train: has no value"),
+    (["~train.seed"], "does not support deletion"),
+    (["recipe=null"], "a config group was set to null"),
+    (["-m", "--cfg", "job"], "Only one of"),
+    (["hydra.run.dir=/proc/trainctl-test"], "/proc/trainctl-test"),
+    (["train.tokens=1e9"], "takes a value of type int or null"),
+    (["cluster.time_limit=00:00:00"], "not a positive SLURM time limit"),
+    (["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"),
+    (["-m", "cluster.gpus_per_node=4", "parallel.tp=3,4"], "cannot be split evenly"),
 ]
 
 
@@ -125,7 +151,7 @@ def test_bad_input_exits_2_without_traceback_or_directory(workdir: Path, verb, a
     assert words in out.stderr
     assert "fix:" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
-    assert not (workdir / "runs").exists() or not any((workdir / "runs").rglob("*"))
+    assert list(workdir.iterdir()) == [] and not (workdir.parent / "elsewhere").exists()
 
 
 def test_unknown_verb(workdir: Path):

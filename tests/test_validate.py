@@ -14,12 +14,18 @@ G8 = "cluster.gpus_per_node=8"
 # rule -> (accepted overrides, [(rejected overrides, words the message must contain)])
 CASES = {
     v.name_is_a_path_component: (["name=my_run-2.b"], [(["name=a/b"], "name=a/b")]),
-    v.sizes_are_positive: (["parallel.tp=1"], [(["parallel.pp=0"], "parallel.pp=0: must be at least 1")]),
+    v.sizes_are_positive: (["parallel.tp=1"], [
+        (["parallel.pp=0"], "parallel.pp=0: must be at least 1"),
+        (["model.num_layers=0"], "model.num_layers=0: must be at least 1"),
+        (["model.num_attention_heads=0"], "model.num_attention_heads=0"),
+        (["cluster.gpu.mtbf_hours=0"], "cluster.gpu.mtbf_hours=0.0: must be positive"),
+        (["cluster.gpu.peak_bf16_tflops=-1"], "cluster.gpu.peak_bf16_tflops=-1.0")]),
     v.tokens_or_steps: (
         ["train.tokens=1000000", "train.steps=null"],
         [(["train.tokens=1000"], "exactly one of train.tokens and train.steps"),
          (["train.steps=0"], "at least one step")]),
-    v.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a SLURM time limit")]),
+    v.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a positive SLURM time limit"),
+                                                              (["cluster.time_limit=00:00:00"], "not a positive")]),
     v.world_divisible_by_model_parallel: (
         [G8, "parallel.tp=2", "parallel.pp=2"],
         [(["cluster.gpus_per_node=6", "parallel.tp=4"], "world size 6 is not divisible by tp*pp*cp = 4*1*1 = 4")]),
@@ -77,7 +83,22 @@ CASES = {
          (["backend=deepspeed", "parallel.recompute=selective"], "full activation checkpointing only"),
          (["backend=deepspeed", "parallel.zero_stage=4"], "ZeRO stages are 0, 1, 2 and 3"),
          (["backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=cpu"], "needs ZeRO stage 3"),
+         (["backend=deepspeed", "parallel.zero_stage=0", "parallel.offload_optimizer=cpu"], "ZeRO stage 1 or higher"),
          (["backend=deepspeed", "cluster=h100", "train.precision=fp8"], "TransformerEngine")]),
+    v.sequence_parallel_splits_sequence: (
+        ["parallel.tp=2", "cluster.gpus_per_node=2"],
+        [(["parallel.tp=2", "cluster.gpus_per_node=2", "model.seq_length=255"], "seq_length/cp = 255 must be divisible by tp")]),
+    v.moe_settings: (
+        ["recipe=mixtral_8x7b_pretrain_h100", "parallel.tp=2"],
+        [(["recipe=mixtral_8x7b_pretrain_h100", "parallel.tp=2", "parallel.sequence_parallel=false"],
+          "requires sequence parallelism for MoE"),
+         (["model=mixtral_8x7b", "model.moe_router_topk=9"], "more experts than there are")]),
+    v.interleaved_schedule_microbatches: (
+        ["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=128"],
+        [(["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=64"], "needs at least pp = 8 micro-batches")]),
+    v.no_secrets_in_files: (
+        ["+cluster.env.NCCL_IB_HCA=mlx5"],
+        [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN")]),
     v.local_cluster_precision: (["cluster=h100", "train.precision=fp8"], [(["train.precision=fp8"], "FP8 needs H100")]),
     v.mixture_weights: (
         ["data.sources.code.weight=0.01"],
@@ -146,5 +167,14 @@ def test_backend_scoped_keys_are_ignored():
 
 def test_all_problems_reported_at_once():
     cfg, d = typed("cluster.gpus_per_node=6", "parallel.tp=4", "data.sources.code.weight=-1", "stage=sft")
-    names = {p.message.split(":")[0] for p in v.validate(cfg, d)}
-    assert len(v.validate(cfg, d)) >= 4, names
+    keys = [set(p.keys) for p in v.validate(cfg, d)]
+    for expected in ({"parallel.tp", "parallel.pp", "parallel.cp"}, {"model.num_query_groups", "parallel.tp"},
+                     {"data.sources.code.weight"}, {"stage", "stage.init_checkpoint"}):
+        assert any(expected <= k for k in keys), expected
+
+
+def test_mha_model_gets_one_problem_for_tp():
+    cfg, d = typed("recipe=gpt3_175b_pretrain_h100", "parallel.tp=5", "cluster.gpus_per_node=5", "cluster.nodes=64",
+                   "parallel.allow_tp_across_nodes=true")
+    problems = [str(p) for p in v.validate(cfg, d) if "parallel.tp=5" in str(p) and "heads" in str(p).lower()]
+    assert len(problems) == 1 and "num_query_groups" not in problems[0]

@@ -36,9 +36,25 @@ def explain(exc: BaseException) -> str | None:
         key = getattr(cause, "full_key", None) or "a value"
         return (f"{key}: cannot resolve its interpolation: {str(cause).splitlines()[0]}\n"
                 "  fix: set what it refers to (an environment variable for ${oc.env:...}), or give a plain value")
-    if isinstance(exc, OmegaConfBaseException) or type(exc).__module__.startswith("hydra"):
-        return f"{str(exc).strip()}\n  fix: check the overrides and config files named above"
+    if isinstance(exc, OSError) and exc.filename:
+        return (f"{exc.filename}: {exc.strerror}\n"
+                "  fix: run where you can write, or move the run directory with hydra.run.dir=... / hydra.sweep.dir=...")
+    if str(exc).startswith("Config group override must be a string"):
+        return ("a config group was set to null (e.g. recipe=null): a group takes one of its options\n"
+                "  fix: leave the group out to keep its default, or name an option (trainctl plan --help lists them)")
+    if isinstance(exc, OmegaConfBaseException) or _raised_in(exc, ("hydra.", "omegaconf.")):
+        why = f": {str(exc.__cause__).splitlines()[0]}" if exc.__cause__ else ""
+        return f"{str(exc).strip()}{why}\n  fix: check the overrides and config files named above"
     return None
+
+
+def _raised_in(exc: BaseException, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``exc`` was raised by code in these packages (Hydra's argument checks raise ValueError)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb else ""
+    return module.startswith(prefixes) or type(exc).__module__.startswith(prefixes)
 
 
 def _missing_option(exc: MissingConfigException) -> str:
@@ -55,11 +71,13 @@ def _missing_option(exc: MissingConfigException) -> str:
 def unknown_key(full_key: str) -> str:
     parent, _, key = full_key.rpartition(".")
     node = _schema_at(parent)
-    if node is dict:
-        return (f"{full_key}: '{parent}' has no entry '{key}'\n"
-                f"  fix: check the spelling; new entries go in a config file of their own "
-                f"(see the README: adding your own configs)")
-    valid = [f.name for f in dataclasses.fields(node)] if node else []
+    if _is_mapping(node):
+        if dataclasses.is_dataclass(typing.get_args(node)[1]):
+            how = "new entries go in a config file of their own (README: your own cluster profile and recipes)"
+        else:
+            how = f"add a new entry with +{full_key}=VALUE"
+        return f"{full_key}: '{parent}' has no entry '{key}'\n  fix: check the spelling; {how}"
+    valid = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
     near = difflib.get_close_matches(key, valid, n=1)
     where = parent or "the top level"
     guess = f"did you mean {parent + '.' if parent else ''}{near[0]}? " if near else ""
@@ -73,22 +91,32 @@ def extra_keys(node: DictConfig, schema: type = Config, prefix: str = "") -> lis
     ``OmegaConf.to_object`` then drops it without a word; a user who typed it
     must hear that it does nothing.
     """
+    return [path for path, present in _compare(node, schema, prefix) if present]
+
+
+def absent_keys(node: DictConfig, schema: type = Config, prefix: str = "") -> list[str]:
+    """Schema keys a composed config lacks (``~train`` deletes a whole node)."""
+    return [path for path, present in _compare(node, schema, prefix) if not present]
+
+
+def _compare(node: DictConfig, schema: type, prefix: str) -> list[tuple[str, bool]]:
+    """(path, True) for each key the schema lacks, (path, False) for each schema key the node lacks."""
     hints = typing.get_type_hints(schema)
-    found = []
+    found = [(f"{prefix}{key}", False) for key in hints if key not in node]
     for key in node.keys():
         path = f"{prefix}{key}"
         if key not in hints:
-            found.append(path)
+            found.append((path, True))
             continue
         value = node._get_node(key)
         if not isinstance(value, DictConfig) or value._is_none() or value._is_missing():
             continue
         kind = _unwrap(hints[key])
         if dataclasses.is_dataclass(kind):
-            found += extra_keys(value, kind, path + ".")
+            found += _compare(value, kind, path + ".")
         elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(item := typing.get_args(kind)[1]):
             for name in value.keys():
-                found += extra_keys(value[name], item, f"{path}.{name}.")
+                found += _compare(value[name], item, f"{path}.{name}.")
     return found
 
 
@@ -99,31 +127,35 @@ def _unwrap(hint):
     return hint
 
 
+def _is_mapping(hint) -> bool:
+    return typing.get_origin(hint) is dict
+
+
 def _schema_at(path: str):
-    """The dataclass (or ``dict`` for free-form mappings) at a dotted path of the schema."""
+    """The schema type at a dotted path: a dataclass, a ``Dict[str, X]`` hint, or None."""
     node: typing.Any = Config
     for part in filter(None, path.split(".")):
-        if node is dict or not dataclasses.is_dataclass(node):
-            return dict
+        if _is_mapping(node):
+            node = typing.get_args(node)[1]
+            continue
+        if not dataclasses.is_dataclass(node):
+            return None
         hints = typing.get_type_hints(node)
         if part not in hints:
             return None
         node = _unwrap(hints[part])
-        if typing.get_origin(node) is dict:
-            node = dict
     return node
 
 
 def _type_hint(full_key: str) -> str:
     parent, _, key = full_key.rpartition(".")
     node = _schema_at(parent)
-    if not node or node is dict:
+    if not dataclasses.is_dataclass(node) or key not in typing.get_type_hints(node):
         return "check the value's type"
-    hint = typing.get_type_hints(node).get(key)
-    if hint is None:
-        return "check the value's type"
+    raw = typing.get_type_hints(node)[key]
+    hint = _unwrap(raw)
     choices = getattr(hint, "__members__", None)
     if choices:
         return f"{full_key}=<one of {', '.join(choices)}>"
     name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-    return f"{full_key} takes a value of type {name}"
+    return f"{full_key} takes a value of type {name}" + (" or null" if raw is not hint else "")

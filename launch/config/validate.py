@@ -54,7 +54,8 @@ def validate(cfg: Config, d: Derived) -> list[Problem]:
 
 
 def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+    small = [k for k in range(1, int(n**0.5) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]))
 
 
 def _split_evenly(count_key: str, count: int, what: str, size_key: str, size: int) -> Iterator[Problem]:
@@ -84,18 +85,32 @@ def name_is_a_path_component(cfg: Config, d: Derived) -> Iterator[Problem]:
 
 @rule
 def sizes_are_positive(cfg: Config, d: Derived) -> Iterator[Problem]:
-    p, c, t = cfg.parallel, cfg.cluster, cfg.train
+    """Counts and hardware figures the estimator divides by."""
+    p, c, t, m, g = cfg.parallel, cfg.cluster, cfg.train, cfg.model, cfg.cluster.gpu
     sizes = {
         "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.vpp": p.vpp, "parallel.cp": p.cp,
-        "parallel.ep": p.ep, "parallel.micro_batch_size": p.micro_batch_size,
+        "parallel.ep": p.ep, "parallel.etp": p.etp, "parallel.micro_batch_size": p.micro_batch_size,
         "cluster.nodes": c.nodes, "cluster.gpus_per_node": c.gpus_per_node,
         "train.global_batch_size": t.global_batch_size,
+        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+        "model.ffn_hidden_size": m.ffn_hidden_size, "model.num_attention_heads": m.num_attention_heads,
+        "model.num_query_groups": m.num_query_groups, "model.kv_channels": m.kv_channels,
+        "model.vocab_size": m.vocab_size, "model.seq_length": m.seq_length,
+        "model.num_experts": m.num_experts, "model.moe_router_topk": m.moe_router_topk,
     }
-    if p.etp is not None:
-        sizes["parallel.etp"] = p.etp
     for key, value in sizes.items():
-        if value < 1:
-            yield Problem({key: value}, "must be at least 1", f"{key}=1")
+        if value is not None and value < 1:
+            yield Problem({key: value}, "must be at least 1", f"{key}=1" if "model" not in key else "a positive value")
+    figures = {f"cluster.gpu.{k}": getattr(g, k) for k in (
+        "peak_bf16_tflops", "peak_fp8_tflops", "hbm_gib", "hbm_bandwidth_tbps", "nvlink_gbps", "ib_gbps",
+        "power_w", "mtbf_hours")}
+    figures["cluster.pue"] = c.pue
+    for key, value in figures.items():
+        if not value > 0:
+            yield Problem({key: value}, "must be positive", f"{key}=<the datasheet figure>")
+    if c.usd_per_gpu_hour < 0:
+        yield Problem({"cluster.usd_per_gpu_hour": c.usd_per_gpu_hour}, "a price cannot be negative",
+                      "cluster.usd_per_gpu_hour=0 when you do not know it")
 
 
 @rule
@@ -112,9 +127,11 @@ def tokens_or_steps(cfg: Config, d: Derived) -> Iterator[Problem]:
 @rule
 def time_limit_format(cfg: Config, d: Derived) -> Iterator[Problem]:
     try:
-        parse_time_limit(cfg.cluster.time_limit)
+        seconds = parse_time_limit(cfg.cluster.time_limit)
     except ValueError:
-        yield Problem({"cluster.time_limit": cfg.cluster.time_limit}, "not a SLURM time limit",
+        seconds = None
+    if not seconds:
+        yield Problem({"cluster.time_limit": cfg.cluster.time_limit}, "not a positive SLURM time limit",
                       "cluster.time_limit=04:00:00 (HH:MM:SS) or 2-00:00:00 (D-HH:MM:SS)")
 
 
@@ -179,8 +196,8 @@ def heads_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
 def query_groups_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
     """Megatron-Core shards KV heads over tp; it does not replicate them."""
     m, p = cfg.model, cfg.parallel
-    groups = m.num_query_groups or m.num_attention_heads
-    yield from _split_evenly("model.num_query_groups", groups, "KV groups", "parallel.tp", p.tp)
+    if m.num_query_groups:  # without GQA the heads rule covers it
+        yield from _split_evenly("model.num_query_groups", m.num_query_groups, "KV groups", "parallel.tp", p.tp)
     if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
         yield Problem({"model.num_attention_heads": m.num_attention_heads, "model.num_query_groups": m.num_query_groups},
                       "attention heads must be a multiple of the KV groups",
@@ -318,13 +335,59 @@ def batch_divisible(cfg: Config, d: Derived) -> Iterator[Problem]:
 @rule
 def sequence_parallel_setting(cfg: Config, d: Derived) -> Iterator[Problem]:
     sp = cfg.parallel.sequence_parallel
-    if sp not in ("auto", True, False):
+    if sp != "auto" and type(sp) is not bool:
         yield Problem({"parallel.sequence_parallel": sp}, "must be auto, true or false",
                       "parallel.sequence_parallel=auto")
     elif sp is True and cfg.parallel.tp < 2:
         yield Problem({"parallel.sequence_parallel": sp, "parallel.tp": cfg.parallel.tp},
                       "sequence parallelism splits activations over the tensor-parallel group; it needs tp > 1",
                       "parallel.sequence_parallel=auto, or parallel.tp>1")
+
+
+@rule
+def sequence_parallel_splits_sequence(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Sequence parallelism scatters each CP chunk of the sequence over tp ranks."""
+    p, m = cfg.parallel, cfg.model
+    if _megatron(cfg) and d.sequence_parallel and p.tp > 1 and p.cp > 0 and (m.seq_length // p.cp) % p.tp:
+        yield Problem({"model.seq_length": m.seq_length, "parallel.cp": p.cp, "parallel.tp": p.tp},
+                      f"with sequence parallelism, seq_length/cp = {m.seq_length // p.cp} must be divisible by tp",
+                      f"model.seq_length={m.seq_length - m.seq_length % (p.cp * p.tp)}")
+
+
+@rule
+def moe_settings(cfg: Config, d: Derived) -> Iterator[Problem]:
+    p, m = cfg.parallel, cfg.model
+    if not m.num_experts:
+        return
+    if m.moe_router_topk > m.num_experts:
+        yield Problem({"model.moe_router_topk": m.moe_router_topk, "model.num_experts": m.num_experts},
+                      "a token cannot be routed to more experts than there are", "model.moe_router_topk=2")
+    if _megatron(cfg) and p.tp > 1 and not d.sequence_parallel:
+        yield Problem({"parallel.tp": p.tp, "parallel.sequence_parallel": p.sequence_parallel, "model.num_experts": m.num_experts},
+                      "Megatron-Core requires sequence parallelism for MoE with tensor parallelism",
+                      "parallel.sequence_parallel=auto")
+
+
+@rule
+def interleaved_schedule_microbatches(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Megatron-Core's interleaved 1F1B runs micro-batches in groups of pp per virtual stage."""
+    p = cfg.parallel
+    if p.vpp > 1 and p.pp > 1 and d.grad_accum_steps < p.pp:
+        yield Problem({"parallel.vpp": p.vpp, "parallel.pp": p.pp, "grad_accum_steps": d.grad_accum_steps},
+                      f"the interleaved schedule needs at least pp = {p.pp} micro-batches per step, this layout has "
+                      f"{d.grad_accum_steps}", f"train.global_batch_size>={p.pp * p.micro_batch_size * d.dp}, or parallel.vpp=1")
+
+
+@rule
+def no_secrets_in_files(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """cluster.env is written into the job script; secrets stay in the submitting environment."""
+    for key in cfg.cluster.env:
+        if _SECRET.search(key):
+            yield Problem({f"cluster.env.{key}": "<hidden>"}, "looks like a secret, and cluster.env is written to disk",
+                          f"remove it and export {key} where you run trainctl; jobs inherit the environment")
+
+
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
 # --- backend scope ------------------------------------------------------------
@@ -346,6 +409,9 @@ def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "parallel.recompute=full (or none)")
     if p.zero_stage not in (0, 1, 2, 3):
         yield Problem({"parallel.zero_stage": p.zero_stage}, "ZeRO stages are 0, 1, 2 and 3", "parallel.zero_stage=3")
+    if p.offload_optimizer.name != "none" and p.zero_stage == 0:
+        yield Problem({"parallel.offload_optimizer": p.offload_optimizer, "parallel.zero_stage": p.zero_stage},
+                      "optimizer offload needs ZeRO stage 1 or higher", "parallel.zero_stage=3")
     if p.offload_params.name != "none" and p.zero_stage != 3:
         yield Problem({"parallel.offload_params": p.offload_params, "parallel.zero_stage": p.zero_stage},
                       "parameter offload needs ZeRO stage 3", "parallel.zero_stage=3")
