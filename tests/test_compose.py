@@ -147,3 +147,12 @@ def test_wheel_install_finds_configs_and_recipes(tmp_path: Path):
     assert out.stdout.splitlines()[0].startswith(str(target))
     config = (work / "runs/tiny_local/config.yaml").read_text()
     assert str(target / "launch/_assets/data/sample/prose.jsonl") in config
+
+
+def test_tiny_mix_ships_its_files_and_a_tokenizer_of_tiny_vocab():
+    import json
+
+    cfg, _ = typed("recipe=tiny_local")
+    assert all(Path(s.path).is_file() for s in cfg.data.sources.values())
+    tokenizer = json.loads(Path(cfg.data.tokenizer).read_text())
+    assert len(tokenizer["model"]["vocab"]) == cfg.model.vocab_size == 4096
