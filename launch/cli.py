@@ -32,6 +32,9 @@ verbs:
 
 not built yet: submit, status, cancel, tune, size, prepare (see the README).
 
+config groups (group=option; `trainctl plan --help` shows every key):
+{groups}
+
 Examples:
   trainctl plan recipe=llama3_70b_pretrain_h100
   trainctl plan recipe=llama3_70b_pretrain_h100 parallel.tp=8 cluster.nodes=32
@@ -77,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _usage() -> str:
+    from launch.config.source import group_options
+
     width = max(map(len, VERBS))
-    return USAGE.format(verbs="\n".join(f"  {name:<{width}}  {v.summary}" for name, v in VERBS.items()))
+    verbs = "\n".join(f"  {name:<{width}}  {v.summary}" for name, v in VERBS.items())
+    groups = "\n".join(f"  {group}: {', '.join(options)}" for group, options in group_options().items())
+    return USAGE.format(verbs=verbs, groups=groups)
 
 
 def _run_hydra_verb(verb: str, args: list[str]) -> int:

@@ -190,6 +190,7 @@ def test_render_writes_the_job_script(workdir: Path, cluster, script):
 def test_help_lists_verbs_groups_and_options(workdir: Path):
     top = run_trainctl("--help", cwd=workdir)
     assert top.returncode == 0 and "plan" in top.stdout and "render" in top.stdout
+    assert "model: gpt3_175b, llama3_405b" in top.stdout and "recipe: " in top.stdout
     out = run_trainctl("plan", "--help", cwd=workdir)
     assert out.returncode == 0, out.stderr
     for word in ("recipe:", "llama3_405b_pretrain_h100", "model:", "mixtral_8x22b", "parallel:", "cluster:", "h100",

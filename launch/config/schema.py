@@ -70,6 +70,16 @@ class Scheduler(Enum):
     slurm = "slurm"
 
 
+class ScalingLaw(Enum):
+    chinchilla = "chinchilla"  # Hoffmann et al. 2022, approach 3
+    besiroglu = "besiroglu"  # Besiroglu et al. 2024 re-fit of the same data
+
+
+class MfuBasis(Enum):
+    bf16 = "bf16"  # quote MFU against the dense BF16 peak (the convention)
+    fp8 = "fp8"  # against the dense FP8 peak
+
+
 class Precision(Enum):
     bf16 = "bf16"
     fp8 = "fp8"  # bf16 weights, fp8 matmuls (TransformerEngine)
@@ -270,6 +280,12 @@ class ClusterConfig:
     """Bare metal: shell lines run before launch (modules, venv)."""
     env: Dict[str, str] = field(default_factory=dict)
     """Environment for the job (NCCL settings); never put secrets here."""
+    node_overhead_w: float = 0.0
+    """Power per GPU beyond the GPU board (CPUs, NICs, fans), W."""
+    grid_kgco2_per_kwh: float = 0.0
+    """Carbon intensity of the site's electricity, kg CO2 per kWh (0 = not reported)."""
+    checkpoint_write_gbps: float = 100.0
+    """Aggregate write bandwidth from the job to checkpoint storage, GB/s."""
 
 
 @dataclass
@@ -291,6 +307,37 @@ class TrainConfig:
 
 
 @dataclass
+class EstimateConfig:
+    """The estimator's assumptions, each overridable (estimate.mfu=0.4 replaces the step-time model)."""
+
+    mfu: Optional[float] = None
+    """Model FLOPs utilisation to assume instead of the step-time model's prediction."""
+    mfu_basis: MfuBasis = MfuBasis.bf16
+    """Which peak MFU is quoted against."""
+    achievable_fraction_dense: float = 0.55
+    """Share of BF16 peak a dense transformer's matmuls reach on H100 (before communication)."""
+    achievable_fraction_moe: float = 0.45
+    """The same for MoE layers (grouped GEMMs, routing)."""
+    achievable_fraction_fp8: float = 0.40
+    """Share of FP8 peak reached when train.precision=fp8."""
+    dp_comm_exposed_fraction: float = 0.2
+    """Share of the data-parallel reduce-scatter/all-gather not hidden behind compute."""
+    tp_comm_exposed_fraction: float = 0.3
+    """Share of tensor/sequence-parallel collectives not hidden behind compute."""
+    ep_comm_exposed_fraction: float = 0.5
+    """Share of the MoE all-to-all not hidden behind compute."""
+    cuda_context_gib: float = 0.5
+    nccl_buffers_gib: float = 1.0
+    allocator_fragmentation: float = 0.07
+    """Extra share of the estimate lost to the caching allocator's fragmentation."""
+    flash_attention: bool = True
+    """Attention scores are never stored (FlashAttention / cuDNN fused attention)."""
+    scaling_law: ScalingLaw = ScalingLaw.chinchilla
+    allow_oom: bool = False
+    """Let render/submit go ahead when the memory estimate exceeds HBM."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     """The run's name: job name and run directory (runs/NAME)."""
@@ -302,6 +349,7 @@ class Config:
     backend: BackendConfig = MISSING
     cluster: ClusterConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
 def register_schemas() -> None:

@@ -82,6 +82,19 @@ class TrainctlSearchPath(SearchPathPlugin):
         search_path.append("trainctl", "trainctl://")
 
 
+def group_options() -> dict[str, list[str]]:
+    """Each config group and its options, shipped and from TRAINCTL_CONFIG_PATH, without composing."""
+    sources: list[ConfigSource] = [TrainctlConfigSource("trainctl", "trainctl://")]
+    sources += [FileConfigSource("trainctl-user", d) for d in os.environ.get(USER_PATH_ENV, "").split(os.pathsep) if d]
+    found: dict[str, set[str]] = {}
+    for source in sources:
+        if not source.available():
+            continue
+        for group in source.list("", ObjectType.GROUP):
+            found.setdefault(group, set()).update(source.list(group, ObjectType.CONFIG))
+    return {group: sorted(options) for group, options in sorted(found.items())}
+
+
 def register() -> None:
     """Make trainctl's configs visible to Hydra in this process only.
 
