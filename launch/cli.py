@@ -144,6 +144,7 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
 def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool) -> None:
     """Plan, then write the run's records; a failure leaves a new run directory absent."""
     from launch.executors import job_script
+    from launch.oom import memory_problem
     from launch.plan import make_plan
     from launch.report import print_plan
     from launch.rundir import dump_json, meta, write_run
@@ -151,6 +152,10 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
     try:
         plan = make_plan(composed)
+        if with_job_script:  # a job script is what gets submitted: refuse one that would OOM
+            oom = memory_problem(plan.cfg, plan.numbers["memory_gib"]["per_gpu_peak"])
+            if oom:
+                raise UserError(oom)
         from hydra.core.hydra_config import HydraConfig
 
         overrides = list(HydraConfig.get().overrides.task)

@@ -1,4 +1,8 @@
-"""The plan as a person reads it: a rich table of layout, memory, speed and cost."""
+"""The plan as a person reads it in five seconds: fits? how fast? how long? how much?
+
+Four headline rows answer those; three more give the layout, the memory split
+and the run's risk figures. Every number comes from ``plan.json``.
+"""
 
 from __future__ import annotations
 
@@ -9,58 +13,71 @@ from launch.plan import Plan
 
 
 def _si(x: float, unit: str = "") -> str:
+    """1.23e9 -> '1.23 G' (with unit)."""
     for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= factor:
             return f"{x / factor:.3g} {prefix}{unit}".rstrip()
     return f"{x:.3g} {unit}".rstrip()
 
 
+def _duration(days: float) -> str:
+    seconds = days * 86400
+    for size, unit in ((86400, "days"), (3600, "hours"), (60, "min")):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def _energy(mwh: float) -> str:
+    return f"{mwh / 1000:.3g} GWh" if mwh >= 1000 else f"{mwh:.3g} MWh" if mwh >= 1 else f"{mwh * 1000:.3g} kWh"
+
+
 def plan_table(plan: Plan) -> Table:
     cfg, d, n = plan.cfg, plan.derived, plan.numbers
     mem, thr, run, par = n["memory_gib"], n["throughput"], n["run"], n["parallel"]
-    table = Table(title=f"trainctl plan: {cfg.name}", show_header=False, title_justify="left")
-    table.add_column(style="bold cyan")
-    table.add_column()
+    params = _si(n["model"]["params_total"]) + (f" ({_si(n['model']['params_active'])} active)"
+                                               if cfg.model.num_experts else "")
+    title = (f"[bold]{cfg.name}[/bold]: {cfg.model.name} {params} params, {cfg.stage.kind.name}, "
+             f"{cfg.backend.name.name}, {cfg.cluster.nodes} x {cfg.cluster.gpus_per_node} {cfg.cluster.gpu.name}")
+    table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 1))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
 
-    def section(name: str) -> None:
-        table.add_row(f"[bold]{name}[/bold]", "", end_section=False)
-
-    section("job")
-    table.add_row("model", f"{cfg.model.name}  {_si(n['model']['params_total'])} params"
-                  + (f" ({_si(n['model']['params_active'])} active)" if cfg.model.num_experts else ""))
-    table.add_row("stage / backend", f"{cfg.stage.kind.name} / {cfg.backend.name.name}")
-    table.add_row("cluster", f"{cfg.cluster.name}: {cfg.cluster.nodes} nodes x {cfg.cluster.gpus_per_node}"
-                  f" = {d.world_size} {cfg.cluster.gpu.name}")
-    section("layout (derived)")
-    table.add_row("tp x pp x cp x dp", f"{par['tp']} x {par['pp']} x {par['cp']} x {par['dp']}"
-                  + (f"   vpp {par['vpp']}" if par["vpp"] > 1 else "") + (f"   ep {par['ep']}" if par["ep"] > 1 else ""))
-    table.add_row("pipeline stages", _stages(d.stage_layers))
-    table.add_row("batch", f"{par['global_batch_size']} seq = {par['micro_batch_size']} micro x "
-                  f"{par['grad_accum_steps']} accum x {par['dp']} dp;  {_si(d.tokens_per_step)} tokens/step")
-    table.add_row("sequence parallel / recompute", f"{d.sequence_parallel} / {cfg.parallel.recompute.name}")
-    section("memory per GPU (heaviest stage)")
-    fits = "[green]fits[/green]" if mem["fits"] else "[bold red]does not fit[/bold red]"
-    table.add_row("peak", f"{mem['per_gpu_peak']:.1f} of {mem['hbm']:.1f} GiB  {fits}")
-    table.add_row("weights / grads / optimizer", f"{mem['weights']:.1f} / {mem['grads']:.1f} / {mem['optimizer']:.1f} GiB")
-    table.add_row("activations", f"{mem['activations']:.1f} GiB")
-    section("speed")
-    table.add_row("step time", f"{thr['step_time_s']:.3g} s   {_si(thr['tokens_per_s_per_gpu'])} tokens/s/GPU")
-    table.add_row("TFLOP/s per GPU / MFU", f"{thr['tflops_per_gpu']:.0f} / {100 * thr['mfu']:.1f}%")
-    section("run")
-    table.add_row("tokens / steps", f"{_si(run['tokens'])} / {run['steps']:,}")
-    table.add_row("wall clock", f"{run['wall_clock_days']:.3g} days in {run['jobs_needed']} jobs of {cfg.cluster.time_limit}")
-    table.add_row("GPU-hours / cost", f"{_si(run['gpu_hours'])} / ${run['cost_usd']:,.0f}")
-    table.add_row("energy / expected failures", f"{run['energy_mwh']:.3g} MWh / {run['expected_failures']:.3g}")
-    table.add_row("checkpoint every", f"{run['checkpoint_interval_min']:.0f} min")
-    table.add_row("tokens per param / predicted loss",
-                  f"{n['scaling']['tokens_per_param']:.3g} / {n['scaling']['predicted_loss']:.3f}")
+    verdict = "[green]fits[/green]" if mem["fits"] else "[bold red]DOES NOT FIT[/bold red]"
+    table.add_row("fits?", f"{verdict}: {mem['per_gpu_peak']:.1f} of {mem['hbm']:.1f} GiB per GPU "
+                  f"(heaviest of {len(d.stage_layers)} pipeline stage(s))")
+    table.add_row("how fast?", f"{thr['step_time_s']:.3g} s/step, {_si(thr['tokens_per_s_per_gpu'])} tokens/s/GPU, "
+                  f"{thr['tflops_per_gpu']:.0f} TFLOP/s/GPU, MFU {100 * thr['mfu']:.1f}%")
+    table.add_row("how long?", f"{_duration(run['wall_clock_days'])}: {run['steps']:,} steps of {_si(d.tokens_per_step)} "
+                  f"tokens = {_si(run['tokens'])} tokens, {run['jobs_needed']} job(s) of {cfg.cluster.time_limit}")
+    co2 = f", {run['co2_tonnes']:.3g} t CO2" if run.get("co2_tonnes") else ""
+    table.add_row("how much?", f"{_si(run['gpu_hours'])} GPU-hours, ${run['cost_usd']:,.0f}, "
+                  f"{_energy(run['energy_mwh'])}{co2}")
+    table.add_row("", "")
+    vpp = f" (vpp {par['vpp']})" if par["vpp"] > 1 else ""
+    ep = f", ep {par['ep']}" if par["ep"] > 1 else ""
+    table.add_row("layout", f"tp {par['tp']} x pp {par['pp']}{vpp} x cp {par['cp']} x dp {par['dp']} = "
+                  f"{d.world_size} GPUs{ep}; layers per stage {_stages(d.stage_layers)}; sequence parallel "
+                  f"{'on' if d.sequence_parallel else 'off'}; recompute {cfg.parallel.recompute.name}")
+    table.add_row("batch", f"{par['global_batch_size']} sequences = micro {par['micro_batch_size']} x accum "
+                  f"{par['grad_accum_steps']} x dp {par['dp']}, {cfg.model.seq_length} tokens each")
+    table.add_row("memory", f"weights {mem['weights']:.1f}, grads {mem['grads']:.1f}, optimizer "
+                  f"{mem['optimizer']:.1f}, activations {mem['activations']:.1f} GiB"
+                  + (f"; per stage {_stages([round(x, 1) for x in n['memory_stages_gib']])}"
+                     if len(n.get("memory_stages_gib", ())) > 1 else ""))
+    mtbf = f", one every {run['mtbf_cluster_min']:.0f} min" if run.get("mtbf_cluster_min") else ""
+    table.add_row("risk", f"{run['expected_failures']:.3g} expected failures{mtbf}; checkpoint every "
+                  f"{_duration(run['checkpoint_interval_min'] / 1440)}")
+    table.add_row("scaling", f"{n['scaling']['tokens_per_param']:.3g} tokens/param, predicted loss "
+                  f"{n['scaling']['predicted_loss']:.3f}")
     return table
 
 
-def _stages(layers: tuple[int, ...]) -> str:
-    if len(set(layers)) == 1:
-        return f"{len(layers)} x {layers[0]} layers"
-    return " ".join(str(n) for n in layers) + " layers"
+def _stages(values) -> str:
+    values = list(values)
+    if len(set(values)) == 1:
+        return f"{len(values)} x {values[0]}"
+    return " ".join(str(v) for v in values)
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:

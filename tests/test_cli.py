@@ -74,7 +74,7 @@ def test_overrides_reach_the_plan(workdir: Path):
     assert plan["parallel"]["tp"] == 8
     assert plan["parallel"]["dp"] == 256 // (8 * 4 * 2)
     assert plan["parallel"]["grad_accum_steps"] == 512 // plan["parallel"]["dp"]
-    assert "8 x 4 x 2 x 4" in out.stdout  # tp x pp x cp x dp, derived, in the table
+    assert "tp 8 x pp 4 (vpp 5) x cp 2 x dp 4" in out.stdout  # derived, in the table
 
 
 def test_cfg_job_resolve_prints_and_writes_nothing(workdir: Path):
@@ -223,3 +223,32 @@ def test_cli_path_imports_no_training_packages(workdir: Path):
     out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_render_refuses_a_layout_that_does_not_fit(workdir: Path):
+    out = run_trainctl("render", "recipe=llama3_405b_pretrain_h100", "parallel.recompute=none", cwd=workdir)
+    assert out.returncode == 2
+    assert "exceeds the 79.6 GiB" in out.stderr and "parallel.recompute=full" in out.stderr
+    assert "estimate.allow_oom=true" in out.stderr
+    assert not (workdir / "runs").exists()
+    # plan still shows it (it is how you find out), and allow_oom lets render go ahead
+    planned = run_trainctl("plan", "recipe=llama3_405b_pretrain_h100", "parallel.recompute=none", cwd=workdir)
+    assert planned.returncode == 0 and "DOES NOT FIT" in planned.stdout
+    forced = run_trainctl("render", "recipe=llama3_405b_pretrain_h100", "parallel.recompute=none",
+                          "estimate.allow_oom=true", cwd=workdir)
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_oom_suggestions_each_fit_when_applied(workdir: Path):
+    from launch.config import derive
+    from launch.estimate import estimate
+    from launch.oom import memory_problem
+
+    base = ["recipe=llama3_8b_sft_h100", "parallel.zero_stage=0", "parallel.recompute=none"]
+    cfg = compose_config(base)
+    message = memory_problem(cfg, estimate(cfg, derive(cfg))["memory_gib"]["per_gpu_peak"])
+    suggestions = [line.split("->")[0].split() for line in message.splitlines() if "->" in line]
+    assert suggestions
+    for overrides in suggestions:
+        fixed = compose_config(base + overrides)
+        assert estimate(fixed, derive(fixed))["memory_gib"]["fits"], overrides
