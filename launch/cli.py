@@ -30,7 +30,7 @@ launch artifacts into its run directory (runs/NAME).
 verbs:
 {verbs}
 
-not built yet: submit, status, cancel, tune, size, prepare (see the README).
+not built yet: submit, status, cancel, tune, prepare (see the README).
 
 config groups (group=option; `trainctl plan --help` shows every key):
 {groups}
@@ -49,6 +49,10 @@ class Verb:
     summary: str
     run: Callable[[object, Path, list[str]], None]
     """(composed config, run directory, the command line) -> None; raises UserError."""
+    config_name: str = "config"
+    """The verb's primary config in conf/ (``size`` has its own)."""
+    setup: Callable[[], None] | None = None
+    """Registers the verb's own schema before Hydra composes (besides launch.config.source.register)."""
 
 
 def _plan(composed, run_dir: Path, command: list[str]) -> None:
@@ -59,9 +63,23 @@ def _render(composed, run_dir: Path, command: list[str]) -> None:
     _write(composed, run_dir, command, with_job_script=True)
 
 
+def _size(composed, run_dir: Path, command: list[str]) -> None:
+    from launch.size import run_size
+
+    run_size(composed, run_dir, command)
+
+
+def _size_setup() -> None:
+    from launch.size_schema import register
+
+    register()
+
+
 VERBS: dict[str, Verb] = {
     "plan": Verb("compose, validate, estimate; print the plan; write RUN_DIR/{config,overrides}.yaml, plan.json, meta.json", _plan),
     "render": Verb("plan + the job script (a placeholder until the executor issues land)", _render),
+    "size": Verb("scaling-law sizing and run cost from params+tokens or a FLOP budget; write RUN_DIR/size.json",
+                 _size, config_name="size", setup=_size_setup),
 }
 
 
@@ -97,6 +115,8 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     from launch.config.source import register
 
     register()
+    if VERBS[verb].setup is not None:
+        VERBS[verb].setup()
     failures: list[UserError] = []
     written: set[Path] = set()
 
@@ -116,7 +136,7 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
 
     if "--help" in args or "-h" in args:
         print(f"trainctl {verb}: {VERBS[verb].summary}\n")
-    app = hydra.main(version_base="1.3", config_path=None, config_name="config")(task)
+    app = hydra.main(version_base="1.3", config_path=None, config_name=VERBS[verb].config_name)(task)
     saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [f"trainctl {verb}", *args]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; reported below with exit 2
@@ -144,6 +164,8 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
 def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool) -> None:
     """Plan, then write the run's records; a failure leaves a new run directory absent."""
     from launch.executors import job_script
+    from launch.chart import matplotlib_available, memory_chart_png
+    from launch.estimate.memory import stage_memory
     from launch.oom import memory_problem
     from launch.plan import make_plan
     from launch.report import print_plan
@@ -167,6 +189,10 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
         if with_job_script:
             name, text = job_script(plan.cfg, run_dir)
             files[name] = text
+        if with_job_script and matplotlib_available():  # render only: matplotlib takes seconds to load
+            stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived)]
+            files["plan.png"] = memory_chart_png(stages, plan.cfg.cluster.gpu.hbm_gib,
+                                                 f"{plan.cfg.name}: memory per GPU by pipeline stage")
         files["plan.json"] = dump_json(plan.numbers)
         write_run(run_dir, files)
     except BaseException:

@@ -23,19 +23,22 @@ from importlib import metadata
 from pathlib import Path
 
 COMPLETION_MARKER = "plan.json"
-ARTIFACTS = ("config.yaml", "overrides.yaml", "meta.json", "plan.json", "job.sbatch", "launch.sh")
+ARTIFACTS = ("config.yaml", "overrides.yaml", "meta.json", "plan.json", "plan.png", "job.sbatch", "launch.sh")
 """Every file a trainctl command writes into a run directory."""
 _PACKAGES = ("trainctl", "hydra-core", "omegaconf", "jinja2", "rich", "torch", "deepspeed",
              "megatron-core", "transformer-engine", "transformers", "datasets", "tokenizers", "wandb")
 
 
-def write_run(run_dir: Path, files: dict[str, str]) -> None:
-    """Write ``files`` (name -> text) into ``run_dir``; ``plan.json`` lands last."""
+def write_run(run_dir: Path, files: dict[str, str | bytes]) -> None:
+    """Write ``files`` (name -> text or bytes) into ``run_dir``; ``plan.json`` lands last."""
     run_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_dir))
     try:
         for name, text in files.items():
-            (staging / name).write_text(text)
+            if isinstance(text, bytes):
+                (staging / name).write_bytes(text)
+            else:
+                (staging / name).write_text(text)
             if name.endswith((".sh", ".sbatch")):
                 (staging / name).chmod(0o755)
         (run_dir / COMPLETION_MARKER).unlink(missing_ok=True)

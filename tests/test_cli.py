@@ -252,3 +252,12 @@ def test_oom_suggestions_each_fit_when_applied(workdir: Path):
     for overrides in suggestions:
         fixed = compose_config(base + overrides)
         assert estimate(fixed, derive(fixed))["memory_gib"]["fits"], overrides
+
+
+def test_render_draws_the_memory_chart(workdir: Path):
+    pytest.importorskip("matplotlib")  # the [chart] extra; the [test] extra installs it
+    assert run_trainctl("render", "recipe=llama3_70b_pretrain_h100", cwd=workdir).returncode == 0
+    png = (workdir / "runs/llama3_70b_pretrain_h100/plan.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert run_trainctl("plan", "recipe=llama3_70b_pretrain_h100", cwd=workdir).returncode == 0
+    assert not (workdir / "runs/llama3_70b_pretrain_h100/plan.png").exists()  # plan writes no chart: stale one removed

@@ -10,6 +10,7 @@ import functools
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,16 +19,17 @@ from launch.config.compose import compose_config
 from launch.estimate import estimate
 from launch.estimate.flops import flops_per_token, megatron_flops_per_token
 from launch.estimate.memory import (
-    GIB, deepspeed_state_bytes, layer_activation_bytes, megatron_state_bytes,
-    microbatches_in_flight, stage_memory, stage_state_bytes,
+    GIB, chunk_layers, deepspeed_state_bytes, layer_activation_bytes, megatron_state_bytes,
+    microbatches_in_flight, peak_in_flight_bytes, stage_memory, stage_state_bytes,
 )
 from launch.estimate.params import (
-    largest_module_params, params_active, params_total, stage_params, word_embedding_params,
+    largest_module_params, model_vocab_size, params_active, params_total, query_size, stage_params,
+    word_embedding_params,
 )
-from launch.estimate.perf import bubble_fraction
+from launch.estimate.perf import (
+    bubble_fraction, collective_seconds, compute_seconds, cp_comm_seconds, rates, step_terms, tp_comm_seconds,
+)
 from launch.config.slurm_time import parse_time_limit
-from launch.estimate.run import checkpoint_bytes, young_daly_interval_seconds
-from launch.estimate.scaling import chinchilla_loss
 
 RECIPES = [
     "llama3_8b_pretrain_h100",
@@ -266,33 +268,37 @@ def _gpt3(*extra: str):
     return composed("model=gpt3_175b", "cluster=h100", "parallel.micro_batch_size=1", *extra)
 
 
-def test_korthikanti_activations_without_parallelism(monkeypatch):
+NO_FLASH = "estimate.flash_attention=false"  # Korthikanti's tables store the s x s scores
+
+
+def test_korthikanti_activations_without_parallelism():
     # Korthikanti et al. 2022, eq. 1: s*b*h*(34 + 5*a*s/h) bytes per layer.
-    import launch.estimate.memory as memory
-    monkeypatch.setattr(memory, "FLASH_ATTENTION", False)
-    cfg, d = _gpt3()
+    cfg, d = _gpt3(NO_FLASH)
     s, b, h, a = 2048, 1, 12288, 96
     got = layer_activation_bytes(cfg, d, keep_scores=True)
     assert got == pytest.approx(s * b * h * (34 + 5 * a * s / h))
 
 
 @pytest.mark.parametrize("sp", [True, False])
-def test_korthikanti_activations_with_tensor_parallelism(monkeypatch, sp):
+def test_korthikanti_activations_with_tensor_parallelism(sp):
     # Table 2: tensor parallel sbh(10 + 24/t + 5as/(ht)); with sequence parallel sbh(34/t + 5as/(ht)).
-    import launch.estimate.memory as memory
-    monkeypatch.setattr(memory, "FLASH_ATTENTION", False)
-    cfg, d = _gpt3("parallel.tp=8", f"parallel.sequence_parallel={str(sp).lower()}")
+    cfg, d = _gpt3("parallel.tp=8", f"parallel.sequence_parallel={str(sp).lower()}", NO_FLASH)
     s, b, h, a, t = 2048, 1, 12288, 96, 8
     base = 34 / t if sp else 10 + 24 / t
     got = layer_activation_bytes(cfg, d, keep_scores=True)
     assert got == pytest.approx(s * b * h * (base + 5 * a * s / (h * t)))
 
 
-def test_selective_recompute_drops_the_scores(monkeypatch):
-    import launch.estimate.memory as memory
-    monkeypatch.setattr(memory, "FLASH_ATTENTION", False)
-    cfg, d = _gpt3("parallel.tp=8")
+def test_selective_recompute_drops_the_scores():
+    cfg, d = _gpt3("parallel.tp=8", NO_FLASH)
     assert layer_activation_bytes(cfg, d, keep_scores=False) == pytest.approx(2048 * 12288 * 34 / 8)
+
+
+def test_flash_attention_stores_no_scores():
+    # Fused attention keeps Q, K, V, O and the fp32 softmax statistics (4a/h per element), never s x s.
+    cfg, d = _gpt3("parallel.tp=8")
+    s, h, a, t = 2048, 12288, 96, 8
+    assert layer_activation_bytes(cfg, d, keep_scores=True) == pytest.approx(s * h * (34 + 4 * a / h) / t)
 
 
 def test_full_recompute_keeps_layer_inputs():
@@ -303,10 +309,55 @@ def test_full_recompute_keeps_layer_inputs():
 
 def test_interleaved_first_stage_matches_megatron_penalty():
     # theoretical_memory_usage.py: the first stage holds pp * (1 + (pp-1)/(pp*vpp)) micro-batches.
-    for pp, vpp in [(4, 2), (8, 2), (16, 2), (4, 5)]:
+    for pp, vpp in [(4, 2), (8, 2), (16, 2), (4, 5), (16, 8)]:
         assert microbatches_in_flight(0, pp, vpp, 1000) == pytest.approx(pp * (1 + (pp - 1) / (pp * vpp)))
     assert [microbatches_in_flight(i, 4, 1, 1000) for i in range(4)] == [4, 3, 2, 1]
     assert microbatches_in_flight(0, 8, 1, 2) == 2  # fewer micro-batches than stages
+
+
+@pytest.mark.parametrize("pp,vpp,m", [(4, 2, 4), (4, 2, 8), (8, 4, 8), (16, 8, 16), (16, 8, 32), (4, 3, 12)])
+def test_in_flight_is_megatron_warmup_plus_one(pp, vpp, m):
+    # schedules.py get_pp_rank_microbatches: rank r runs (pp-r-1)*2 + (vpp-1)*pp warm-up forwards
+    # (all m*vpp when that is more), then one forward before each backward: the peak is warm-up + 1 chunks.
+    for rank in range(pp):
+        warmup = (pp - rank - 1) * 2 + (vpp - 1) * pp
+        chunks = min(warmup + 1, m * vpp)
+        assert microbatches_in_flight(rank, pp, vpp, m) == pytest.approx(chunks / vpp)
+
+
+def _brute_force_peak(chunk_bytes, pp, rank, m):
+    """Megatron-Core's interleaved schedule played over every micro-batch, no shortcut."""
+    vpp = len(chunk_bytes)
+    table = [c for start in range(0, m, pp) for c in range(vpp) for _ in range(min(pp, m - start))]
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, m * vpp)
+    held = peak = 0.0
+    for k in range(warmup):
+        held += chunk_bytes[table[k]]
+        peak = max(peak, held)
+    for k in range(m * vpp - warmup):
+        held += chunk_bytes[table[warmup + k]]
+        peak = max(peak, held)
+        held -= chunk_bytes[vpp - 1 - table[k]]
+    return peak
+
+
+@pytest.mark.parametrize("pp,vpp,m", [(4, 2, 40), (8, 4, 64), (16, 8, 64), (4, 5, 24)])
+def test_in_flight_shortcut_matches_full_schedule(pp, vpp, m):
+    # peak_in_flight_bytes plays three groups of pp micro-batches when m is long; unequal chunks
+    # (an embedding-only first chunk) must give the same peak as the whole schedule.
+    chunks = [0.1] + [1.0 + v for v in range(1, vpp)]
+    for rank in range(pp):
+        assert peak_in_flight_bytes(chunks, pp, rank, m) == pytest.approx(_brute_force_peak(chunks, pp, rank, m))
+
+
+def test_llama3_405b_chunks_as_meta_balanced_them():
+    # Llama Team 2024, sec. 3.3.2: one layer fewer on the first and last stages; the first
+    # chunk holds only the embedding, the last only the output layer and the loss.
+    cfg, d = composed("recipe=llama3_405b_pretrain_h100")
+    assert chunk_layers(cfg, d, 0) == [0] + [1] * 7
+    assert chunk_layers(cfg, d, 15) == [1] * 7 + [0]
+    assert chunk_layers(cfg, d, 7) == [1] * 8
+    assert sum(sum(chunk_layers(cfg, d, r)) for r in range(16)) == 126
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -318,9 +369,14 @@ def test_recipes_fit_in_h100_memory(recipe):
 
 
 def test_llama3_405b_needs_recomputation():
-    mem = plan("recipe=llama3_405b_pretrain_h100", "parallel.recompute=none")["memory_gib"]
-    assert not mem["fits"]
-    assert mem["per_gpu_peak"] > 79.6
+    # Meta's layout without activation checkpointing (as the Llama 3 paper ran it on its own
+    # pipeline schedule) does not fit Megatron-Core's: pipeline rank 1 holds 128 (m = 16) to
+    # 141 (m = 32) layer-micro-batches of ~0.57 GB each, next to 19 GB of model states.
+    for extra in [(), ("cluster.nodes=1024",)]:
+        mem = plan("recipe=llama3_405b_pretrain_h100", "parallel.recompute=none", *extra)
+        assert not mem["memory_gib"]["fits"]
+        stages = mem["memory_stages_gib"]
+        assert stages.index(max(stages)) not in (0, 15)  # the first chunk is embedding-only
 
 
 def test_memory_stages_reported_first_to_last():
@@ -349,10 +405,247 @@ def test_bubble_fraction():
     assert bubble_fraction(cfg, d) == pytest.approx((8 - 1) / (d.grad_accum_steps * 2))
 
 
+def test_more_microbatches_shrink_the_bubble():
+    # Llama 3 405B: 16 micro-batches on 16,384 GPUs, 32 on 8,192 (the global batch stays 2,048).
+    small = composed("recipe=llama3_405b_pretrain_h100")
+    large = composed("recipe=llama3_405b_pretrain_h100", "cluster.nodes=1024")
+    assert (small[1].grad_accum_steps, large[1].grad_accum_steps) == (16, 32)
+    assert bubble_fraction(*small) == pytest.approx(15 / 128)
+    assert bubble_fraction(*large) == pytest.approx(15 / 256)
+
+
 def test_full_recompute_is_slower():
     sel = plan("recipe=llama3_8b_pretrain_h100")["throughput"]["step_time_s"]
     full = plan("recipe=llama3_8b_pretrain_h100", "parallel.recompute=full")["throughput"]["step_time_s"]
     assert 1.1 < full / sel < 4 / 3  # one more forward of the layers; comms do not grow as much
+
+
+def test_full_recompute_adds_one_forward():
+    # Korthikanti et al. 2022, sec. 5: full recomputation runs each layer's forward twice.
+    cfg, d = composed("recipe=llama3_70b_pretrain_h100", "parallel.recompute=none")
+    full, _ = composed("recipe=llama3_70b_pretrain_h100", "parallel.recompute=full")
+    layers = 20
+    assert compute_seconds(full, layers, False) == pytest.approx(compute_seconds(cfg, layers, False) * 4 / 3)
+
+
+def test_compute_at_the_achievable_fraction():
+    # One layer of Llama 3 70B, tp 4 x cp 2, bf16: 3 * 2 * MACs * s*b/cp / tp at 0.55 * 989 TFLOP/s.
+    cfg, _ = composed("recipe=llama3_70b_pretrain_h100", "parallel.recompute=none")
+    h, f, s, q, k = 8192, 28672, 8192, 8192, 1024
+    macs = h * (q + 2 * k) + q * h + q * s / 2 * 2 + 3 * h * f
+    expected = 6 * macs * (s / 2) / 4 / (0.55 * 989e12)
+    assert compute_seconds(cfg, 1, False) == pytest.approx(expected)
+    faster, _ = composed("recipe=llama3_70b_pretrain_h100", "parallel.recompute=none",
+                         "estimate.achievable_fraction_dense=0.6")
+    assert compute_seconds(faster, 1, False) == pytest.approx(expected * 0.55 / 0.6)
+
+
+def test_fp8_runs_gemms_at_the_fp8_peak():
+    # FP8 GEMMs at 1979 * 0.40 TFLOP/s, attention and logits stay BF16 (989 * 0.55).
+    cfg, _ = composed("recipe=llama3_8b_pretrain_h100", "train.precision=fp8")
+    r = rates(cfg)
+    assert r.linear == pytest.approx(1979e12 * 0.40)
+    assert r.attention == r.logits == pytest.approx(989e12 * 0.55)
+    bf16 = plan("recipe=llama3_8b_pretrain_h100")["throughput"]
+    fp8 = plan("recipe=llama3_8b_pretrain_h100", "train.precision=fp8")["throughput"]
+    assert 1.1 < fp8["tokens_per_s_per_gpu"] / bf16["tokens_per_s_per_gpu"] < 1979 * 0.40 / (989 * 0.55)
+
+
+@pytest.mark.parametrize("basis,peak", [("bf16", 989e12), ("fp8", 1979e12)])
+def test_estimate_mfu_replaces_the_model(basis, peak):
+    # step = model FLOPs per step / (world * peak * mfu), the peak of estimate.mfu_basis.
+    cfg, d = composed("recipe=llama3_70b_pretrain_h100", "estimate.mfu=0.4", f"estimate.mfu_basis={basis}")
+    p = plan("recipe=llama3_70b_pretrain_h100", "estimate.mfu=0.4", f"estimate.mfu_basis={basis}")
+    t = p["throughput"]
+    assert t["step_time_s"] == pytest.approx(p["flops"]["per_step"] / (d.world_size * peak * 0.4))
+    assert t["mfu"] == pytest.approx(0.4)
+
+
+def test_tp_comm_is_korthikanti_volume_over_nvlink():
+    # Per layer and pass: 2 all-gathers + 2 reduce-scatters of 2*s*b*h bytes, (tp-1)/tp of it per GPU.
+    cfg, _ = composed("recipe=llama3_405b_pretrain_h100", "parallel.recompute=none")
+    message = 2 * 8192 * 16384
+    assert tp_comm_seconds(cfg, 1) == pytest.approx(2 * 4 * message * 7 / 8 / 450e9)
+
+
+def test_cp_ring_over_nvlink_inside_a_node_else_infiniband():
+    # Ring attention: (cp-1)/cp of the sequence's K and V per layer forward, twice that backward.
+    cfg, _ = composed("recipe=llama3_70b_pretrain_h100", "parallel.recompute=none")  # tp 4 x cp 2 = 8
+    kv = 2 * 8192 * 1024 / 4 * 2
+    assert cp_comm_seconds(cfg, 1) == pytest.approx(3 * kv / 2 / 450e9)
+    wide, _ = composed("recipe=llama3_70b_pretrain_h100", "parallel.recompute=none", "parallel.cp=4",
+                       "parallel.tp=8", "parallel.pp=2", "parallel.vpp=1")
+    kv = 2 * 8192 * 1024 / 8 * 2
+    assert cp_comm_seconds(wide, 1) == pytest.approx(3 * kv * 3 / 4 / 50e9)
+
+
+def test_dp_collective_uses_every_nic_of_a_node():
+    # tp 1: eight ranks of a DP group share a node, each carries 1/8 of the buffer across nodes.
+    cfg, _ = composed("recipe=llama3_8b_pretrain_h100")
+    gb = 8e9
+    assert collective_seconds(cfg, gb, 16, 8) == pytest.approx(gb * 7 / 8 / 450e9 + gb / 8 * 1 / 2 / 50e9)
+    assert collective_seconds(cfg, gb, 16, 1) == pytest.approx(gb * 15 / 16 / 50e9)
+
+
+def test_step_terms_add_up():
+    cfg, d = composed("recipe=gpt3_175b_pretrain_h100")
+    t = step_terms(cfg, d)
+    assert t.step_s == pytest.approx(d.grad_accum_steps * t.microbatch_s * (1 + t.bubble) + t.dp_s)
+    assert plan("recipe=gpt3_175b_pretrain_h100")["throughput"]["step_time_s"] == pytest.approx(t.step_s)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_estimate_is_fast(recipe):
+    # Issue 3: well under 100 ms for the 405B plan (the estimate alone, after composition).
+    cfg, d = composed(f"recipe={recipe}")
+    start = time.perf_counter()
+    for _ in range(5):
+        estimate(cfg, d)
+    assert (time.perf_counter() - start) / 5 < 0.02
+
+
+# ---- accuracy: published runs on H100 --------------------------------------------------
+#
+# Each case is a layout someone ran and published, composed as trainctl overrides, and the
+# figure they reported. Figures are compared in the publisher's own unit: tokens/s/GPU where
+# given; TFLOP/s/GPU converted to tokens/s/GPU with the FLOP count the publisher used.
+
+def palm_flops_per_token(cfg) -> float:
+    """6N + 12*L*H*Q*T (Chowdhery et al. 2022, "PaLM", appendix B): the MFU convention the
+    Llama 3 paper cites (sec. 3.3.2, "BF16 MFU (Chowdhery et al., 2023)"); full attention."""
+    m = cfg.model
+    return 6 * params_total(m) + 12 * m.num_layers * query_size(m) * m.seq_length
+
+
+def megatron_r08_flops_per_token(cfg) -> float:
+    """Megatron-LM core_r0.8.0 ``num_floating_point_operations`` / (B*s): counts the full
+    s x s attention (12*s/h per layer), as the r0.8 README tables and the MoE README do."""
+    m = cfg.model
+    L, h, s = m.num_layers, m.hidden_size, m.seq_length
+    groups = m.num_query_groups or m.num_attention_heads
+    topk = m.moe_router_topk if m.num_experts else 1
+    gated = 1.5 if m.activation.name == "swiglu" else 1.0
+    return 12 * L * h * h * ((1 + groups / m.num_attention_heads + s / h) * query_size(m) / h
+                             + m.ffn_hidden_size / h * topk * gated
+                             + model_vocab_size(cfg) / (2 * L * h))
+
+
+FLOPS_CONVENTION = {"tflops_palm": palm_flops_per_token, "tflops_megatron_r08": megatron_r08_flops_per_token}
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    source: str
+    overrides: tuple[str, ...]
+    figure: float
+    unit: str
+    """tokens (tokens/s/GPU), tflops_palm or tflops_megatron_r08 (TFLOP/s/GPU in that count)."""
+    tolerance: float = 0.15
+
+
+def _mlm_gpt(layers, hidden, heads, tp, pp, batch, mbs=1):
+    """Megatron-LM README weak scaling (H100, core r0.8): GPT, vocab 131,072, seq 4,096, DP 48."""
+    return ("model=gpt3_175b", f"model.num_layers={layers}", f"model.hidden_size={hidden}",
+            f"model.ffn_hidden_size={4 * hidden}", f"model.num_attention_heads={heads}",
+            "model.vocab_size=131072", "model.seq_length=4096", "model.max_position_embeddings=4096",
+            "model.untie_embeddings_and_output_weights=true", "cluster=h100",
+            f"cluster.nodes={48 * tp * pp // 8}", f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.vpp=1",
+            f"parallel.micro_batch_size={mbs}", "parallel.recompute=none", f"train.global_batch_size={batch}",
+            "train.steps=1", "train.tokens=null")
+
+
+LLAMA3_405B_RECIPE = ("recipe=llama3_405b_pretrain_h100",)
+META_AS_RUN = ("parallel.recompute=none",)
+META_TOLERANCE = 0.25
+"""Meta's own stack, not Megatron-Core: the paper reports document-masked attention that
+unbalances the pipeline and no TP-communication overlap; a model calibrated on Megatron-Core
+runs is expected to be optimistic for it."""
+H100_FP8 = ("cluster=h100", "train.precision=fp8", "parallel.recompute=none", "train.steps=1", "train.tokens=null")
+MLM_LLAMA = "Megatron-LM examples/llama/README.md, FP8 table (H100)"
+NEMO_2407 = "NeMo docs/source/performance/performance_summary.md, NeMo 24.07, FP8, DGX-H100"
+
+PUBLISHED = {
+    # Llama Team 2024, "The Llama 3 Herd of Models", table 4 (TP 8, CP 1, PP 16, seq 8,192, 16M tokens/step).
+    "llama3_405b_16k_recipe": Published("Llama 3 paper, table 4", LLAMA3_405B_RECIPE, 400, "tflops_palm"),
+    "llama3_405b_8k_recipe": Published("Llama 3 paper, table 4", LLAMA3_405B_RECIPE + ("cluster.nodes=1024",),
+                                       430, "tflops_palm"),
+    "llama3_405b_16k_as_run": Published("Llama 3 paper, table 4", LLAMA3_405B_RECIPE + META_AS_RUN, 400,
+                                        "tflops_palm", META_TOLERANCE),
+    "llama3_405b_8k_as_run": Published("Llama 3 paper, table 4", LLAMA3_405B_RECIPE + META_AS_RUN +
+                                       ("cluster.nodes=1024",), 430, "tflops_palm", META_TOLERANCE),
+    # Megatron-LM README, weak scaling on H100 (images/model_table.png). Batch per DP rank = one
+    # micro-batch when pp = 1 (at m = 4 the 32B's DP traffic, 0.47 s at 50 GB/s, could not be hidden).
+    "mlm_gpt_16b": Published("Megatron-LM README, weak scaling", _mlm_gpt(32, 6144, 48, 4, 1, 192, mbs=4),
+                             489.1, "tflops_megatron_r08"),
+    "mlm_gpt_32b": Published("Megatron-LM README, weak scaling", _mlm_gpt(48, 7168, 56, 8, 1, 192, mbs=4),
+                             459.6, "tflops_megatron_r08"),
+    "mlm_gpt_70b": Published("Megatron-LM README, weak scaling", _mlm_gpt(84, 8192, 64, 8, 2, 384),
+                             419.7, "tflops_megatron_r08"),
+    "mlm_gpt_119b": Published("Megatron-LM README, weak scaling", _mlm_gpt(92, 10240, 80, 8, 4, 768),
+                              420.5, "tflops_megatron_r08"),
+    "mlm_gpt_177b": Published("Megatron-LM README, weak scaling", _mlm_gpt(96, 12288, 96, 8, 6, 1152),
+                              432.8, "tflops_megatron_r08"),
+    "mlm_gpt_314b": Published("Megatron-LM README, weak scaling", _mlm_gpt(96, 16384, 128, 8, 8, 1536),
+                              474.4, "tflops_megatron_r08"),
+    "mlm_gpt_462b": Published("Megatron-LM README, weak scaling", _mlm_gpt(112, 18432, 144, 8, 16, 3072),
+                              459.9, "tflops_megatron_r08"),
+    # Megatron-Core MoE README (core r0.8): Mixtral 8x7B BF16, 64 H100, TP 1 EP 8 PP 4 VP 8, GBS 256.
+    "mixtral_8x7b_mcore": Published("megatron/core/transformer/moe/README.md (MCore v0.8)",
+                                    ("recipe=mixtral_8x7b_pretrain_h100", "cluster.nodes=8", "parallel.vpp=8",
+                                     "train.global_batch_size=256", "parallel.recompute=none"),
+                                    438, "tflops_megatron_r08"),
+    "llama3_8b_fp8": Published(MLM_LLAMA, ("model=llama3_8b", "cluster.nodes=1", "parallel.cp=2",
+                                           "train.global_batch_size=128", *H100_FP8), 13812, "tokens"),
+    "llama3_70b_fp8": Published(MLM_LLAMA, ("model=llama3_70b", "cluster.nodes=8", "parallel.tp=4",
+                                            "parallel.pp=8", "parallel.vpp=5", "train.global_batch_size=128",
+                                            *H100_FP8), 1621, "tokens"),
+    "llama3_70b_fp8_cp2": Published(NEMO_2407, ("model=llama3_70b", "cluster.nodes=8", "parallel.tp=4",
+                                                "parallel.pp=4", "parallel.cp=2", "parallel.vpp=5",
+                                                "train.global_batch_size=128", *H100_FP8), 1533, "tokens"),
+    "llama31_405b_fp8": Published(MLM_LLAMA, ("recipe=llama3_405b_pretrain_h100", "cluster.nodes=128",
+                                              "parallel.pp=8", "parallel.cp=2", "parallel.vpp=8",
+                                              "train.global_batch_size=512", *H100_FP8), 315, "tokens"),
+    # NeMo 24.07 GPT-3 175B, the MLPerf Training layout (its TFLOP/s link to mlcommons.org).
+    "gpt3_175b_fp8_512": Published(NEMO_2407, ("recipe=gpt3_175b_pretrain_h100", "cluster.nodes=64",
+                                               "parallel.tp=4", "parallel.vpp=6", "parallel.micro_batch_size=2",
+                                               "train.global_batch_size=2048", *H100_FP8), 782, "tokens"),
+    "gpt3_175b_fp8_128": Published(NEMO_2407, ("recipe=gpt3_175b_pretrain_h100", "cluster.nodes=16",
+                                               "parallel.tp=4", "parallel.vpp=6", "train.global_batch_size=256",
+                                               *H100_FP8), 726, "tokens"),
+}
+
+
+def predicted_and_published_tokens(case: Published) -> tuple[float, float]:
+    """(our tokens/s/GPU, the publisher's figure as tokens/s/GPU)."""
+    cfg, _ = composed(*case.overrides)
+    predicted = plan(*case.overrides)["throughput"]["tokens_per_s_per_gpu"]
+    if case.unit == "tokens":
+        return predicted, case.figure
+    return predicted, case.figure * 1e12 / FLOPS_CONVENTION[case.unit](cfg)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_throughput(name):
+    case = PUBLISHED[name]
+    predicted, published = predicted_and_published_tokens(case)
+    error = predicted / published - 1
+    assert abs(error) <= case.tolerance, f"{name}: {predicted:.1f} vs {published:.1f} tokens/s/GPU ({error:+.1%})"
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLISHED if "recipe" in n])
+def test_llama3_405b_recipe_fits(name):
+    assert plan(*PUBLISHED[name].overrides)["memory_gib"]["fits"]
+
+
+@pytest.mark.parametrize("layers,hidden,heads,tp,figure", [(24, 2048, 16, 1, 408.8), (30, 4096, 32, 2, 465.9)])
+def test_small_models_are_over_predicted(layers, hidden, heads, tp, figure):
+    # A known limit: one achievable fraction for every GEMM over-predicts small models, whose
+    # GEMMs (h <= 4096) run further below peak and whose attention (s = 4,096 >= h) weighs more;
+    # Megatron-LM's README: "larger GEMMs have higher arithmetic intensity". 1.7B: +45%, 7.1B: +18%.
+    case = Published("Megatron-LM README, weak scaling", _mlm_gpt(layers, hidden, heads, tp, 1, 192, mbs=4),
+                     figure, "tflops_megatron_r08")
+    predicted, published = predicted_and_published_tokens(case)
+    assert 0.15 < predicted / published - 1 < 0.5
 
 
 # ---- run -----------------------------------------------------------------------------
@@ -370,62 +663,7 @@ def test_parse_time_limit_rejects_garbage():
         parse_time_limit("four hours")
 
 
-def test_run_block_arithmetic():
-    cfg, d = composed("recipe=llama3_70b_pretrain_h100")
-    p = plan("recipe=llama3_70b_pretrain_h100")
-    r, step = p["run"], p["throughput"]["step_time_s"]
-    assert r["steps"] == d.steps and r["tokens"] == 15_000_000_000_000
-    assert r["wall_clock_days"] == pytest.approx(d.steps * step / 86400)
-    assert r["gpu_hours"] == pytest.approx(d.steps * step / 3600 * 2048)
-    assert r["cost_usd"] == pytest.approx(r["gpu_hours"] * 2.5)
-    assert r["energy_mwh"] == pytest.approx(r["gpu_hours"] * 700 * 1.3 / 1e6)
-    assert r["expected_failures"] == pytest.approx(r["gpu_hours"] / 50700)
-    assert r["jobs_needed"] == math.ceil(r["wall_clock_days"] * 24 / 4)
-
-
-def test_young_daly_checkpoint_interval():
-    cfg, d = composed("recipe=llama3_405b_pretrain_h100")
-    p = plan("recipe=llama3_405b_pretrain_h100")
-    write = checkpoint_bytes(cfg, params_total(cfg.model)) / 100e9
-    assert checkpoint_bytes(cfg, 1) == 14  # bf16 weights + fp32 master, m, v
-    mtbf = 50700 / 16384 * 3600
-    assert young_daly_interval_seconds(write, mtbf) == math.sqrt(2 * write * mtbf)
-    assert p["run"]["checkpoint_interval_min"] == pytest.approx(math.sqrt(2 * write * mtbf) / 60)
-
-
-# ---- scaling -------------------------------------------------------------------------
-
-def test_chinchilla_loss():
-    # Hoffmann et al. 2022, eq. 10: Chinchilla (70B, 1.4T tokens) -> 1.94.
-    assert chinchilla_loss(70e9, 1.4e12) == pytest.approx(1.94, abs=0.005)
-
-
-def test_scaling_block_uses_active_params():
-    p = plan("recipe=mixtral_8x7b_pretrain_h100")
-    assert p["scaling"]["tokens_per_param"] == pytest.approx(1e12 / p["model"]["params_active"])
-
-
 # ---- the entry point -----------------------------------------------------------------
-
-def test_plan_keys_exact():
-    p = plan("recipe=llama3_8b_pretrain_h100")
-    required = {
-        "model": {"params_total", "params_active"},
-        "flops": {"per_token", "per_step", "total"},
-        "memory_gib": {"per_gpu_peak", "weights", "grads", "optimizer", "activations", "hbm", "fits"},
-        "throughput": {"step_time_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu"},
-        "run": {"tokens", "steps", "wall_clock_days", "gpu_hours", "cost_usd", "energy_mwh",
-                "expected_failures", "checkpoint_interval_min", "jobs_needed"},
-        "scaling": {"tokens_per_param", "predicted_loss"},
-    }
-    assert set(p) == set(required) | {"memory_stages_gib"}
-    for block, keys in required.items():
-        assert keys <= set(p[block]), block
-    assert set(p["flops"]) == required["flops"] | {"per_token_6nd"}
-    for block in required:
-        if block != "flops":
-            assert set(p[block]) == required[block], block
-
 
 def test_estimate_imports_nothing_heavy():
     code = ("import sys, launch.estimate; "

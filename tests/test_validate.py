@@ -59,7 +59,7 @@ CASES = {
         ["recipe=llama3_405b_pretrain_h100"],
         [(["recipe=llama3_405b_pretrain_h100", "parallel.account_for_embedding_in_pipeline_split=false",
            "parallel.account_for_loss_in_pipeline_split=false"],
-          "126 layers cannot be split evenly into pp*vpp = 16*2 = 32 chunks"),
+          "126 layers cannot be split evenly into pp*vpp = 16*8 = 128 chunks"),
          (["model=llama3_70b", G8, "cluster.nodes=6", "parallel.pp=6",
            "parallel.num_layers_in_first_pipeline_stage=11", "parallel.num_layers_in_last_pipeline_stage=10"],
           "remaining 59 layers cannot be split evenly over 4 middle stages"),
@@ -95,7 +95,8 @@ CASES = {
          (["model=mixtral_8x7b", "model.moe_router_topk=9"], "more experts than there are")]),
     v.interleaved_schedule_microbatches: (
         ["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=128"],
-        [(["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=64"], "needs at least pp = 8 micro-batches")]),
+        [(["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=64"], "needs a multiple of pp = 8 micro-batches"),
+         (["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=192"], "this layout has 12")]),
     v.no_secrets_in_files: (
         ["+cluster.env.NCCL_IB_HCA=mlx5"],
         [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN")]),
@@ -109,6 +110,47 @@ CASES = {
         ["stage=sft", "stage.init_checkpoint=/ckpt/sft"],
         [(["stage=dpo"], "stage.from_scratch=true"),
          (["stage=rlhf", "stage.init_checkpoint=/ckpt/sft"], "needs a reward model")]),
+    v.stage_supported_by_backend: (
+        ["recipe=llama3_8b_dpo_h100"],
+        [(["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "megatron-core ships neither"),
+         (["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "backend=deepspeed"),
+         (["recipe=llama3_8b_dpo_h100", "stage=rlhf", "stage.reward_model=/rm"], "no RLHF (PPO)"),
+         (["stage=rlhf", "stage.from_scratch=true", "backend=megatron"], "stage=dpo backend=deepspeed")]),
+    v.learning_rate_schedule: (
+        ["recipe=llama3_8b_sft_h100"],
+        [(["stage=sft", "stage.from_scratch=true"], "min_lr 3e-05 is above the peak learning rate 1e-05"),
+         (["stage=sft", "stage.from_scratch=true"], "stage.lr=1e-05"),
+         (["backend=deepspeed", "optim.warmup_steps=0"], "WarmupCosineLR needs at least one warmup step")]),
+    v.deepspeed_nvme_offload: (
+        ["backend=deepspeed", "parallel.offload_optimizer=cpu", "parallel.offload_params=cpu"],
+        [(["backend=deepspeed", "parallel.offload_optimizer=nvme"], "parallel.offload_optimizer=nvme: NVMe offload"),
+         (["backend=deepspeed", "parallel.offload_params=nvme"], "parallel.offload_params=cpu")]),
+    v.deepspeed_ulysses: (
+        ["recipe=llama3_8b_sft_h100", "parallel.cp=2"],
+        [(["recipe=llama3_8b_sft_h100", "model.num_attention_heads=24", "model.num_query_groups=6", "parallel.cp=4"],
+          "6 KV heads to divide by cp=4"),
+         (["recipe=llama3_8b_sft_h100", "model.num_attention_heads=24", "parallel.cp=16"],
+          "24 heads cannot be split evenly over cp=16"),
+         (["recipe=llama3_8b_dpo_h100", "parallel.cp=2"], "token-level losses (pretrain, SFT) only")]),
+    v.megatron_parallel_needs_transformer_engine: (
+        ["train.precision=fp32", "parallel.tp=2", "parallel.sequence_parallel=false", "cluster.gpus_per_node=2"],
+        [(["train.precision=fp32", "parallel.tp=2", "cluster.gpus_per_node=2"], "TransformerEngine's norms"),
+         (["train.precision=fp32", "parallel.cp=2", "cluster.gpus_per_node=2"], "parallel.cp=2, train.precision=fp32")]),
+    v.megatron_sft_data: (
+        ["stage=sft", "stage.from_scratch=true", "data=chat_sft"],
+        [(["stage=sft", "stage.from_scratch=true"], 'under the key "messages"'),
+         (["stage=sft", "stage.from_scratch=true", "data=chat_sft", "stage.mask_prompt=false"],
+          "always masks the prompt tokens")]),
+    v.estimate_settings: (
+        ["estimate.mfu=1.0", "estimate.achievable_fraction_dense=1.0", "estimate.dp_comm_exposed_fraction=0",
+         "estimate.allocator_fragmentation=0", "estimate.cuda_context_gib=0"],
+        [(["estimate.achievable_fraction_dense=0"], "estimate.achievable_fraction_dense=0.0: a share of the peak"),
+         (["estimate.achievable_fraction_fp8=1.2"], "estimate.achievable_fraction_fp8=0.4 (the default)"),
+         (["estimate.tp_comm_exposed_fraction=-0.1"], "left exposed must be in [0, 1]"),
+         (["estimate.mfu=0"], "estimate.mfu=0.0: MFU is a share of the peak"),
+         (["estimate.mfu=55"], "estimate.mfu=null"),
+         (["estimate.nccl_buffers_gib=-1"], "estimate.nccl_buffers_gib=-1.0: a memory overhead cannot be negative"),
+         (["estimate.allocator_fragmentation=-0.05"], "estimate.allocator_fragmentation=0.07 (the default)")]),
 }
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from launch.config.derive import Derived
 from launch.config.slurm_time import parse_time_limit
-from launch.config.schema import BackendName, Config, Precision, Recompute, Scheduler, StageKind
+from launch.config.schema import BackendName, Config, Offload, Precision, Recompute, Schedule, Scheduler, StageKind
 
 
 @dataclass(frozen=True)
@@ -370,12 +370,15 @@ def moe_settings(cfg: Config, d: Derived) -> Iterator[Problem]:
 
 @rule
 def interleaved_schedule_microbatches(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Megatron-Core's interleaved 1F1B runs micro-batches in groups of pp per virtual stage."""
+    """Megatron-Core's interleaved 1F1B runs micro-batches in groups of pp per virtual stage,
+    and raises unless their number is a multiple of pp (pipeline_parallel/schedules.py)."""
     p = cfg.parallel
-    if p.vpp > 1 and p.pp > 1 and d.grad_accum_steps < p.pp:
+    if p.vpp > 1 and p.pp > 1 and d.grad_accum_steps % p.pp:
+        per_step = p.pp * p.micro_batch_size * d.dp
         yield Problem({"parallel.vpp": p.vpp, "parallel.pp": p.pp, "grad_accum_steps": d.grad_accum_steps},
-                      f"the interleaved schedule needs at least pp = {p.pp} micro-batches per step, this layout has "
-                      f"{d.grad_accum_steps}", f"train.global_batch_size>={p.pp * p.micro_batch_size * d.dp}, or parallel.vpp=1")
+                      f"the interleaved schedule needs a multiple of pp = {p.pp} micro-batches per step, this layout "
+                      f"has {d.grad_accum_steps}",
+                      f"train.global_batch_size as a multiple of {per_step}, or parallel.vpp=1")
 
 
 @rule
@@ -398,7 +401,7 @@ def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
     if _megatron(cfg):
         return
     p = cfg.parallel
-    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep), ("parallel.cp", p.cp)):
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep)):  # cp: deepspeed_ulysses
         if value > 1:
             yield Problem({"backend": "deepspeed", key: value},
                           f"{key.split('.')[1]} > 1 is not supported on the DeepSpeed backend (ZeRO data parallelism only)",
@@ -426,6 +429,96 @@ def local_cluster_precision(cfg: Config, d: Derived) -> Iterator[Problem]:
     if cfg.cluster.scheduler == Scheduler.local and cfg.train.precision == Precision.fp8:
         yield Problem({"cluster": cfg.cluster.name, "train.precision": cfg.train.precision},
                       "FP8 needs H100-class GPUs", "train.precision=fp32 (CPU) or bf16")
+
+
+@rule
+def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Which alignment stages each backend's translation covers (launch/backends)."""
+    kind, keys = cfg.stage.kind, {"backend": cfg.backend.name, "stage": cfg.stage.kind}
+    if kind == StageKind.dpo and _megatron(cfg):
+        yield Problem(keys, "DPO needs a frozen reference model and a preference loss: megatron-core ships neither, "
+                      "and Megatron-LM's pretrain_gpt.py has no DPO",
+                      "backend=deepspeed (ZeRO-3 with a frozen reference engine; tp, pp and cp 1)")
+    if kind == StageKind.rlhf:
+        yield Problem(keys, "trainctl translates no RLHF (PPO) run: it needs rollout generation, a reward model and a "
+                      "value model beside the policy, which neither translator sets up",
+                      "stage=dpo backend=deepspeed (learns from the same preference comparisons, no reward model)")
+
+
+@rule
+def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The schedule decays from the peak LR (Derived.lr) down to optim.min_lr."""
+    o = cfg.optim
+    peak_key = "stage.lr" if cfg.stage.lr is not None else "optim.lr"
+    if o.min_lr > d.lr:
+        yield Problem({"optim.min_lr": o.min_lr, peak_key: d.lr},
+                      f"min_lr {o.min_lr:g} is above the peak learning rate {d.lr:g}: the decay would raise the LR "
+                      "(Megatron's scheduler refuses it)", f"optim.min_lr={d.lr / 10:g}")
+    if not _megatron(cfg) and o.schedule == Schedule.cosine and o.warmup_steps < 1:
+        yield Problem({"optim.warmup_steps": o.warmup_steps, "backend": "deepspeed"},
+                      "DeepSpeed's WarmupCosineLR needs at least one warmup step", "optim.warmup_steps=1")
+
+
+@rule
+def deepspeed_nvme_offload(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """ZeRO-Infinity's NVMe offload writes to each node's local NVMe drive."""
+    if _megatron(cfg):
+        return
+    for key in ("offload_optimizer", "offload_params"):
+        if getattr(cfg.parallel, key) == Offload.nvme:
+            yield Problem({f"parallel.{key}": Offload.nvme}, "NVMe offload needs the path of each node's local NVMe "
+                          "drive, and trainctl has no key for it yet", f"parallel.{key}=cpu")
+
+
+@rule
+def deepspeed_ulysses(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """parallel.cp > 1 on DeepSpeed is Ulysses: an all-to-all trades sequence shards for attention heads."""
+    p, m = cfg.parallel, cfg.model
+    if _megatron(cfg) or p.cp < 2:
+        return
+    yield from _split_evenly("model.num_attention_heads", m.num_attention_heads, "heads", "parallel.cp", p.cp)
+    kv = m.num_query_groups or m.num_attention_heads
+    if kv % p.cp and p.cp % kv:
+        yield Problem({"model.num_query_groups": kv, "parallel.cp": p.cp},
+                      f"Ulysses needs the {kv} KV heads to divide by cp={p.cp}, or cp by them (then it replicates them)",
+                      f"choose parallel.cp from {[c for c in _divisors(m.num_attention_heads) if kv % c == 0 or c % kv == 0]}")
+    if cfg.stage.kind == StageKind.dpo:
+        yield Problem({"backend": "deepspeed", "parallel.cp": p.cp, "stage": cfg.stage.kind},
+                      "DPO sums each sequence's log-probabilities, which Ulysses splits over cp ranks; trainctl "
+                      "translates Ulysses for token-level losses (pretrain, SFT) only", "parallel.cp=1")
+
+
+@rule
+def megatron_parallel_needs_transformer_engine(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """CPU runs (train.precision=fp32) build megatron-core's own layers, not TransformerEngine's."""
+    p = cfg.parallel
+    if not _megatron(cfg) or cfg.train.precision != Precision.fp32:
+        return
+    if d.sequence_parallel:
+        yield Problem({"parallel.sequence_parallel": p.sequence_parallel, "parallel.tp": p.tp, "train.precision": "fp32"},
+                      "sequence parallelism needs TransformerEngine's norms: megatron-core's own give slightly wrong "
+                      "gradients without an error, and fp32 (CPU) runs use them",
+                      "parallel.sequence_parallel=false, or train.precision=bf16 on GPUs")
+    if p.cp > 1:
+        yield Problem({"parallel.cp": p.cp, "train.precision": "fp32"},
+                      "context parallelism needs TransformerEngine's attention, which fp32 (CPU) runs do not use",
+                      "parallel.cp=1, or train.precision=bf16 on GPUs")
+
+
+@rule
+def megatron_sft_data(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Megatron-LM's SFT dataset reads JSONL lines holding a "messages" list and trains on the replies only."""
+    if not _megatron(cfg) or cfg.stage.kind != StageKind.sft:
+        return
+    for name, source in cfg.data.sources.items():
+        if not source.path.endswith(".jsonl") or source.text_key != "messages":
+            yield Problem({f"data.sources.{name}.path": source.path, f"data.sources.{name}.text_key": source.text_key},
+                          'SFT on Megatron reads .jsonl files of conversations under the key "messages"',
+                          f"data=chat_sft, or data.sources.{name}.path=<chat .jsonl> "
+                          f"data.sources.{name}.text_key=messages")
+    if not cfg.stage.mask_prompt:
+        yield Problem({"stage.mask_prompt": False, "backend": "megatron"},
+                      "Megatron-LM's SFT dataset always masks the prompt tokens", "stage.mask_prompt=true")
 
 
 # --- data and stage -----------------------------------------------------------
@@ -460,3 +553,32 @@ def stage_needs_init(cfg: Config, d: Derived) -> Iterator[Problem]:
     if s.kind == StageKind.rlhf and not s.reward_model and not s.from_scratch:
         yield Problem({"stage": s.kind, "stage.reward_model": s.reward_model}, "RLHF needs a reward model",
                       "stage.reward_model=/path/to/reward_model")
+
+
+# --- estimator assumptions ----------------------------------------------------
+
+@rule
+def estimate_settings(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The step-time model divides by the achievable fractions and by estimate.mfu; the
+    memory model adds the overheads. A share of communication may be 0 (fully hidden)."""
+    e = cfg.estimate
+    defaults = type(e)()  # EstimateConfig's defaults, for the fixes
+    for name in ("achievable_fraction_dense", "achievable_fraction_moe", "achievable_fraction_fp8"):
+        value = getattr(e, name)
+        if not 0 < value <= 1:
+            yield Problem({f"estimate.{name}": value}, "a share of the peak must be in (0, 1]",
+                          f"estimate.{name}={getattr(defaults, name)} (the default)")
+    for name in ("dp_comm_exposed_fraction", "tp_comm_exposed_fraction", "ep_comm_exposed_fraction"):
+        value = getattr(e, name)
+        if not 0 <= value <= 1:
+            yield Problem({f"estimate.{name}": value},
+                          "a share of the communication left exposed must be in [0, 1] (0: all hidden)",
+                          f"estimate.{name}={getattr(defaults, name)} (the default)")
+    if e.mfu is not None and not 0 < e.mfu <= 1:
+        yield Problem({"estimate.mfu": e.mfu}, "MFU is a share of the peak: it must be in (0, 1]",
+                      "estimate.mfu=0.4, or estimate.mfu=null to use the step-time model")
+    for name in ("cuda_context_gib", "nccl_buffers_gib", "allocator_fragmentation"):
+        value = getattr(e, name)
+        if not value >= 0:
+            yield Problem({f"estimate.{name}": value}, "a memory overhead cannot be negative",
+                          f"estimate.{name}={getattr(defaults, name)} (the default), or 0")

@@ -7,7 +7,7 @@ model, flops, memory_gib, throughput, run, scaling, plus ``memory_stages_gib``
     params   parameter counts, total and per pipeline stage
     flops    model FLOPs (Megatron-LM's formula) and 6N beside it
     memory   per-GPU memory on every stage (Korthikanti et al. 2022; ZeRO)
-    perf     step time, throughput and MFU (a first, provisional model)
+    perf     step time, throughput and MFU (compute, communication, pipeline bubble)
     run      wall clock, GPU-hours, cost, energy, failures, checkpoint interval, jobs
     scaling  tokens per parameter and the Chinchilla loss
 """
@@ -18,7 +18,7 @@ from launch.config.derive import Derived
 from launch.config.schema import Config
 from launch.estimate.flops import flops_estimate
 from launch.estimate.memory import memory_estimate
-from launch.estimate.params import params_active, params_total, stage_params
+from launch.estimate.params import params_active, params_total
 from launch.estimate.perf import throughput_estimate
 from launch.estimate.run import run_estimate
 from launch.estimate.scaling import scaling_estimate
@@ -32,14 +32,13 @@ def estimate(cfg: Config, d: Derived) -> dict:
     n_total, n_active = params_total(cfg.model), params_active(cfg.model)
     flops = flops_estimate(cfg, d, n_active)
     memory, stages_gib = memory_estimate(cfg, d)
-    busiest = max(stage_params(cfg, d), key=lambda s: (s.layers, s.total))
-    throughput = throughput_estimate(cfg, d, flops["per_step"], busiest)
+    throughput = throughput_estimate(cfg, d, flops["per_step"])
     return {
         "model": {"params_total": n_total, "params_active": n_active},
         "flops": flops,
         "memory_gib": memory,
         "throughput": throughput,
         "run": run_estimate(cfg, d, n_total, throughput["step_time_s"]),
-        "scaling": scaling_estimate(n_active, d.tokens),
+        "scaling": scaling_estimate(cfg, n_active, d.tokens),
         "memory_stages_gib": stages_gib,
     }

@@ -21,6 +21,8 @@ appendix B). The ``6*N`` rule (Kaplan et al. 2020) is given next to it as
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from launch.config.derive import Derived
 from launch.config.schema import Config, ModelConfig, Recompute
 from launch.estimate.params import is_moe, kv_size, mlp_matrices, model_vocab_size, query_size
@@ -84,19 +86,58 @@ def flops_per_token(cfg: Config) -> float:
     return megatron_flops_per_token(cfg.model, model_vocab_size(cfg))
 
 
-def recompute_flops_per_token(cfg: Config) -> float:
-    """Extra (hardware, not model) FLOPs per token that activation recomputation costs.
+@dataclass(frozen=True)
+class LayerFlops:
+    """FLOPs per token of one transformer layer, split by the kind of kernel that runs them
+    (the step-time model gives each kind its own rate)."""
 
-    full: one more forward of every transformer layer (Korthikanti et al. 2022,
-    sec. 5: ~33% more compute); selective: one more forward of the attention
-    core only (QK^T, softmax, (QK^T)V); none: 0.
+    projections: float
+    """Q, K, V and output projection GEMMs."""
+    attention: float
+    """QK^T and (QK^T)V: the fused attention kernel."""
+    mlp: float
+    """The MLP GEMMs; for MoE, the topk routed experts' (grouped GEMMs)."""
+
+    @property
+    def total(self) -> float:
+        return self.projections + self.attention + self.mlp
+
+
+def layer_training_flops(m: ModelConfig, seq_length: int) -> LayerFlops:
+    """Training (forward + backward) FLOPs per token of one layer, by kernel kind: 3 * 2 * macs."""
+    return LayerFlops(
+        projections=training_flops(attention_projection_macs(m)),
+        attention=training_flops(attention_core_macs(m, seq_length)),
+        mlp=training_flops(mlp_macs(m)),
+    )
+
+
+def layer_recompute_flops(m: ModelConfig, seq_length: int, mode: Recompute) -> LayerFlops:
+    """Extra (hardware, not model) FLOPs per token of one layer that activation recomputation costs.
+
+    full: one more forward of the whole layer (Korthikanti et al. 2022, sec. 5:
+    ~33% more compute); selective: one more forward of the attention core only
+    (QK^T, softmax, (QK^T)V; Megatron-Core's default ``recompute_modules=[core_attn]``);
+    none: nothing.
     """
-    m, mode = cfg.model, cfg.parallel.recompute
     if mode == Recompute.full:
-        return m.num_layers * forward_flops(layer_macs(m, m.seq_length))
+        return LayerFlops(projections=forward_flops(attention_projection_macs(m)),
+                          attention=forward_flops(attention_core_macs(m, seq_length)),
+                          mlp=forward_flops(mlp_macs(m)))
     if mode == Recompute.selective:
-        return m.num_layers * forward_flops(attention_core_macs(m, m.seq_length))
-    return 0.0
+        return LayerFlops(projections=0.0, attention=forward_flops(attention_core_macs(m, seq_length)), mlp=0.0)
+    return LayerFlops(projections=0.0, attention=0.0, mlp=0.0)
+
+
+def logits_training_flops(m: ModelConfig, vocab: int) -> float:
+    """Training FLOPs per token of the output layer: 3 * 2 * h*V."""
+    return training_flops(logits_macs(m, vocab))
+
+
+def recompute_flops_per_token(cfg: Config) -> float:
+    """Extra FLOPs per token that activation recomputation costs over all layers (see layer_recompute_flops)."""
+    m = cfg.model
+    return m.num_layers * layer_recompute_flops(m, m.seq_length, cfg.parallel.recompute).total
 
 
 def flops_estimate(cfg: Config, d: Derived, n_active: float) -> dict:

@@ -24,11 +24,18 @@ Activations per layer and micro-batch follow Korthikanti et al. 2022 ("Reducing
 Activation Recomputation in Large Transformer Models", sec. 4, table 2):
 ``s*b*h*(34 + 5*a*s/h)`` bytes for a GPT layer without parallelism, written out
 term by term below so that GQA, SwiGLU, FFN width and MoE change the right terms.
+How many micro-batches a pipeline rank holds at once follows Megatron-Core's
+schedules step by step (``peak_in_flight_bytes``).
+
+Overheads come from ``cfg.estimate``: the CUDA context (``cuda_context_gib``),
+NCCL buffers (``nccl_buffers_gib``), the caching allocator's fragmentation
+(``allocator_fragmentation``) and whether attention is fused (``flash_attention``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 from launch.config.derive import Derived
 from launch.config.schema import Activation, BackendName, Config, Offload, Precision, Recompute
@@ -37,18 +44,6 @@ from launch.estimate.params import (
 )
 
 GIB = 2**30
-
-CUDA_CONTEXT_GIB = 0.5
-"""CUDA context, cuBLAS/cuDNN workspaces and kernels loaded by PyTorch (~0.5 GiB on H100)."""
-NCCL_BUFFERS_GIB = 1.0
-"""NCCL communicator buffers over the TP, PP, DP, CP, EP groups (a few hundred MiB each)."""
-ALLOCATOR_FRAGMENTATION = 0.07
-"""PyTorch caching-allocator overhead as a fraction of live tensors (5-10% is typical)."""
-FLASH_ATTENTION = True
-"""The attention core runs fused (FlashAttention / cuDNN fused attention, the default
-of Megatron-Core with TransformerEngine and of Hugging Face's sdpa on H100): the s x s
-scores are never stored, so Korthikanti's 5*a*s/h term is dropped in every recompute
-mode. With False, recompute=none stores the scores as in Korthikanti's table 2."""
 
 ACTIVATION_BYTES_BF16 = 2
 """Korthikanti's coefficients assume 16-bit activations (and 1-byte dropout masks)."""
@@ -140,7 +135,9 @@ class LayerActivations:
     expert: divided by etp: per routed copy of a token (topk) its permuted input 2 and
         the expert MLP terms as above; the router's fp32 logits 4E/h.
     scores: divided by tp: softmax output 2as/h, its dropout mask as/h and the dropout
-        output 2as/h (= 5as/h); 0 when the attention core is fused (FLASH_ATTENTION).
+        output 2as/h (= 5as/h); 0 when the attention core is fused (estimate.flash_attention:
+        FlashAttention / cuDNN fused attention, the default of Megatron-Core with
+        TransformerEngine and of Hugging Face's sdpa on H100, never stores the s x s scores).
     For a GPT layer (MHA, GELU, f = 4h, no flash): 10 + 24 + 5as/h = 34 + 5as/h.
     """
 
@@ -157,13 +154,9 @@ def _mlp_internal_coefficient(cfg: Config) -> float:
     return (6 if m.activation == Activation.swiglu else 4) * ratio
 
 
-def layer_activations(cfg: Config, flash_attention: bool | None = None) -> LayerActivations:
-    """Korthikanti's per-layer coefficients for this model (see LayerActivations).
-
-    ``flash_attention``: None reads FLASH_ATTENTION.
-    """
-    if flash_attention is None:
-        flash_attention = FLASH_ATTENTION
+def layer_activations(cfg: Config) -> LayerActivations:
+    """Korthikanti's per-layer coefficients for this model (see LayerActivations)."""
+    flash_attention = cfg.estimate.flash_attention
     m = cfg.model
     h, a, s = m.hidden_size, m.num_attention_heads, m.seq_length
     attention = 4 * (query_size(m) + kv_size(m)) / h
@@ -224,23 +217,84 @@ def stored_bytes_per_layer(cfg: Config, d: Derived) -> float:
     return layer_activation_bytes(cfg, d, keep_scores=mode == Recompute.none)
 
 
-def microbatches_in_flight(stage: int, pp: int, vpp: int, microbatches: int) -> float:
-    """Micro-batches whose activations a pipeline stage holds at its peak, in units of
-    the whole stage's layers.
+# ---- the pipeline schedule ----------------------------------------------------------
 
-    1F1B (Narayanan et al. 2021): stage i runs pp-i-1 warm-up forwards plus one,
-    so min(pp - i, m). Interleaved (vpp > 1): Megatron-Core runs
-    (pp-i-1)*2 + (vpp-1)*pp warm-up forwards of model chunks of 1/vpp of the
-    stage's layers, plus one (megatron/core/pipeline_parallel/schedules.py,
-    ``forward_backward_pipelining_with_interleaving``); for the first stage that
-    is pp * (1 + (pp-1)/(pp*vpp)) stages' worth, Megatron's interleaving penalty.
+def chunk_layers(cfg: Config, d: Derived, rank: int) -> list[int]:
+    """Transformer layers in each model chunk (virtual stage) of pipeline rank ``rank``.
+
+    As Megatron-Core builds them: the rank's layers split evenly over vpp chunks;
+    with ``account_for_embedding/loss_in_pipeline_split`` the embedding and the
+    loss each take one layer's slot, in the first chunk of the first rank and the
+    last chunk of the last rank (Llama 3 405B, 126 + 2 = 128 slots on pp 16 x vpp 8:
+    the first chunk holds only the embedding, the last only the output layer and
+    the loss; Llama Team 2024, sec. 3.3.2).
     """
-    if pp <= 1:
-        return 1.0
+    p = cfg.parallel
+    vpp, pp, layers = max(p.vpp, 1), len(d.stage_layers), d.stage_layers[rank]
+    embedding = int(p.account_for_embedding_in_pipeline_split and rank == 0 and pp > 1)
+    loss = int(p.account_for_loss_in_pipeline_split and rank == pp - 1 and pp > 1)
+    base, extra = divmod(layers + embedding + loss, vpp)
+    chunks = [base + (1 if v < extra else 0) for v in range(vpp)]
+    chunks[0] -= embedding
+    chunks[-1] -= loss
+    return [max(c, 0) for c in chunks]
+
+
+def _schedule_chunks(microbatches: int, vpp: int, group: int) -> list[int]:
+    """The model chunk of each forward, in order: Megatron-Core's ``get_schedule_table``
+    (groups of ``group`` micro-batches run chunk 0, then chunk 1, ... for the group)."""
+    order = []
+    for start in range(0, microbatches, group):
+        size = group if start + group < microbatches else microbatches - start
+        order.extend(chunk for chunk in range(vpp) for _ in range(size))
+    return order
+
+
+def warmup_forwards(pp: int, rank: int, vpp: int, microbatches: int) -> int:
+    """Forwards a rank runs before its first backward (``get_pp_rank_microbatches``).
+
+    1F1B: pp - rank - 1. Interleaved: (pp - rank - 1) * 2 + (vpp - 1) * group, with
+    group = ``microbatch_group_size_per_vp_stage`` = pp (its default). At most all of them.
+    """
+    total = microbatches * vpp
     if vpp <= 1:
-        return float(min(pp - stage, microbatches))
-    chunks = (pp - stage - 1) * 2 + (vpp - 1) * pp + 1
-    return min(chunks, microbatches * vpp) / vpp
+        return min(pp - rank - 1, total)
+    return min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+
+
+def peak_in_flight_bytes(chunk_bytes: list[float], pp: int, rank: int, microbatches: int) -> float:
+    """The most activation bytes rank ``rank`` holds at once during a step, given what
+    one micro-batch leaves in each of its model chunks until its backward.
+
+    Megatron-Core's schedules (megatron/core/pipeline_parallel/schedules.py): the
+    warm-up forwards (``warmup_forwards``), then one forward and one backward at a
+    time, forwards in ``get_schedule_table`` order and backwards in the same order
+    with the chunks reversed (``get_model_chunk_id(..., forward=False)``), then the
+    cool-down backwards. Played step by step, so chunks of unequal size (the
+    embedding-only first chunk) count exactly. 1F1B with equal chunks gives
+    min(pp - rank, m) micro-batches (Narayanan et al. 2021, sec. 2.2.1); interleaved,
+    the first rank holds pp * (1 + (pp-1)/(pp*vpp)) stages' worth, Megatron's
+    "interleaving penalty" (theoretical_memory_usage.py).
+    """
+    vpp = len(chunk_bytes)
+    if pp <= 1:
+        return sum(chunk_bytes)  # one micro-batch at a time, forward then backward
+    m = microbatches
+    if vpp > 1 and m % pp == 0 and m > 3 * pp:
+        m = 3 * pp  # the steady state repeats every pp * vpp steps: three groups reach its peak
+    order = _schedule_chunks(m, vpp, pp)
+    warmup = warmup_forwards(pp, rank, vpp, m)
+    stored = list(accumulate((chunk_bytes[c] for c in order), initial=0.0))  # after k forwards
+    freed = list(accumulate((chunk_bytes[vpp - 1 - c] for c in order), initial=0.0))  # after k backwards
+    # Warm-up: forwards only. Then step k runs forward warmup+k before backward k.
+    during_warmup = stored[warmup]
+    steady = max((stored[warmup + k + 1] - freed[k] for k in range(len(order) - warmup)), default=0.0)
+    return max(during_warmup, steady)
+
+
+def microbatches_in_flight(stage: int, pp: int, vpp: int, microbatches: int) -> float:
+    """Micro-batches a rank holds at its peak, in units of its whole stage (equal chunks)."""
+    return peak_in_flight_bytes([1.0] * max(vpp, 1), pp, stage, microbatches) / max(vpp, 1)
 
 
 def embedding_activation_bytes(cfg: Config, d: Derived) -> float:
@@ -252,7 +306,8 @@ def embedding_activation_bytes(cfg: Config, d: Derived) -> float:
 
 def logits_activation_bytes(cfg: Config) -> float:
     """Last stage, one micro-batch: the output layer's input and the fp32 logits for
-    the loss, 4*s*b*(h + V) / tp (theoretical_memory_usage.py)."""
+    the loss, 4*s*b*(h + V) / tp (theoretical_memory_usage.py). The loss runs in
+    the last chunk's forward and its backward follows at once, so one micro-batch."""
     tokens = _tokens_hidden(cfg) / cfg.model.hidden_size
     h, vocab = cfg.model.hidden_size, model_vocab_size(cfg)
     return 4 * tokens * (h + vocab) / max(cfg.parallel.tp, 1) * _precision_scale(cfg)
@@ -261,18 +316,20 @@ def logits_activation_bytes(cfg: Config) -> float:
 def stage_activation_bytes(cfg: Config, d: Derived, stage: int) -> float:
     """Activations on one GPU of pipeline stage ``stage`` at its peak.
 
-    Layers x micro-batches in flight x what each layer keeps; plus, under full
-    recomputation, one layer's whole working set (the layer being recomputed);
-    the embedding's on the first stage and the logits on the last.
+    The in-flight peak of what each chunk keeps (layers x stored bytes per layer,
+    plus the embedding's on the first chunk of the first stage); plus, under full
+    recomputation, one layer's whole working set (the layer being recomputed); plus
+    the logits on the last stage.
     """
     p = cfg.parallel
     pp = len(d.stage_layers)
-    in_flight = microbatches_in_flight(stage, pp, max(p.vpp, 1), d.grad_accum_steps)
-    total = d.stage_layers[stage] * in_flight * stored_bytes_per_layer(cfg, d)
-    if p.recompute == Recompute.full:
-        total += layer_activation_bytes(cfg, d, keep_scores=False)
+    per_layer = stored_bytes_per_layer(cfg, d)
+    chunk_bytes = [layers * per_layer for layers in chunk_layers(cfg, d, stage)]
     if stage == 0:
-        total += in_flight * embedding_activation_bytes(cfg, d)
+        chunk_bytes[0] += embedding_activation_bytes(cfg, d)
+    total = peak_in_flight_bytes(chunk_bytes, pp, stage, d.grad_accum_steps)
+    if p.recompute == Recompute.full:
+        total += layer_activation_bytes(cfg, d, keep_scores=not cfg.estimate.flash_attention)
     if stage == pp - 1:
         total += logits_activation_bytes(cfg)
     return total
@@ -286,18 +343,31 @@ class StageMemory:
 
     states: StateBytes
     activations: float
+    fragmentation: float
+    """Allocator overhead as a share of the tensors (estimate.allocator_fragmentation)."""
+    fixed: float
+    """CUDA context and NCCL buffers, bytes (estimate.cuda_context_gib + nccl_buffers_gib)."""
 
     @property
     def peak(self) -> float:
         """Tensors plus allocator fragmentation, plus the CUDA context and NCCL buffers."""
+        return (self.states.total + self.activations) * (1 + self.fragmentation) + self.fixed
+
+    def breakdown_gib(self) -> dict[str, float]:
+        """GiB by kind (the parts of plan.png's bars); ``overhead`` is fragmentation plus the fixed buffers."""
         tensors = self.states.total + self.activations
-        return tensors * (1 + ALLOCATOR_FRAGMENTATION) + (CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB) * GIB
+        parts = {"weights": self.states.weights, "grads": self.states.grads, "optimizer": self.states.optimizer,
+                 "activations": self.activations, "overhead": self.peak - tensors}
+        return {name: value / GIB for name, value in parts.items()}
 
 
 def stage_memory(cfg: Config, d: Derived) -> list[StageMemory]:
     """Memory per GPU on each pipeline stage, first to last."""
+    e = cfg.estimate
+    fixed = (e.cuda_context_gib + e.nccl_buffers_gib) * GIB
     return [
-        StageMemory(stage_state_bytes(cfg, d, params), stage_activation_bytes(cfg, d, i))
+        StageMemory(stage_state_bytes(cfg, d, params), stage_activation_bytes(cfg, d, i),
+                    e.allocator_fragmentation, fixed)
         for i, params in enumerate(stage_params(cfg, d))
     ]
 

@@ -1,150 +1,361 @@
-"""A first step-time model: compute at a fixed fraction of peak, the pipeline
-bubble, recomputation, and the communication that is not hidden behind compute.
+"""Step time, throughput and MFU: one optimizer step on the slowest pipeline rank.
 
-    step = compute * (1 + bubble) + exposed DP comm
-    compute = (model + recompute FLOPs per GPU) / (peak * ACHIEVABLE_FRACTION)
-              + exposed TP comm + exposed EP comm          (per micro-batch work)
-    bubble  = (pp - 1) / (m * vpp)                          (Narayanan et al. 2021, sec. 2.2)
+    step  = m * t_mb * (1 + bubble) + exposed DP comm
+    t_mb  = compute + exposed TP/SP comm + exposed CP comm + exposed EP comm
+    bubble = (pp - 1) / (m * vpp)
 
-Every fraction below is a named, provisional constant; a later issue calibrates
-them against measured runs. Not modelled yet: pipeline point-to-point traffic,
-context-parallel ring exchange (overlapped with attention), load imbalance
-between stages and MoE experts, stragglers, data loading, checkpoint stalls.
+m is the number of micro-batches per step (grad-accum steps); t_mb is one
+micro-batch forward and backward through every model chunk of one pipeline rank,
+the slowest one (its layers, and the output layer on the last rank). Each term
+is a function below, with its formula and source:
+
+- compute: model FLOPs plus recomputation, at ``estimate.achievable_fraction_*``
+  of the tensor-core peak (FP8 GEMMs at the FP8 peak under train.precision=fp8);
+- TP/SP: per layer, all-gathers and reduce-scatters of the activations over
+  NVLink (Korthikanti et al. 2022, sec. 4.2.2), ``estimate.tp_comm_exposed_fraction``
+  of them not hidden;
+- CP: ring attention passes K/V around the context-parallel group, hidden behind
+  the attention kernel while the kernel is the longer of the two;
+- EP: the MoE all-to-all (dispatch and combine), ``ep_comm_exposed_fraction`` exposed;
+- DP: gradient reduce-scatter and parameter all-gather over InfiniBand across
+  nodes, overlapped with one micro-batch's compute, at least
+  ``dp_comm_exposed_fraction`` exposed;
+- bubble: interleaved 1F1B (Narayanan et al. 2021, sec. 2.2.2).
+
+``estimate.mfu``, when set, replaces the model: step = model FLOPs per step /
+(world * peak * mfu), the peak being ``estimate.mfu_basis``'s.
+
+Not modelled: pipeline point-to-point sends (overlapped by Megatron-Core's
+interleaved schedule), the optimizer step, kernel launch gaps, load imbalance
+between MoE experts, stragglers, data loading, checkpoint stalls, CPU offload
+traffic; the step-to-step variance real runs show.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from launch.config.derive import Derived
-from launch.config.schema import BackendName, Config, Precision, Recompute
-from launch.estimate.flops import recompute_flops_per_token
+from launch.config.schema import BackendName, Config, MfuBasis, Precision, Recompute
+from launch.estimate.flops import LayerFlops, layer_recompute_flops, layer_training_flops, logits_training_flops
 from launch.estimate.memory import bytes_per_param
-from launch.estimate.params import StageParams, is_moe
+from launch.estimate.params import StageParams, is_moe, kv_size, model_vocab_size, stage_params
 
-ACHIEVABLE_FRACTION_DENSE = 0.55
-"""Share of the tensor-core peak a dense transformer's GEMMs and fused attention
-sustain under Megatron-Core on H100 before communication (provisional)."""
-ACHIEVABLE_FRACTION_MOE = 0.45
-"""The same for MoE layers: grouped GEMMs, token permutation and routing (provisional)."""
-DP_COMM_EXPOSED_FRACTION = 0.2
-"""Share of the data-parallel gradient reduce-scatter / parameter all-gather not
-overlapped with backward/forward (overlap_grad_reduce, overlap_param_gather)."""
-TP_COMM_EXPOSED_FRACTION = 0.3
-"""Share of tensor-parallel all-gathers / reduce-scatters not overlapped (TE comm overlap)."""
-EP_COMM_EXPOSED_FRACTION = 0.5
-"""Share of MoE token all-to-all (dispatch and combine) not overlapped."""
 GB = 1e9
+TERA = 1e12
+ACTIVATION_BYTES = 2
+"""Activations, K/V and routed tokens travel in bf16."""
 
 
-def peak_tflops(cfg: Config) -> float:
-    """Peak used for compute time: FP8 matmuls run at the FP8 peak, the rest at BF16's.
+# ---- rates -----------------------------------------------------------------------------
 
-    fp32 runs (CPU) use peak_bf16_tflops as the profile gives it (cluster=local sets it
-    to the host's figure).
+@dataclass(frozen=True)
+class Rates:
+    """Sustained FLOP/s of one GPU for each kind of kernel."""
+
+    linear: float
+    """Dense GEMMs: projections, dense MLP."""
+    expert: float
+    """MoE expert GEMMs (grouped GEMMs, with token permutation and routing)."""
+    attention: float
+    """The fused attention kernel (QK^T, softmax, (QK^T)V)."""
+    logits: float
+    """The output layer."""
+
+
+def rates(cfg: Config) -> Rates:
+    """Peak x achievable fraction (``cfg.estimate``) for each kernel kind.
+
+    BF16: dense GEMMs and attention at peak_bf16 * achievable_fraction_dense, expert
+    GEMMs at peak_bf16 * achievable_fraction_moe. FP8 (TransformerEngine): the GEMMs
+    of the transformer layers at peak_fp8 * achievable_fraction_fp8, while attention
+    and the output layer stay BF16 (TE's DotProductAttention computes in BF16 unless
+    fp8_dpa is set; Megatron-Core's output layer is not an FP8 module). fp32 runs
+    (CPU) use peak_bf16_tflops as the profile gives it.
     """
+    e, gpu = cfg.estimate, cfg.cluster.gpu
+    bf16 = gpu.peak_bf16_tflops * TERA
+    dense, expert = bf16 * e.achievable_fraction_dense, bf16 * e.achievable_fraction_moe
+    if cfg.train.precision == Precision.fp8:
+        fp8 = gpu.peak_fp8_tflops * TERA * e.achievable_fraction_fp8
+        return Rates(linear=fp8, expert=fp8, attention=dense, logits=dense)
+    return Rates(linear=dense, expert=expert, attention=dense, logits=dense)
+
+
+def mfu_peak_flops(cfg: Config) -> float:
+    """The peak MFU is quoted against: dense BF16 (the convention, Chowdhery et al. 2022,
+    appendix B), or FP8 with estimate.mfu_basis=fp8."""
     gpu = cfg.cluster.gpu
-    return gpu.peak_fp8_tflops if cfg.train.precision == Precision.fp8 else gpu.peak_bf16_tflops
+    peak = gpu.peak_fp8_tflops if cfg.estimate.mfu_basis == MfuBasis.fp8 else gpu.peak_bf16_tflops
+    return peak * TERA
 
 
-def achievable_fraction(cfg: Config) -> float:
-    return ACHIEVABLE_FRACTION_MOE if is_moe(cfg.model) else ACHIEVABLE_FRACTION_DENSE
+# ---- where a group's ranks sit ------------------------------------------------------------
+
+def _ranks_per_node(cfg: Config, stride: int, size: int) -> int:
+    """Ranks of a group of ``size`` ranks ``stride`` apart that share one node.
+
+    Megatron-Core orders ranks tp, cp, dp, pp, fastest first (``RankGenerator``,
+    order "tp-cp-ep-dp-pp"): the dense gradients' dp*cp group is tp apart, an EP
+    group etp apart, a DeepSpeed data-parallel group adjacent.
+    """
+    return max(1, min(size, cfg.cluster.gpus_per_node // max(stride, 1)))
 
 
-def _link_gbps(cfg: Config, group_span: int) -> float:
-    """NVLink when a communication group's consecutive ranks stay inside a node, else InfiniBand."""
+def collective_seconds(cfg: Config, nbytes: float, size: int, per_node: int) -> float:
+    """One reduce-scatter or all-gather of ``nbytes`` per GPU over ``size`` ranks,
+    ``per_node`` of them in each node, done hierarchically (as NCCL's rings use every
+    NIC of a node): (k-1)/k of the buffer over NVLink inside the node, then
+    (N-1)/N of each GPU's 1/k share over its own InfiniBand NIC across the N nodes.
+    A ring moves (n-1)/n of the buffer per GPU (Thakur, Rabenseifner and Gropp 2005,
+    "Optimization of Collective Communication Operations in MPICH").
+    """
+    if size <= 1:
+        return 0.0
+    gpu = cfg.cluster.gpu
+    k = min(per_node, size)
+    nodes = size / k
+    inside = nbytes * (k - 1) / k / (gpu.nvlink_gbps * GB)
+    across = nbytes / k * (nodes - 1) / nodes / (gpu.ib_gbps * GB)
+    return inside + across
+
+
+def _ring_gbps(cfg: Config, span: int) -> float:
+    """A ring of point-to-point sends runs at its slowest hop: NVLink when the ranks it
+    spans (``span`` consecutive GPUs) fit in a node, else InfiniBand."""
     c = cfg.cluster
-    return c.gpu.nvlink_gbps if group_span <= c.gpus_per_node else c.gpu.ib_gbps
+    return c.gpu.nvlink_gbps if span <= c.gpus_per_node else c.gpu.ib_gbps
 
 
-def compute_seconds(cfg: Config, d: Derived, model_flops_per_step: float) -> float:
-    """Model plus recomputation FLOPs per GPU per step at the achievable fraction of peak."""
-    flops = model_flops_per_step + recompute_flops_per_token(cfg) * d.tokens_per_step
-    return flops / d.world_size / (peak_tflops(cfg) * 1e12 * achievable_fraction(cfg))
+# ---- compute ------------------------------------------------------------------------------
 
+def _tokens_per_gpu(cfg: Config) -> float:
+    """Tokens of one micro-batch each GPU of a model replica works on: s*b/cp (tp splits the work, not the tokens)."""
+    m, p = cfg.model, cfg.parallel
+    return m.seq_length / max(p.cp, 1) * p.micro_batch_size
+
+
+def layer_seconds(cfg: Config, flops: LayerFlops, r: Rates) -> float:
+    """Seconds for ``flops`` (per token of one layer) on one micro-batch on one GPU.
+
+    The work of the s*b/cp local tokens is split over tp; MoE experts are split over
+    ep*etp GPUs that also serve the other replicas' tokens, so on average a GPU does
+    1/tp of its replica's expert work too.
+    """
+    mlp_rate = r.expert if is_moe(cfg.model) else r.linear
+    per_token = flops.projections / r.linear + flops.attention / r.attention + flops.mlp / mlp_rate
+    return per_token * _tokens_per_gpu(cfg) / max(cfg.parallel.tp, 1)
+
+
+def compute_seconds(cfg: Config, layers: int, last_stage: bool) -> float:
+    """One micro-batch, forward and backward, through ``layers`` layers on one GPU:
+    model FLOPs (flops.py) plus what recomputation adds (``layer_recompute_flops``),
+    plus the output layer (3 * 2 * h*V per token) on the last stage."""
+    m, r = cfg.model, rates(cfg)
+    per_layer = (layer_seconds(cfg, layer_training_flops(m, m.seq_length), r)
+                 + layer_seconds(cfg, layer_recompute_flops(m, m.seq_length, cfg.parallel.recompute), r))
+    total = layers * per_layer
+    if last_stage:
+        logits = logits_training_flops(m, model_vocab_size(cfg)) / r.logits
+        total += logits * _tokens_per_gpu(cfg) / max(cfg.parallel.tp, 1)
+    return total
+
+
+def attention_seconds(cfg: Config, layers: int) -> float:
+    """The fused attention kernel's share of compute_seconds (what hides the CP ring)."""
+    m, r = cfg.model, rates(cfg)
+    core = (layer_training_flops(m, m.seq_length).attention
+            + layer_recompute_flops(m, m.seq_length, cfg.parallel.recompute).attention)
+    return layers * core / r.attention * _tokens_per_gpu(cfg) / max(cfg.parallel.tp, 1)
+
+
+def _layer_passes(cfg: Config) -> int:
+    """Passes over a layer that communicate: forward and backward, one more forward under full recompute."""
+    return 3 if cfg.parallel.recompute == Recompute.full else 2
+
+
+# ---- communication inside a micro-batch ------------------------------------------------------
+
+def tp_comm_seconds(cfg: Config, layers: int) -> float:
+    """Tensor-parallel traffic of one micro-batch on one GPU.
+
+    Per layer and pass, two all-gathers and two reduce-scatters of the s*b*h bf16
+    activations with sequence parallelism, or two all-reduces (the same volume)
+    without (Korthikanti et al. 2022, sec. 4.2.2); each moves (tp-1)/tp of the
+    message per GPU over NVLink.
+    """
+    p = cfg.parallel
+    if p.tp <= 1:
+        return 0.0
+    message = ACTIVATION_BYTES * _tokens_per_gpu(cfg) * cfg.model.hidden_size
+    per_layer = 4 * collective_seconds(cfg, message, p.tp, _ranks_per_node(cfg, 1, p.tp))
+    return per_layer * _layer_passes(cfg) * layers
+
+
+def cp_comm_seconds(cfg: Config, layers: int) -> float:
+    """Context-parallel ring attention traffic of one micro-batch on one GPU.
+
+    Per layer, the forward passes every K and V chunk around the cp group: each
+    GPU receives (cp-1)/cp of the sequence's K and V, 2 * s*b * kv/tp * 2 bytes;
+    the backward passes K, V and their gradients (twice that); a recompute of the
+    attention (selective or full) passes them again. NVLink when tp*cp <= GPUs per
+    node, else InfiniBand (Megatron-Core / TransformerEngine ``AttnFuncWithCP``, p2p ring).
+    """
+    p, m = cfg.parallel, cfg.model
+    if p.cp <= 1:
+        return 0.0
+    kv_sequence = 2 * m.seq_length * p.micro_batch_size * kv_size(m) / max(p.tp, 1) * ACTIVATION_BYTES
+    forward = kv_sequence * (p.cp - 1) / p.cp
+    passes = 3 + (1 if p.recompute != Recompute.none else 0)
+    return forward * passes * layers / (_ring_gbps(cfg, p.tp * p.cp) * GB)
+
+
+def cp_exposed_seconds(cfg: Config, layers: int) -> float:
+    """Ring attention overlaps each K/V transfer with the attention of the block before:
+    only the traffic longer than the attention kernel shows."""
+    return max(0.0, cp_comm_seconds(cfg, layers) - attention_seconds(cfg, layers))
+
+
+def ep_comm_seconds(cfg: Config, d: Derived, layers: int) -> float:
+    """MoE all-to-all of one micro-batch on one GPU.
+
+    Per layer and pass, dispatch and combine of topk bf16 copies of each local token
+    (s*b/cp, divided by tp under sequence parallelism); (ep-1)/ep of them leave the
+    GPU, to EP ranks in the node over NVLink and the rest over InfiniBand at the
+    same time (the longer of the two counts).
+    """
+    p, m = cfg.parallel, cfg.model
+    if not is_moe(m) or p.ep <= 1:
+        return 0.0
+    tokens = _tokens_per_gpu(cfg) / (p.tp if d.sequence_parallel else 1)
+    volume = 2 * tokens * m.moe_router_topk * m.hidden_size * ACTIVATION_BYTES
+    k = _ranks_per_node(cfg, d.etp, p.ep)
+    gpu = cfg.cluster.gpu
+    inside = volume * (k - 1) / p.ep / (gpu.nvlink_gbps * GB)
+    across = volume * (p.ep - k) / p.ep / (gpu.ib_gbps * GB)
+    return max(inside, across) * _layer_passes(cfg) * layers
+
+
+# ---- data parallelism -------------------------------------------------------------------------
+
+def dp_comm_seconds(cfg: Config, d: Derived, stage: StageParams) -> float:
+    """Data-parallel traffic of one GPU's parameters for one step, over InfiniBand across nodes.
+
+    Megatron: reduce-scatter of the fp32 gradients and all-gather of the bf16
+    weights with the distributed optimizer, else an all-reduce of the fp32
+    gradients (two rings); dense parameters over dp*cp ranks tp*cp apart, experts
+    over expert_dp ranks ep*etp apart. DeepSpeed: ZeRO-0 all-reduces the gradients,
+    ZeRO-1/2 reduce-scatter them and all-gather the updated weights, once per step;
+    ZeRO-3 gathers the weights for the forward and again for the backward and
+    reduce-scatters the gradients in every micro-batch (Rajbhandari et al. 2020, sec. 7).
+    """
+    b, p = bytes_per_param(cfg), cfg.parallel
+    if cfg.backend.name == BackendName.deepspeed:
+        grads = b.weights  # DeepSpeed reduces in the training dtype
+        if p.zero_stage >= 3:
+            per_param = (2 * b.weights + grads) * d.grad_accum_steps
+        elif p.zero_stage >= 1:
+            per_param = grads + b.weights
+        else:
+            per_param = 2 * grads
+        return collective_seconds(cfg, stage.total * per_param, d.dp, _ranks_per_node(cfg, 1, d.dp))
+    per_param = b.grads + b.weights if p.distributed_optimizer else 2 * b.grads
+    dense_ranks = d.dp * max(p.cp, 1)
+    dense = collective_seconds(cfg, stage.dense * per_param, dense_ranks, _ranks_per_node(cfg, p.tp, dense_ranks))
+    experts = collective_seconds(cfg, stage.expert * per_param, d.expert_dp,
+                                 _ranks_per_node(cfg, p.ep * d.etp, d.expert_dp))
+    return dense + experts
+
+
+def dp_exposed_seconds(cfg: Config, d: Derived, stage: StageParams, microbatch_s: float) -> float:
+    """The data-parallel traffic the step waits for: what one micro-batch's compute
+    cannot hide, and never less than ``estimate.dp_comm_exposed_fraction`` of it
+    (the last bucket's reduce-scatter, the first bucket's gather).
+
+    Megatron (overlap_grad_reduce, overlap_param_gather): a model chunk's gradients
+    are final after its last micro-batch's backward, and its reduce-scatter runs
+    under the backwards that follow; its weights are gathered under the forwards
+    before its first one. With vpp chunks the pipeline's cool-down and warm-up hide
+    all but the last chunk's share, 1/vpp of the traffic, which only its own
+    micro-batch can hide: exposed = (traffic - micro-batch) / vpp. DeepSpeed ZeRO-3
+    gathers and reduces in every micro-batch, each hidden behind that micro-batch;
+    ZeRO-0/1/2 reduce once, behind the last micro-batch.
+    """
+    total = dp_comm_seconds(cfg, d, stage)
+    floor = cfg.estimate.dp_comm_exposed_fraction * total
+    if cfg.backend.name == BackendName.deepspeed:
+        windows = d.grad_accum_steps if cfg.parallel.zero_stage >= 3 else 1
+        return max(floor, total - microbatch_s * windows)
+    return max(floor, (total - microbatch_s) / max(cfg.parallel.vpp, 1))
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
 
 def bubble_fraction(cfg: Config, d: Derived) -> float:
-    """Pipeline bubble as a share of ideal time: (pp-1)/(m*vpp) (Narayanan et al. 2021, eq. 1 ff.)."""
+    """Pipeline bubble as a share of the ideal time: (pp-1)/(m*vpp) (Narayanan et al. 2021, sec. 2.2.2;
+    Llama Team 2024, sec. 3.3.2)."""
     p = cfg.parallel
     return (p.pp - 1) / (d.grad_accum_steps * max(p.vpp, 1))
 
 
-def _layer_passes(cfg: Config) -> float:
-    """Passes over a layer that communicate: forward and backward, one more forward under full recompute."""
-    return 3.0 if cfg.parallel.recompute == Recompute.full else 2.0
+@dataclass(frozen=True)
+class StepTerms:
+    """The terms of one step, on the pipeline rank whose micro-batch takes longest."""
+
+    compute_s: float
+    """One micro-batch's compute, recomputation included."""
+    tp_s: float
+    """Exposed tensor/sequence-parallel communication, one micro-batch."""
+    cp_s: float
+    """Exposed context-parallel communication, one micro-batch."""
+    ep_s: float
+    """Exposed expert-parallel communication, one micro-batch."""
+    microbatches: int
+    bubble: float
+    dp_s: float
+    """Exposed data-parallel communication, one step."""
+
+    @property
+    def microbatch_s(self) -> float:
+        return self.compute_s + self.tp_s + self.cp_s + self.ep_s
+
+    @property
+    def step_s(self) -> float:
+        return self.microbatches * self.microbatch_s * (1 + self.bubble) + self.dp_s
 
 
-def tp_comm_seconds(cfg: Config, d: Derived, layers: int) -> float:
-    """Tensor-parallel traffic per step: per layer and pass, two all-gathers and two
-    reduce-scatters (or two all-reduces without SP) of the s*b*h bf16 activations,
-    each moving (tp-1)/tp of the message per GPU (Korthikanti et al. 2022, sec. 4.2.2)."""
-    p, m = cfg.parallel, cfg.model
-    if p.tp <= 1:
-        return 0.0
-    message = 2 * m.seq_length / max(p.cp, 1) * p.micro_batch_size * m.hidden_size
-    per_pass = 4 * message * (p.tp - 1) / p.tp
-    volume = per_pass * _layer_passes(cfg) * layers * d.grad_accum_steps
-    return volume / (_link_gbps(cfg, p.tp) * GB)
+def step_terms(cfg: Config, d: Derived) -> StepTerms:
+    """Every term of the step (module docstring), for the rank that takes longest."""
+    e = cfg.estimate
+    stages = stage_params(cfg, d)
+    last = len(stages) - 1
+    per_rank = []
+    for i, stage in enumerate(stages):
+        compute = compute_seconds(cfg, stage.layers, i == last)
+        tp = e.tp_comm_exposed_fraction * tp_comm_seconds(cfg, stage.layers)
+        cp = cp_exposed_seconds(cfg, stage.layers)
+        ep = e.ep_comm_exposed_fraction * ep_comm_seconds(cfg, d, stage.layers)
+        dp = dp_exposed_seconds(cfg, d, stage, compute)
+        per_rank.append(StepTerms(compute, tp, cp, ep, d.grad_accum_steps, bubble_fraction(cfg, d), dp))
+    return max(per_rank, key=lambda t: t.step_s)
 
 
-def ep_comm_seconds(cfg: Config, d: Derived, layers: int) -> float:
-    """MoE all-to-all per step: per layer and pass, dispatch and combine of topk bf16
-    copies of each local token, (ep-1)/ep of them leaving the GPU."""
-    p, m = cfg.parallel, cfg.model
-    if not is_moe(m) or p.ep <= 1:
-        return 0.0
-    tokens = m.seq_length / max(p.cp, 1) * p.micro_batch_size
-    per_pass = 2 * tokens * m.moe_router_topk * m.hidden_size * 2 * (p.ep - 1) / p.ep
-    volume = per_pass * _layer_passes(cfg) * layers * d.grad_accum_steps
-    return volume / (_link_gbps(cfg, p.ep * d.etp) * GB)
+def step_seconds(cfg: Config, d: Derived, model_flops_per_step: float) -> float:
+    """Seconds per optimizer step: model FLOPs / (world * peak * estimate.mfu) when
+    estimate.mfu is set, else the step-time model."""
+    if cfg.estimate.mfu is not None:
+        return model_flops_per_step / (d.world_size * mfu_peak_flops(cfg) * cfg.estimate.mfu)
+    return step_terms(cfg, d).step_s
 
 
-def _ring_seconds(bytes_per_gpu: float, ranks: int, gbps: float) -> float:
-    """A ring reduce-scatter or all-gather moves (n-1)/n of the buffer per GPU."""
-    if ranks <= 1:
-        return 0.0
-    return bytes_per_gpu * (ranks - 1) / ranks / (gbps * GB)
-
-
-def dp_comm_seconds(cfg: Config, d: Derived, stage: StageParams) -> float:
-    """Data-parallel traffic per step for the GPU's parameters, over InfiniBand across nodes.
-
-    Megatron: reduce-scatter of the fp32 gradients and all-gather of the bf16
-    weights with the distributed optimizer, else an all-reduce (two rings).
-    DeepSpeed: ZeRO 0-2 reduce the bf16 gradients and gather the updated
-    weights once per step; ZeRO-3 gathers the weights for forward and for
-    backward and reduce-scatters the gradients in every micro-batch.
-    """
-    b = bytes_per_param(cfg)
-    gbps = _link_gbps(cfg, d.world_size)
-    if cfg.backend.name == BackendName.deepspeed:
-        if cfg.parallel.zero_stage >= 3:
-            per_param = (2 * b.weights + b.grads) * d.grad_accum_steps
-        else:
-            per_param = b.weights + b.grads
-        return _ring_seconds(stage.total * per_param, d.dp, gbps)
-    if cfg.parallel.distributed_optimizer:
-        per_param = b.grads + b.weights
-    else:
-        per_param = 2 * b.grads
-    dense = _ring_seconds(stage.dense * per_param, d.dp * max(cfg.parallel.cp, 1), gbps)
-    return dense + _ring_seconds(stage.expert * per_param, d.expert_dp, gbps)
-
-
-def step_seconds(cfg: Config, d: Derived, model_flops_per_step: float, stage: StageParams) -> float:
-    """Step time (module docstring): compute is the mean over all GPUs; TP and EP
-    traffic and the DP volume are those of ``stage``, the stage with the most layers."""
-    work = (compute_seconds(cfg, d, model_flops_per_step)
-            + TP_COMM_EXPOSED_FRACTION * tp_comm_seconds(cfg, d, stage.layers)
-            + EP_COMM_EXPOSED_FRACTION * ep_comm_seconds(cfg, d, stage.layers))
-    return work * (1 + bubble_fraction(cfg, d)) + DP_COMM_EXPOSED_FRACTION * dp_comm_seconds(cfg, d, stage)
-
-
-def throughput_estimate(cfg: Config, d: Derived, model_flops_per_step: float, stage: StageParams) -> dict:
-    """The plan's ``throughput`` block. MFU is against the BF16 peak (Chowdhery et al. 2022)."""
-    step = step_seconds(cfg, d, model_flops_per_step, stage)
+def throughput_estimate(cfg: Config, d: Derived, model_flops_per_step: float) -> dict:
+    """The plan's ``throughput`` block: MFU = model FLOPs per second per GPU / peak
+    (Chowdhery et al. 2022, appendix B), against ``mfu_peak_flops``."""
+    step = step_seconds(cfg, d, model_flops_per_step)
     per_gpu_flops = model_flops_per_step / d.world_size / step
     return {
         "step_time_s": step,
         "tokens_per_s_per_gpu": d.tokens_per_step / step / d.world_size,
-        "tflops_per_gpu": per_gpu_flops / 1e12,
-        "mfu": per_gpu_flops / (cfg.cluster.gpu.peak_bf16_tflops * 1e12),
+        "tflops_per_gpu": per_gpu_flops / TERA,
+        "mfu": per_gpu_flops / mfu_peak_flops(cfg),
     }
