@@ -77,7 +77,8 @@ def _size_setup() -> None:
 
 VERBS: dict[str, Verb] = {
     "plan": Verb("compose, validate, estimate; print the plan; write RUN_DIR/{config,overrides}.yaml, plan.json, meta.json", _plan),
-    "render": Verb("plan + the job script (a placeholder until the executor issues land)", _render),
+    "render": Verb("plan + the backend's files (ds_config.json | megatron.yaml, megatron_args.txt), plan.png and "
+                   "the job script (a placeholder until the executor issues land)", _render),
     "size": Verb("scaling-law sizing and run cost from params+tokens or a FLOP budget; write RUN_DIR/size.json",
                  _size, config_name="size", setup=_size_setup),
 }
@@ -164,6 +165,7 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
 def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool) -> None:
     """Plan, then write the run's records; a failure leaves a new run directory absent."""
     from launch.executors import job_script
+    from launch.backends import artifacts
     from launch.chart import matplotlib_available, memory_chart_png
     from launch.estimate.memory import stage_memory
     from launch.oom import memory_problem
@@ -187,6 +189,7 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
             "meta.json": dump_json(meta(command)),
         }
         if with_job_script:
+            files.update(artifacts(plan.cfg, plan.derived, run_dir=run_dir, numbers=plan.numbers))
             name, text = job_script(plan.cfg, run_dir)
             files[name] = text
         if with_job_script and matplotlib_available():  # render only: matplotlib takes seconds to load

@@ -22,8 +22,11 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from launch.backends import FILES as BACKEND_FILES
+
 COMPLETION_MARKER = "plan.json"
-ARTIFACTS = ("config.yaml", "overrides.yaml", "meta.json", "plan.json", "plan.png", "job.sbatch", "launch.sh")
+ARTIFACTS = ("config.yaml", "overrides.yaml", "meta.json", "plan.json", "plan.png", "job.sbatch", "launch.sh",
+             *BACKEND_FILES)
 """Every file a trainctl command writes into a run directory."""
 _PACKAGES = ("trainctl", "hydra-core", "omegaconf", "jinja2", "rich", "torch", "deepspeed",
              "megatron-core", "transformer-engine", "transformers", "datasets", "tokenizers", "wandb")

@@ -105,10 +105,10 @@ def test_multirun_reports_bad_points_and_plans_the_rest(workdir: Path):
 
 
 def test_sweep_points_never_share_a_directory(workdir: Path):
-    out = run_trainctl("plan", "-m", "name=a,a", "train.steps=3,4", "hydra.sweep.subdir=same", cwd=workdir)
+    out = run_trainctl("plan", "-m", "name=a,a", "train.steps=30,40", "hydra.sweep.subdir=same", cwd=workdir)
     assert out.returncode == 2
     assert "another point of this sweep already wrote this run directory" in out.stderr
-    assert json.loads((workdir / "runs/a/same/plan.json").read_text())["run"]["steps"] == 3
+    assert json.loads((workdir / "runs/a/same/plan.json").read_text())["run"]["steps"] == 30
 
 
 def test_switching_cluster_removes_the_other_job_script(workdir: Path):
@@ -169,10 +169,10 @@ def test_failed_rerun_keeps_the_previous_records(workdir: Path):
 
 
 def test_rerun_lands_in_the_same_directory(workdir: Path):
-    for steps in (5, 6):
+    for steps in (50, 60):
         assert run_trainctl("plan", "recipe=tiny_local", f"train.steps={steps}", cwd=workdir).returncode == 0
     assert [p.name for p in (workdir / "runs").iterdir()] == ["tiny_local"]
-    assert json.loads((workdir / "runs/tiny_local/plan.json").read_text())["run"]["steps"] == 6
+    assert json.loads((workdir / "runs/tiny_local/plan.json").read_text())["run"]["steps"] == 60
 
 
 @pytest.mark.parametrize("cluster,script", [("local", "launch.sh"), ("h100", "job.sbatch")])
@@ -261,3 +261,13 @@ def test_render_draws_the_memory_chart(workdir: Path):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert run_trainctl("plan", "recipe=llama3_70b_pretrain_h100", cwd=workdir).returncode == 0
     assert not (workdir / "runs/llama3_70b_pretrain_h100/plan.png").exists()  # plan writes no chart: stale one removed
+
+
+def test_render_writes_the_backends_files_and_drops_the_other_backends(workdir: Path):
+    assert run_trainctl("render", "recipe=tiny_local", cwd=workdir).returncode == 0
+    ds = json.loads((workdir / "runs/tiny_local/ds_config.json").read_text())
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
+    out = run_trainctl("render", "recipe=tiny_local", "backend=megatron", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    names = {p.name for p in (workdir / "runs/tiny_local").iterdir()}
+    assert {"megatron.yaml", "megatron_args.txt"} <= names and "ds_config.json" not in names

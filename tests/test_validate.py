@@ -120,7 +120,8 @@ CASES = {
         ["recipe=llama3_8b_sft_h100"],
         [(["stage=sft", "stage.from_scratch=true"], "min_lr 3e-05 is above the peak learning rate 1e-05"),
          (["stage=sft", "stage.from_scratch=true"], "stage.lr=1e-05"),
-         (["backend=deepspeed", "optim.warmup_steps=0"], "WarmupCosineLR needs at least one warmup step")]),
+         (["backend=deepspeed", "optim.warmup_steps=0"], "WarmupCosineLR needs at least one warmup step"),
+         (["optim.warmup_steps=20"], "the warmup is as long as the run")]),
     v.deepspeed_nvme_offload: (
         ["backend=deepspeed", "parallel.offload_optimizer=cpu", "parallel.offload_params=cpu"],
         [(["backend=deepspeed", "parallel.offload_optimizer=nvme"], "parallel.offload_optimizer=nvme: NVMe offload"),

@@ -454,6 +454,10 @@ def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:
         yield Problem({"optim.min_lr": o.min_lr, peak_key: d.lr},
                       f"min_lr {o.min_lr:g} is above the peak learning rate {d.lr:g}: the decay would raise the LR "
                       "(Megatron's scheduler refuses it)", f"optim.min_lr={d.lr / 10:g}")
+    if o.warmup_steps >= d.steps > 0:
+        yield Problem({"optim.warmup_steps": o.warmup_steps, "steps": d.steps},
+                      "the warmup is as long as the run: the LR would never decay (Megatron's scheduler refuses it)",
+                      f"optim.warmup_steps={max(d.steps // 10, 1)}")
     if not _megatron(cfg) and o.schedule == Schedule.cosine and o.warmup_steps < 1:
         yield Problem({"optim.warmup_steps": o.warmup_steps, "backend": "deepspeed"},
                       "DeepSpeed's WarmupCosineLR needs at least one warmup step", "optim.warmup_steps=1")
@@ -479,9 +483,10 @@ def deepspeed_ulysses(cfg: Config, d: Derived) -> Iterator[Problem]:
     yield from _split_evenly("model.num_attention_heads", m.num_attention_heads, "heads", "parallel.cp", p.cp)
     kv = m.num_query_groups or m.num_attention_heads
     if kv % p.cp and p.cp % kv:
+        fits = [c for c in _divisors(m.num_attention_heads) if not kv % c or not c % kv]
         yield Problem({"model.num_query_groups": kv, "parallel.cp": p.cp},
-                      f"Ulysses needs the {kv} KV heads to divide by cp={p.cp}, or cp by them (then it replicates them)",
-                      f"choose parallel.cp from {[c for c in _divisors(m.num_attention_heads) if kv % c == 0 or c % kv == 0]}")
+                      f"Ulysses needs the {kv} KV heads to divide by cp={p.cp}, or cp by them (it replicates them)",
+                      f"choose parallel.cp from {fits}")
     if cfg.stage.kind == StageKind.dpo:
         yield Problem({"backend": "deepspeed", "parallel.cp": p.cp, "stage": cfg.stage.kind},
                       "DPO sums each sequence's log-probabilities, which Ulysses splits over cp ranks; trainctl "
@@ -495,7 +500,8 @@ def megatron_parallel_needs_transformer_engine(cfg: Config, d: Derived) -> Itera
     if not _megatron(cfg) or cfg.train.precision != Precision.fp32:
         return
     if d.sequence_parallel:
-        yield Problem({"parallel.sequence_parallel": p.sequence_parallel, "parallel.tp": p.tp, "train.precision": "fp32"},
+        yield Problem({"parallel.sequence_parallel": p.sequence_parallel, "parallel.tp": p.tp,
+                       "train.precision": "fp32"},
                       "sequence parallelism needs TransformerEngine's norms: megatron-core's own give slightly wrong "
                       "gradients without an error, and fp32 (CPU) runs use them",
                       "parallel.sequence_parallel=false, or train.precision=bf16 on GPUs")
