@@ -53,6 +53,8 @@ class Verb:
     """The verb's primary config in conf/ (``size`` has its own)."""
     setup: Callable[[], None] | None = None
     """Registers the verb's own schema before Hydra composes (besides launch.config.source.register)."""
+    schema: Callable[[], type] | None = None
+    """The verb's config dataclass, for error messages; None means trainctl's Config."""
 
 
 def _plan(composed, run_dir: Path, command: list[str]) -> None:
@@ -69,6 +71,12 @@ def _size(composed, run_dir: Path, command: list[str]) -> None:
     run_size(composed, run_dir, command)
 
 
+def _size_schema() -> type:
+    from launch.size_schema import SizeConfig
+
+    return SizeConfig
+
+
 def _size_setup() -> None:
     from launch.size_schema import register
 
@@ -80,7 +88,7 @@ VERBS: dict[str, Verb] = {
     "render": Verb("plan + the backend's files (ds_config.json | megatron.yaml, megatron_args.txt), plan.png and "
                    "the job script (a placeholder until the executor issues land)", _render),
     "size": Verb("scaling-law sizing and run cost from params+tokens or a FLOP budget; write RUN_DIR/size.json",
-                 _size, config_name="size", setup=_size_setup),
+                 _size, config_name="size", setup=_size_setup, schema=_size_schema),
 }
 
 
@@ -144,7 +152,8 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - only Hydra's and OmegaConf's errors are user errors
-        message = explain(exc)
+        schema = VERBS[verb].schema
+        message = explain(exc, schema()) if schema else explain(exc)
         if message is None:
             raise
         _error(message)

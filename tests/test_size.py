@@ -208,3 +208,8 @@ def test_problems_names_every_bad_key():
         assert any(p.startswith(key) for p in found), key
     assert all("fix:" in p for p in found)
     assert problems(SizeConfig(params=1e9, tokens=1e10)) == []
+
+
+def test_size_suggests_its_own_keys(workdir):
+    out = run_trainctl("size", "parms=7e9", cwd=workdir)
+    assert out.returncode == 2 and "did you mean params?" in out.stderr and "Traceback" not in out.stderr

@@ -18,8 +18,12 @@ from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, Omega
 from launch.config.schema import Config
 
 
-def explain(exc: BaseException) -> str | None:
-    """A message for a composition error, or None if ``exc`` is not one."""
+def explain(exc: BaseException, schema: type = Config) -> str | None:
+    """A message for a composition error, or None if ``exc`` is not one.
+
+    ``schema`` is the verb's config dataclass (``size`` has its own), where the
+    nearest valid key and the expected type are looked up.
+    """
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         return _missing_option(exc)
     if isinstance(exc, OverrideParseException):
@@ -28,10 +32,10 @@ def explain(exc: BaseException) -> str | None:
                 "https://hydra.cc/docs/advanced/override_grammar/basic/")
     cause = exc if isinstance(exc, OmegaConfBaseException) else exc.__cause__
     if isinstance(cause, (ConfigKeyError, AttributeError)) and getattr(cause, "full_key", None):
-        return unknown_key(cause.full_key)
+        return unknown_key(cause.full_key, schema)
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         detail = str(cause).splitlines()[0]
-        return f"{cause.full_key}: {detail}\n  fix: {_type_hint(cause.full_key)}"
+        return f"{cause.full_key}: {detail}\n  fix: {_type_hint(cause.full_key, schema)}"
     if isinstance(cause, InterpolationResolutionError):
         key = getattr(cause, "full_key", None) or "a value"
         return (f"{key}: cannot resolve its interpolation: {str(cause).splitlines()[0]}\n"
@@ -68,9 +72,9 @@ def _missing_option(exc: MissingConfigException) -> str:
             f"  fix: {guess}options: {', '.join(options)}")
 
 
-def unknown_key(full_key: str) -> str:
+def unknown_key(full_key: str, schema: type = Config) -> str:
     parent, _, key = full_key.rpartition(".")
-    node = _schema_at(parent)
+    node = _schema_at(parent, schema)
     if _is_mapping(node):
         if dataclasses.is_dataclass(typing.get_args(node)[1]):
             how = "new entries go in a config file of their own (README: your own cluster profile and recipes)"
@@ -131,9 +135,9 @@ def _is_mapping(hint) -> bool:
     return typing.get_origin(hint) is dict
 
 
-def _schema_at(path: str):
+def _schema_at(path: str, schema: type = Config):
     """The schema type at a dotted path: a dataclass, a ``Dict[str, X]`` hint, or None."""
-    node: typing.Any = Config
+    node: typing.Any = schema
     for part in filter(None, path.split(".")):
         if _is_mapping(node):
             node = typing.get_args(node)[1]
@@ -147,9 +151,9 @@ def _schema_at(path: str):
     return node
 
 
-def _type_hint(full_key: str) -> str:
+def _type_hint(full_key: str, schema: type = Config) -> str:
     parent, _, key = full_key.rpartition(".")
-    node = _schema_at(parent)
+    node = _schema_at(parent, schema)
     if not dataclasses.is_dataclass(node) or key not in typing.get_type_hints(node):
         return "check the value's type"
     raw = typing.get_type_hints(node)[key]

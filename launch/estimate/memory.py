@@ -45,6 +45,9 @@ from launch.estimate.params import (
 
 GIB = 2**30
 
+FP32_GRAD_PARTITION_BYTES = 4
+"""DeepSpeed's fp32 copy of the gradient partition under mixed precision (see deepspeed_state_bytes)."""
+
 ACTIVATION_BYTES_BF16 = 2
 """Korthikanti's coefficients assume 16-bit activations (and 1-byte dropout masks)."""
 
@@ -92,17 +95,30 @@ def megatron_state_bytes(cfg: Config, params: float, dp: int) -> StateBytes:
 
 
 def deepspeed_state_bytes(cfg: Config, params: float, dp: int, largest_module: float = 0) -> StateBytes:
-    """DeepSpeed ZeRO stage 0-3 with optional CPU offload (module docstring).
+    """DeepSpeed ZeRO stage 0-3 with optional CPU offload, as DeepSpeed itself counts it.
 
+    Under mixed precision DeepSpeed keeps an fp32 partition of the gradients for
+    the optimizer step besides the 16-bit ones: 2 (16-bit grads) + 4 (fp32
+    grads) + 4 (fp32 params) + 8 (Adam) = 18 B per sharded parameter under ZeRO-2
+    (the comment in ``estimate_zero2_model_states_mem_needs``,
+    deepspeed/runtime/zero/stage_1_and_2.py); under ZeRO-3 the 16-bit gradients
+    reduce straight into the fp32 partition and the 16-bit weights are sharded
+    too: 2 + 4 + 12 = 18 B (``estimate_zero3_model_states_mem_needs``). Offloading
+    the optimizer moves the fp32 gradients and the optimizer state to the host.
     ``largest_module``: parameters of the largest module, gathered whole under ZeRO-3.
     """
     p, b = cfg.parallel, bytes_per_param(cfg)
     stage = p.zero_stage
+    fp32_grads = FP32_GRAD_PARTITION_BYTES if cfg.train.precision != Precision.fp32 else 0
     weights = b.weights * params / (dp if stage >= 3 else 1)
-    grads = b.grads * params / (dp if stage >= 2 else 1)
+    if stage >= 3:
+        grads = (fp32_grads or b.grads) * params / dp
+    else:
+        grads = b.grads * params / (dp if stage >= 2 else 1) + fp32_grads * params / (dp if stage >= 1 else 1)
     optimizer = b.optimizer * params / (dp if stage >= 1 else 1)
     if not _on_gpu(p.offload_optimizer):
-        grads = optimizer = 0.0
+        optimizer = 0.0
+        grads = 0.0 if stage >= 2 else b.grads * params
     if stage >= 3 and not _on_gpu(p.offload_params):
         weights = 0.0
     if stage >= 3:  # the gathered module: its weights and their gradients
