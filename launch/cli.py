@@ -173,11 +173,8 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
 
 def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool) -> None:
     """Plan, then write the run's records; a failure leaves a new run directory absent."""
-    from launch.executors import job_script
-    from launch.backends import artifacts
-    from launch.chart import matplotlib_available, memory_chart_png
-    from launch.estimate.memory import stage_memory
-    from launch.oom import memory_problem
+    from hydra.core.hydra_config import HydraConfig
+
     from launch.plan import make_plan
     from launch.report import print_plan
     from launch.rundir import dump_json, meta, write_run
@@ -185,12 +182,6 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
     try:
         plan = make_plan(composed)
-        if with_job_script:  # a job script is what gets submitted: refuse one that would OOM
-            oom = memory_problem(plan.cfg, plan.numbers["memory_gib"]["per_gpu_peak"])
-            if oom:
-                raise UserError(oom)
-        from hydra.core.hydra_config import HydraConfig
-
         overrides = list(HydraConfig.get().overrides.task)
         files = {
             "config.yaml": plan.config_yaml,
@@ -198,13 +189,7 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
             "meta.json": dump_json(meta(command)),
         }
         if with_job_script:
-            files.update(artifacts(plan.cfg, plan.derived, run_dir=run_dir, numbers=plan.numbers))
-            name, text = job_script(plan.cfg, run_dir)
-            files[name] = text
-        if with_job_script and matplotlib_available():  # render only: matplotlib takes seconds to load
-            stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived)]
-            files["plan.png"] = memory_chart_png(stages, plan.cfg.cluster.gpu.hbm_gib,
-                                                 f"{plan.cfg.name}: memory per GPU by pipeline stage")
+            files.update(_launch_files(plan, run_dir))
         files["plan.json"] = dump_json(plan.numbers)
         write_run(run_dir, files)
     except BaseException:
@@ -213,6 +198,31 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
         raise
     print_plan(plan)
     print(f"wrote {run_dir}/: {', '.join(sorted(files))}")
+
+
+def _launch_files(plan, run_dir: Path) -> dict[str, str | bytes]:
+    """What ``render`` adds to the records: the backend's files, the job script, plan.png.
+
+    Refuses (UserError) a layout the memory estimate says will not fit: a job
+    script is what gets submitted.
+    """
+    from launch.backends import artifacts
+    from launch.chart import matplotlib_available, memory_chart_png
+    from launch.estimate.memory import stage_memory
+    from launch.executors import job_script
+    from launch.oom import memory_problem
+
+    oom = memory_problem(plan.cfg, plan.numbers["memory_gib"]["per_gpu_peak"])
+    if oom:
+        raise UserError(oom)
+    files: dict[str, str | bytes] = artifacts(plan.cfg, plan.derived, run_dir=run_dir, numbers=plan.numbers)
+    name, text = job_script(plan.cfg, run_dir)
+    files[name] = text
+    if matplotlib_available():  # matplotlib takes seconds to load: render only, never plan
+        stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived)]
+        files["plan.png"] = memory_chart_png(stages, plan.cfg.cluster.gpu.hbm_gib,
+                                             f"{plan.cfg.name}: memory per GPU by pipeline stage")
+    return files
 
 
 def _yaml_str(text: str) -> str:
