@@ -1,7 +1,8 @@
 """The out-of-memory pre-check: refuse a layout the estimate says will not fit, and say what would.
 
-``render`` and ``submit`` call ``memory_problem``; a job that would die with
-CUDA OOM after six hours in the queue is refused on the login node instead.
+``render`` calls ``memory_problem`` (and ``submit`` will, through render); a job
+that would die with CUDA OOM after six hours in the queue is refused on the
+login node instead.
 The suggestions are not guesses: each is the same config with one knob turned,
 validated and re-estimated, kept only when it is valid and fits.
 """
@@ -12,9 +13,9 @@ import dataclasses
 from typing import Iterator
 
 from launch.config import Config, derive
-from launch.config.schema import BackendName, Offload, Recompute
+from launch.config.schema import BackendName, Offload, ParallelConfig, Recompute
 from launch.config.validate import validate
-from launch.estimate import estimate
+from launch.estimate.memory import memory_estimate
 
 
 def memory_problem(cfg: Config, peak_gib: float) -> str | None:
@@ -41,13 +42,13 @@ def _fitting_variants(cfg: Config) -> list[tuple[list[str], float]]:
         d = derive(variant)
         if validate(variant, d):
             continue
-        peak = estimate(variant, d)["memory_gib"]["per_gpu_peak"]
+        peak = memory_estimate(variant, d)[0]["per_gpu_peak"]
         if peak <= cfg.cluster.gpu.hbm_gib:
             found.append((overrides, peak))
     return sorted(found, key=lambda item: item[1])
 
 
-def _variants(cfg: Config) -> Iterator[tuple[list[str], object]]:
+def _variants(cfg: Config) -> Iterator[tuple[list[str], ParallelConfig]]:
     p = cfg.parallel
     change = dataclasses.replace
     for mode in (Recompute.selective, Recompute.full):

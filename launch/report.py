@@ -9,15 +9,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from launch.fmt import si
 from launch.plan import Plan
-
-
-def _si(x: float, unit: str = "") -> str:
-    """1.23e9 -> '1.23 G' (with unit)."""
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= factor:
-            return f"{x / factor:.3g} {prefix}{unit}".rstrip()
-    return f"{x:.3g} {unit}".rstrip()
 
 
 def _duration(days: float) -> str:
@@ -35,7 +28,7 @@ def _energy(mwh: float) -> str:
 def plan_table(plan: Plan) -> Table:
     cfg, d, n = plan.cfg, plan.derived, plan.numbers
     mem, thr, run, par = n["memory_gib"], n["throughput"], n["run"], n["parallel"]
-    params = _si(n["model"]["params_total"]) + (f" ({_si(n['model']['params_active'])} active)"
+    params = si(n["model"]["params_total"]) + (f" ({si(n['model']['params_active'])} active)"
                                                if cfg.model.num_experts else "")
     title = (f"[bold]{cfg.name}[/bold]: {cfg.model.name} {params} params, {cfg.stage.kind.name}, "
              f"{cfg.backend.name.name}, {cfg.cluster.nodes} x {cfg.cluster.gpus_per_node} {cfg.cluster.gpu.name}")
@@ -46,12 +39,12 @@ def plan_table(plan: Plan) -> Table:
     verdict = "[green]fits[/green]" if mem["fits"] else "[bold red]DOES NOT FIT[/bold red]"
     table.add_row("fits?", f"{verdict}: {mem['per_gpu_peak']:.1f} of {mem['hbm']:.1f} GiB per GPU "
                   f"(heaviest of {len(d.stage_layers)} pipeline stage(s))")
-    table.add_row("how fast?", f"{thr['step_time_s']:.3g} s/step, {_si(thr['tokens_per_s_per_gpu'])} tokens/s/GPU, "
+    table.add_row("how fast?", f"{thr['step_time_s']:.3g} s/step, {si(thr['tokens_per_s_per_gpu'])} tokens/s/GPU, "
                   f"{thr['tflops_per_gpu']:.0f} TFLOP/s/GPU, MFU {100 * thr['mfu']:.1f}%")
-    table.add_row("how long?", f"{_duration(run['wall_clock_days'])}: {run['steps']:,} steps of {_si(d.tokens_per_step)} "
-                  f"tokens = {_si(run['tokens'])} tokens, {run['jobs_needed']} job(s) of {cfg.cluster.time_limit}")
+    table.add_row("how long?", f"{_duration(run['wall_clock_days'])}: {run['steps']:,} steps of {si(d.tokens_per_step)} "
+                  f"tokens = {si(run['tokens'])} tokens, {run['jobs_needed']} job(s) of {cfg.cluster.time_limit}")
     co2 = f", {run['co2_tonnes']:.3g} t CO2" if run.get("co2_tonnes") else ""
-    table.add_row("how much?", f"{_si(run['gpu_hours'])} GPU-hours, ${run['cost_usd']:,.0f}, "
+    table.add_row("how much?", f"{si(run['gpu_hours'])} GPU-hours, ${run['cost_usd']:,.0f}, "
                   f"{_energy(run['energy_mwh'])}{co2}")
     table.add_row("", "")
     vpp = f" (vpp {par['vpp']})" if par["vpp"] > 1 else ""

@@ -17,7 +17,6 @@ import platform
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path

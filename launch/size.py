@@ -26,6 +26,7 @@ from pathlib import Path
 from launch.config.schema import ClusterConfig
 from launch.config.slurm_time import parse_time_limit
 from launch.errors import UserError
+from launch.fmt import si
 from launch.estimate.run import Facility, run_costs
 from launch.estimate.scaling import FITS, inference_optimal, kaplan_optimal, lifetime_flops
 from launch.size_schema import SizeConfig
@@ -183,13 +184,6 @@ def size_numbers(cfg: SizeConfig, hw: Hardware) -> dict:
 
 # ---- the table --------------------------------------------------------------------------
 
-def _si(x: float, unit: str = "") -> str:
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= factor:
-            return f"{x / factor:.3g}{prefix}{unit}"
-    return f"{x:.3g}{unit}"
-
-
 def size_table(n: dict, name: str):
     from rich.table import Table
 
@@ -201,7 +195,7 @@ def size_table(n: dict, name: str):
         table.add_row(f"[bold]{title}[/bold]", "")
 
     section("run")
-    table.add_row("params x tokens", f"{_si(n['params'])} x {_si(n['tokens'])} ({n['tokens_per_param']:.3g} tokens/param)")
+    table.add_row("params x tokens", f"{si(n['params'])} x {si(n['tokens'])} ({n['tokens_per_param']:.3g} tokens/param)")
     if n["sized_by"] != "given":
         table.add_row("sized by", n["sized_by"])
     table.add_row("compute (6ND)", f"{n['flops']:.3g} FLOPs")
@@ -215,16 +209,16 @@ def size_table(n: dict, name: str):
                   f"{n['checkpoint_write_s']:.3g} s to write")
     section(f"scaling ({n['scaling_law']})")
     table.add_row("predicted loss", f"{n['predicted_loss']:.3f}")
-    table.add_row("compute-optimal", f"{_si(n['optimal_params'])} params x {_si(n['optimal_tokens'])} tokens, "
+    table.add_row("compute-optimal", f"{si(n['optimal_params'])} params x {si(n['optimal_tokens'])} tokens, "
                   f"loss {n['optimal_loss']:.3f}")
-    table.add_row("Kaplan 2020 (N ~ C^0.73)", f"{_si(n['kaplan_params'])} params x {_si(n['kaplan_tokens'])} tokens")
+    table.add_row("Kaplan 2020 (N ~ C^0.73)", f"{si(n['kaplan_params'])} params x {si(n['kaplan_tokens'])} tokens")
     inf = n["inference_optimal"]
     if inf:
         saving = 1 - inf["lifetime_flops"] / inf["compute_optimal_lifetime_flops"]
-        table.add_row(f"inference-aware ({_si(n['inference_tokens'])} served)",
-                      f"{_si(inf['params'])} params x {_si(inf['tokens'])} tokens, same loss")
+        table.add_row(f"inference-aware ({si(n['inference_tokens'])} served)",
+                      f"{si(inf['params'])} params x {si(inf['tokens'])} tokens, same loss")
         table.add_row("  lifetime FLOPs", f"{inf['lifetime_flops']:.3g} vs {inf['compute_optimal_lifetime_flops']:.3g}"
-                      f" for {_si(inf['compute_optimal_params'])} (-{saving:.0%})")
+                      f" for {si(inf['compute_optimal_params'])} (-{saving:.0%})")
     return table
 
 

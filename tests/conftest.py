@@ -13,6 +13,8 @@ from launch.config import derive
 from launch.config.compose import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "deepspeed", "megatron", "transformers", "datasets", "wandb", "numpy", "matplotlib")
+"""Packages the login-node path (everything up to submit) must not import."""
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
 

@@ -24,7 +24,8 @@ import yaml
 
 from launch.backends import FILES, artifacts, save_interval
 from launch.backends.deepspeed import to_deepspeed, to_deepspeed_reference
-from launch.backends.megatron import padded_vocab_size, resolve, to_megatron
+from launch.backends.megatron import resolve, to_megatron
+from launch.estimate.params import model_vocab_size
 from launch.backends.megatron_lm import EXIT_SIGNAL, to_megatron_lm_args
 from tests.conftest import RECIPES, ROOT, typed
 
@@ -268,8 +269,8 @@ def test_megatron_yaml_names_the_uneven_pipeline_fields():
 
 
 def test_padded_vocab_is_a_multiple_of_128_tp():
-    cfg, _ = typed("recipe=gpt3_175b_pretrain_h100")
-    assert padded_vocab_size(cfg) == 51200  # 50257 -> 50 x 1024
+    cfg, d = typed("recipe=gpt3_175b_pretrain_h100")
+    assert to_megatron(cfg, d)["gpt_model"]["vocab_size"] == model_vocab_size(cfg) == 51200  # 50257 -> 50 x 1024
 
 
 # --- Megatron-LM flags --------------------------------------------------------

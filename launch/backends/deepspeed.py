@@ -9,8 +9,9 @@ The batch arithmetic is written out, never "auto"::
 
     train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps * dp
 
-with dp and the accumulation steps read from ``Derived`` (dp = world / cp:
-DeepSpeed divides its world size by ``sequence_parallel_size``). DeepSpeed
+with the accumulation steps read from ``Derived`` (its dp is world / (tp*pp*cp),
+on DeepSpeed world / cp, since tp = pp = 1: DeepSpeed divides its world size by
+``sequence_parallel_size``). DeepSpeed
 asserts the same equation with the world size it finds at start-up, so a job
 started on the wrong number of GPUs fails before its first step.
 

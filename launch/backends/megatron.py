@@ -38,6 +38,7 @@ from typing import Any
 
 from launch.backends.common import blend, reads_raw_chat, split_string, tokenizer_dir, wsd_decay_steps
 from launch.config.derive import Derived
+from launch.estimate.params import model_vocab_size
 from launch.config.schema import Activation, Config, Precision, Recompute, Schedule
 
 MEGATRON_CORE_VERSION = "0.16"
@@ -94,16 +95,6 @@ def to_megatron_yaml(cfg: Config, d: Derived) -> str:
         body = yaml.safe_dump({name: section}, sort_keys=False, default_flow_style=False, width=1000)
         parts.append(f"\n# {_COMMENTS[name]}\n{body}")
     return "".join(parts)
-
-
-def padded_vocab_size(cfg: Config) -> int:
-    """The vocabulary rounded up to a multiple of 128 * tp, as Megatron-LM pads it.
-
-    The output layer is split over tp ranks, and 128-aligned shards keep its
-    matmuls on fast tensor-core shapes (Megatron-LM --make-vocab-size-divisible-by 128).
-    """
-    multiple = 128 * cfg.parallel.tp
-    return -(-cfg.model.vocab_size // multiple) * multiple
 
 
 def _model_parallel(cfg: Config, d: Derived) -> dict:
@@ -183,7 +174,7 @@ def _recompute(cfg: Config) -> dict:
 def _gpt_model(cfg: Config) -> dict:
     m = cfg.model
     return {
-        "vocab_size": padded_vocab_size(cfg),
+        "vocab_size": model_vocab_size(cfg),  # padded to 128 * tp, as Megatron-LM pads it
         "max_sequence_length": m.max_position_embeddings or m.seq_length,
         "position_embedding_type": m.position_embedding_type.value,
         "rotary_base": m.rotary_base,

@@ -134,12 +134,6 @@ def logits_training_flops(m: ModelConfig, vocab: int) -> float:
     return training_flops(logits_macs(m, vocab))
 
 
-def recompute_flops_per_token(cfg: Config) -> float:
-    """Extra FLOPs per token that activation recomputation costs over all layers (see layer_recompute_flops)."""
-    m = cfg.model
-    return m.num_layers * layer_recompute_flops(m, m.seq_length, cfg.parallel.recompute).total
-
-
 def flops_estimate(cfg: Config, d: Derived, n_active: float) -> dict:
     """The plan's ``flops`` block: per_token, per_step, total, and per_token_6nd beside them."""
     per_token = flops_per_token(cfg)

@@ -165,11 +165,6 @@ def checkpoint_interval_seconds(cfg: Config, d: Derived, n_params: float, step_s
     return young_daly_interval_seconds(write, job_mtbf_hours(cfg, d) * 3600)
 
 
-def checkpoint_interval_steps(cfg: Config, d: Derived, n_params: float, step_s: float) -> int:
-    """The checkpoint interval in whole steps (at least 1), for --save-interval."""
-    return max(1, round(checkpoint_interval_seconds(cfg, d, n_params, step_s) / step_s))
-
-
 def run_estimate(cfg: Config, d: Derived, n_params: float, step_s: float) -> dict:
     """The plan's ``run`` block: tokens, steps, then ``run_costs`` of steps x step time on the world size."""
     wall_s = d.steps * step_s
