@@ -21,6 +21,9 @@ class Derived:
     """cluster.nodes * cluster.gpus_per_node."""
     dp: int
     """Data-parallel replicas: world / (tp * pp * cp)."""
+    dense_dp: int
+    """Ranks the dense gradients and optimizer state are sharded over: dp * cp
+    (Megatron's data-parallel group includes the context-parallel ranks)."""
     etp: int
     """Tensor parallel size inside experts (parallel.etp, or tp)."""
     expert_dp: int
@@ -106,7 +109,7 @@ def derive(cfg: Config) -> Derived:
     )
     lr = cfg.stage.lr if cfg.stage.lr is not None else cfg.optim.lr
     return Derived(
-        world_size=world, dp=dp, etp=etp, expert_dp=expert_dp,
+        world_size=world, dp=dp, dense_dp=dp * max(p.cp, 1), etp=etp, expert_dp=expert_dp,
         sequence_parallel=sequence_parallel, grad_accum_steps=grad_accum,
         tokens_per_step=tokens_per_step, steps=steps, tokens=tokens,
         stage_layers=layers, lr=lr,

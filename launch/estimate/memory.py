@@ -131,7 +131,7 @@ def stage_state_bytes(cfg: Config, d: Derived, stage: StageParams) -> StateBytes
     """Model states on one GPU of a stage: dense parameters sharded over dp*cp, experts over expert_dp."""
     if cfg.backend.name == BackendName.deepspeed:
         return deepspeed_state_bytes(cfg, stage.total, d.dp, largest_module_params(cfg.model))
-    dense = megatron_state_bytes(cfg, stage.dense, d.dp * max(cfg.parallel.cp, 1))
+    dense = megatron_state_bytes(cfg, stage.dense, d.dense_dp)
     return dense + megatron_state_bytes(cfg, stage.expert, d.expert_dp)
 
 
@@ -187,10 +187,16 @@ def layer_activations(cfg: Config) -> LayerActivations:
     return LayerActivations(sequence=10, tensor=attention + mlp, expert=expert, scores=scores)
 
 
-def _tokens_hidden(cfg: Config) -> float:
-    """s*b*h of one micro-batch on one GPU: context parallelism splits the sequence."""
+def local_tokens(cfg: Config) -> float:
+    """Tokens of one micro-batch on one GPU, s*b/cp: context parallelism splits the
+    sequence; tensor parallelism splits the work on each token, not the tokens."""
     m, p = cfg.model, cfg.parallel
-    return m.seq_length / max(p.cp, 1) * p.micro_batch_size * m.hidden_size
+    return m.seq_length / max(p.cp, 1) * p.micro_batch_size
+
+
+def _tokens_hidden(cfg: Config) -> float:
+    """s*b*h of one micro-batch on one GPU."""
+    return local_tokens(cfg) * cfg.model.hidden_size
 
 
 def _precision_scale(cfg: Config) -> float:

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from launch.config.derive import Derived
 from launch.config.schema import BackendName, Config, MfuBasis, Precision, Recompute
 from launch.estimate.flops import LayerFlops, layer_recompute_flops, layer_training_flops, logits_training_flops
-from launch.estimate.memory import bytes_per_param
+from launch.estimate.memory import ACTIVATION_BYTES_BF16, bytes_per_param, local_tokens
 from launch.estimate.params import StageParams, is_moe, kv_size, model_vocab_size, stage_params
 
 GB = 1e9
 TERA = 1e12
-ACTIVATION_BYTES = 2
+ACTIVATION_BYTES = ACTIVATION_BYTES_BF16
 """Activations, K/V and routed tokens travel in bf16."""
 
 
@@ -129,12 +129,6 @@ def _ring_gbps(cfg: Config, span: int) -> float:
 
 # ---- compute ------------------------------------------------------------------------------
 
-def _tokens_per_gpu(cfg: Config) -> float:
-    """Tokens of one micro-batch each GPU of a model replica works on: s*b/cp (tp splits the work, not the tokens)."""
-    m, p = cfg.model, cfg.parallel
-    return m.seq_length / max(p.cp, 1) * p.micro_batch_size
-
-
 def layer_seconds(cfg: Config, flops: LayerFlops, r: Rates) -> float:
     """Seconds for ``flops`` (per token of one layer) on one micro-batch on one GPU.
 
@@ -144,7 +138,7 @@ def layer_seconds(cfg: Config, flops: LayerFlops, r: Rates) -> float:
     """
     mlp_rate = r.expert if is_moe(cfg.model) else r.linear
     per_token = flops.projections / r.linear + flops.attention / r.attention + flops.mlp / mlp_rate
-    return per_token * _tokens_per_gpu(cfg) / max(cfg.parallel.tp, 1)
+    return per_token * local_tokens(cfg) / max(cfg.parallel.tp, 1)
 
 
 def compute_seconds(cfg: Config, layers: int, last_stage: bool) -> float:
@@ -157,7 +151,7 @@ def compute_seconds(cfg: Config, layers: int, last_stage: bool) -> float:
     total = layers * per_layer
     if last_stage:
         logits = logits_training_flops(m, model_vocab_size(cfg)) / r.logits
-        total += logits * _tokens_per_gpu(cfg) / max(cfg.parallel.tp, 1)
+        total += logits * local_tokens(cfg) / max(cfg.parallel.tp, 1)
     return total
 
 
@@ -166,7 +160,7 @@ def attention_seconds(cfg: Config, layers: int) -> float:
     m, r = cfg.model, rates(cfg)
     core = (layer_training_flops(m, m.seq_length).attention
             + layer_recompute_flops(m, m.seq_length, cfg.parallel.recompute).attention)
-    return layers * core / r.attention * _tokens_per_gpu(cfg) / max(cfg.parallel.tp, 1)
+    return layers * core / r.attention * local_tokens(cfg) / max(cfg.parallel.tp, 1)
 
 
 def _layer_passes(cfg: Config) -> int:
@@ -187,7 +181,7 @@ def tp_comm_seconds(cfg: Config, layers: int) -> float:
     p = cfg.parallel
     if p.tp <= 1:
         return 0.0
-    message = ACTIVATION_BYTES * _tokens_per_gpu(cfg) * cfg.model.hidden_size
+    message = ACTIVATION_BYTES * local_tokens(cfg) * cfg.model.hidden_size
     per_layer = 4 * collective_seconds(cfg, message, p.tp, _ranks_per_node(cfg, 1, p.tp))
     return per_layer * _layer_passes(cfg) * layers
 
@@ -227,7 +221,7 @@ def ep_comm_seconds(cfg: Config, d: Derived, layers: int) -> float:
     p, m = cfg.parallel, cfg.model
     if not is_moe(m) or p.ep <= 1:
         return 0.0
-    tokens = _tokens_per_gpu(cfg) / (p.tp if d.sequence_parallel else 1)
+    tokens = local_tokens(cfg) / (p.tp if d.sequence_parallel else 1)
     volume = 2 * tokens * m.moe_router_topk * m.hidden_size * ACTIVATION_BYTES
     k = _ranks_per_node(cfg, d.etp, p.ep)
     gpu = cfg.cluster.gpu
@@ -260,7 +254,7 @@ def dp_comm_seconds(cfg: Config, d: Derived, stage: StageParams) -> float:
             per_param = 2 * grads
         return collective_seconds(cfg, stage.total * per_param, d.dp, _ranks_per_node(cfg, 1, d.dp))
     per_param = b.grads + b.weights if p.distributed_optimizer else 2 * b.grads
-    dense_ranks = d.dp * max(p.cp, 1)
+    dense_ranks = d.dense_dp
     dense = collective_seconds(cfg, stage.dense * per_param, dense_ranks, _ranks_per_node(cfg, p.tp, dense_ranks))
     experts = collective_seconds(cfg, stage.expert * per_param, d.expert_dp,
                                  _ranks_per_node(cfg, p.ep * d.etp, d.expert_dp))
