@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"did you mean 'trainctl {near[0]}'? " if near else ""
         _error(f"unknown verb {verb!r}\n  fix: {hint}verbs: {', '.join(VERBS)}")
         return EXIT_USER_ERROR
-    return _run_hydra_verb(verb, rest)
+    try:
+        return _run_hydra_verb(verb, rest)
+    except BrokenPipeError:  # `trainctl plan --help | head`: stop writing, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _usage() -> str:
@@ -152,6 +156,8 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - only Hydra's and OmegaConf's errors are user errors
+        if isinstance(exc, BrokenPipeError):
+            raise  # the reader went away (| head): main() ends quietly
         schema = VERBS[verb].schema
         message = explain(exc, schema()) if schema else explain(exc)
         if message is None:
