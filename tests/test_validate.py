@@ -6,6 +6,7 @@ import shlex
 
 import pytest
 
+from launch.config import backend_rules as b
 from launch.config import validate as v
 from tests.conftest import RECIPES, typed
 
@@ -76,7 +77,7 @@ CASES = {
         ["parallel.sequence_parallel=true", "parallel.tp=2", "cluster.gpus_per_node=2"],
         [(["parallel.sequence_parallel=true"], "needs tp > 1"),
          (["parallel.sequence_parallel=maybe"], "must be auto, true or false")]),
-    v.deepspeed_layout: (
+    b.deepspeed_layout: (
         ["backend=deepspeed", "parallel.recompute=full", "parallel.offload_params=cpu"],
         [(["backend=deepspeed", "parallel.tp=2", "cluster.gpus_per_node=2"], "backend=megatron"),
          (["backend=deepspeed", "parallel.pp=2", "cluster.gpus_per_node=2"], "parallel.pp=2"),
@@ -100,7 +101,7 @@ CASES = {
     v.no_secrets_in_files: (
         ["+cluster.env.NCCL_IB_HCA=mlx5"],
         [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN")]),
-    v.local_cluster_precision: (["cluster=h100", "train.precision=fp8"], [(["train.precision=fp8"], "FP8 needs H100")]),
+    b.local_cluster_precision: (["cluster=h100", "train.precision=fp8"], [(["train.precision=fp8"], "FP8 needs H100")]),
     v.mixture_weights: (
         ["data.sources.code.weight=0.01"],
         [(["data.sources.code.weight=0"], "data.sources.code.weight=0"),
@@ -110,34 +111,34 @@ CASES = {
         ["stage=sft", "stage.init_checkpoint=/ckpt/sft"],
         [(["stage=dpo"], "stage.from_scratch=true"),
          (["stage=rlhf", "stage.init_checkpoint=/ckpt/sft"], "needs a reward model")]),
-    v.stage_supported_by_backend: (
+    b.stage_supported_by_backend: (
         ["recipe=llama3_8b_dpo_h100"],
         [(["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "megatron-core ships neither"),
          (["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "backend=deepspeed"),
          (["recipe=llama3_8b_dpo_h100", "stage=rlhf", "stage.reward_model=/rm"], "no RLHF (PPO)"),
          (["stage=rlhf", "stage.from_scratch=true", "backend=megatron"], "stage=dpo backend=deepspeed")]),
-    v.learning_rate_schedule: (
+    b.learning_rate_schedule: (
         ["recipe=llama3_8b_sft_h100"],
         [(["stage=sft", "stage.from_scratch=true"], "min_lr 3e-05 is above the peak learning rate 1e-05"),
          (["stage=sft", "stage.from_scratch=true"], "stage.lr=1e-05"),
          (["backend=deepspeed", "optim.warmup_steps=0"], "WarmupCosineLR needs at least one warmup step"),
          (["optim.warmup_steps=20"], "the warmup is as long as the run")]),
-    v.deepspeed_nvme_offload: (
+    b.deepspeed_nvme_offload: (
         ["backend=deepspeed", "parallel.offload_optimizer=cpu", "parallel.offload_params=cpu"],
         [(["backend=deepspeed", "parallel.offload_optimizer=nvme"], "parallel.offload_optimizer=nvme: NVMe offload"),
          (["backend=deepspeed", "parallel.offload_params=nvme"], "parallel.offload_params=cpu")]),
-    v.deepspeed_ulysses: (
+    b.deepspeed_ulysses: (
         ["recipe=llama3_8b_sft_h100", "parallel.cp=2"],
         [(["recipe=llama3_8b_sft_h100", "model.num_attention_heads=24", "model.num_query_groups=6", "parallel.cp=4"],
           "6 KV heads to divide by cp=4"),
          (["recipe=llama3_8b_sft_h100", "model.num_attention_heads=24", "parallel.cp=16"],
           "24 heads cannot be split evenly over cp=16"),
          (["recipe=llama3_8b_dpo_h100", "parallel.cp=2"], "token-level losses (pretrain, SFT) only")]),
-    v.megatron_parallel_needs_transformer_engine: (
+    b.megatron_parallel_needs_transformer_engine: (
         ["train.precision=fp32", "parallel.tp=2", "parallel.sequence_parallel=false", "cluster.gpus_per_node=2"],
         [(["train.precision=fp32", "parallel.tp=2", "cluster.gpus_per_node=2"], "TransformerEngine's norms"),
          (["train.precision=fp32", "parallel.cp=2", "cluster.gpus_per_node=2"], "parallel.cp=2, train.precision=fp32")]),
-    v.megatron_sft_data: (
+    b.megatron_sft_data: (
         ["stage=sft", "stage.from_scratch=true", "data=chat_sft"],
         [(["stage=sft", "stage.from_scratch=true"], 'under the key "messages"'),
          (["stage=sft", "stage.from_scratch=true", "data=chat_sft", "stage.mask_prompt=false"],

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from launch.config.derive import Derived
 from launch.config.slurm_time import parse_time_limit
-from launch.config.schema import BackendName, Config, Offload, Precision, Recompute, Schedule, Scheduler, StageKind
+from launch.config.schema import BackendName, Config, StageKind
 
 
 @dataclass(frozen=True)
@@ -393,140 +393,6 @@ def no_secrets_in_files(cfg: Config, d: Derived) -> Iterator[Problem]:
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
-# --- backend scope ------------------------------------------------------------
-
-@rule
-def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """The DeepSpeed backend trains Hugging Face models with ZeRO data parallelism."""
-    if _megatron(cfg):
-        return
-    p = cfg.parallel
-    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep)):  # cp: deepspeed_ulysses
-        if value > 1:
-            yield Problem({"backend": "deepspeed", key: value},
-                          f"{key.split('.')[1]} > 1 is not supported on the DeepSpeed backend (ZeRO data parallelism only)",
-                          f"backend=megatron, or {key}=1")
-    if p.recompute == Recompute.selective:
-        yield Problem({"backend": "deepspeed", "parallel.recompute": p.recompute},
-                      "Hugging Face models offer full activation checkpointing only",
-                      "parallel.recompute=full (or none)")
-    if p.zero_stage not in (0, 1, 2, 3):
-        yield Problem({"parallel.zero_stage": p.zero_stage}, "ZeRO stages are 0, 1, 2 and 3", "parallel.zero_stage=3")
-    if p.offload_optimizer.name != "none" and p.zero_stage == 0:
-        yield Problem({"parallel.offload_optimizer": p.offload_optimizer, "parallel.zero_stage": p.zero_stage},
-                      "optimizer offload needs ZeRO stage 1 or higher", "parallel.zero_stage=3")
-    if p.offload_params.name != "none" and p.zero_stage != 3:
-        yield Problem({"parallel.offload_params": p.offload_params, "parallel.zero_stage": p.zero_stage},
-                      "parameter offload needs ZeRO stage 3", "parallel.zero_stage=3")
-    if cfg.train.precision == Precision.fp8:
-        yield Problem({"backend": "deepspeed", "train.precision": cfg.train.precision},
-                      "FP8 training goes through TransformerEngine, which the Megatron backend uses",
-                      "train.precision=bf16, or backend=megatron")
-
-
-@rule
-def local_cluster_precision(cfg: Config, d: Derived) -> Iterator[Problem]:
-    if cfg.cluster.scheduler == Scheduler.local and cfg.train.precision == Precision.fp8:
-        yield Problem({"cluster": cfg.cluster.name, "train.precision": cfg.train.precision},
-                      "FP8 needs H100-class GPUs", "train.precision=fp32 (CPU) or bf16")
-
-
-@rule
-def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Which alignment stages each backend's translation covers (launch/backends)."""
-    kind, keys = cfg.stage.kind, {"backend": cfg.backend.name, "stage": cfg.stage.kind}
-    if kind == StageKind.dpo and _megatron(cfg):
-        yield Problem(keys, "DPO needs a frozen reference model and a preference loss: megatron-core ships neither, "
-                      "and Megatron-LM's pretrain_gpt.py has no DPO",
-                      "backend=deepspeed (ZeRO-3 with a frozen reference engine; tp, pp and cp 1)")
-    if kind == StageKind.rlhf:
-        yield Problem(keys, "trainctl translates no RLHF (PPO) run: it needs rollout generation, a reward model and a "
-                      "value model beside the policy, which neither translator sets up",
-                      "stage=dpo backend=deepspeed (learns from the same preference comparisons, no reward model)")
-
-
-@rule
-def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """The schedule decays from the peak LR (Derived.lr) down to optim.min_lr."""
-    o = cfg.optim
-    peak_key = "stage.lr" if cfg.stage.lr is not None else "optim.lr"
-    if o.min_lr > d.lr:
-        yield Problem({"optim.min_lr": o.min_lr, peak_key: d.lr},
-                      f"min_lr {o.min_lr:g} is above the peak learning rate {d.lr:g}: the decay would raise the LR "
-                      "(Megatron's scheduler refuses it)", f"optim.min_lr={d.lr / 10:g}")
-    if o.warmup_steps >= d.steps > 0:
-        yield Problem({"optim.warmup_steps": o.warmup_steps, "steps": d.steps},
-                      "the warmup is as long as the run: the LR would never decay (Megatron's scheduler refuses it)",
-                      f"optim.warmup_steps={max(d.steps // 10, 1)}")
-    if not _megatron(cfg) and o.schedule == Schedule.cosine and o.warmup_steps < 1:
-        yield Problem({"optim.warmup_steps": o.warmup_steps, "backend": "deepspeed"},
-                      "DeepSpeed's WarmupCosineLR needs at least one warmup step", "optim.warmup_steps=1")
-
-
-@rule
-def deepspeed_nvme_offload(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """ZeRO-Infinity's NVMe offload writes to each node's local NVMe drive."""
-    if _megatron(cfg):
-        return
-    for key in ("offload_optimizer", "offload_params"):
-        if getattr(cfg.parallel, key) == Offload.nvme:
-            yield Problem({f"parallel.{key}": Offload.nvme}, "NVMe offload needs the path of each node's local NVMe "
-                          "drive, and trainctl has no key for it yet", f"parallel.{key}=cpu")
-
-
-@rule
-def deepspeed_ulysses(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """parallel.cp > 1 on DeepSpeed is Ulysses: an all-to-all trades sequence shards for attention heads."""
-    p, m = cfg.parallel, cfg.model
-    if _megatron(cfg) or p.cp < 2:
-        return
-    yield from _split_evenly("model.num_attention_heads", m.num_attention_heads, "heads", "parallel.cp", p.cp)
-    kv = m.num_query_groups or m.num_attention_heads
-    if kv % p.cp and p.cp % kv:
-        fits = [c for c in _divisors(m.num_attention_heads) if not kv % c or not c % kv]
-        yield Problem({"model.num_query_groups": kv, "parallel.cp": p.cp},
-                      f"Ulysses needs the {kv} KV heads to divide by cp={p.cp}, or cp by them (it replicates them)",
-                      f"choose parallel.cp from {fits}")
-    if cfg.stage.kind == StageKind.dpo:
-        yield Problem({"backend": "deepspeed", "parallel.cp": p.cp, "stage": cfg.stage.kind},
-                      "DPO sums each sequence's log-probabilities, which Ulysses splits over cp ranks; trainctl "
-                      "translates Ulysses for token-level losses (pretrain, SFT) only", "parallel.cp=1")
-
-
-@rule
-def megatron_parallel_needs_transformer_engine(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """CPU runs (train.precision=fp32) build megatron-core's own layers, not TransformerEngine's."""
-    p = cfg.parallel
-    if not _megatron(cfg) or cfg.train.precision != Precision.fp32:
-        return
-    if d.sequence_parallel:
-        yield Problem({"parallel.sequence_parallel": p.sequence_parallel, "parallel.tp": p.tp,
-                       "train.precision": "fp32"},
-                      "sequence parallelism needs TransformerEngine's norms: megatron-core's own give slightly wrong "
-                      "gradients without an error, and fp32 (CPU) runs use them",
-                      "parallel.sequence_parallel=false, or train.precision=bf16 on GPUs")
-    if p.cp > 1:
-        yield Problem({"parallel.cp": p.cp, "train.precision": "fp32"},
-                      "context parallelism needs TransformerEngine's attention, which fp32 (CPU) runs do not use",
-                      "parallel.cp=1, or train.precision=bf16 on GPUs")
-
-
-@rule
-def megatron_sft_data(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Megatron-LM's SFT dataset reads JSONL lines holding a "messages" list and trains on the replies only."""
-    if not _megatron(cfg) or cfg.stage.kind != StageKind.sft:
-        return
-    for name, source in cfg.data.sources.items():
-        if not source.path.endswith(".jsonl") or source.text_key != "messages":
-            yield Problem({f"data.sources.{name}.path": source.path, f"data.sources.{name}.text_key": source.text_key},
-                          'SFT on Megatron reads .jsonl files of conversations under the key "messages"',
-                          f"data=chat_sft, or data.sources.{name}.path=<chat .jsonl> "
-                          f"data.sources.{name}.text_key=messages")
-    if not cfg.stage.mask_prompt:
-        yield Problem({"stage.mask_prompt": False, "backend": "megatron"},
-                      "Megatron-LM's SFT dataset always masks the prompt tokens", "stage.mask_prompt=true")
-
-
 # --- data and stage -----------------------------------------------------------
 
 @rule
@@ -588,3 +454,7 @@ def estimate_settings(cfg: Config, d: Derived) -> Iterator[Problem]:
         if not value >= 0:
             yield Problem({f"estimate.{name}": value}, "a memory overhead cannot be negative",
                           f"estimate.{name}={getattr(defaults, name)} (the default), or 0")
+
+
+# The rules scoped to one backend live in their own module; importing it registers them.
+from launch.config import backend_rules  # noqa: E402,F401  (pyflakes: imported for its side effect)
