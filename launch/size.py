@@ -17,6 +17,7 @@ with ``trainctl plan``. Standard library, Hydra and rich only: no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -102,20 +103,14 @@ def hardware(cfg: SizeConfig, profile: ClusterConfig) -> Hardware:
     if not limit_s > 0:
         raise UserError(f"time_limit={limit!r} (from the cluster profile gpu={cfg.gpu}): not a positive SLURM time "
                         "limit\n  fix: time_limit=04:00:00, or correct the profile's time_limit")
-    return Hardware(
-        gpu_name=profile.gpu.name,
-        peak_tflops=pick(cfg.peak_tflops, profile.gpu.peak_bf16_tflops),
-        facility=Facility(
-            usd_per_gpu_hour=pick(cfg.usd_per_gpu_hour, profile.usd_per_gpu_hour),
-            gpu_power_w=pick(cfg.power_w, profile.gpu.power_w),
-            node_overhead_w=pick(cfg.node_overhead_w, profile.node_overhead_w),
-            pue=pick(cfg.pue, profile.pue),
-            grid_kgco2_per_kwh=pick(cfg.grid_kgco2_per_kwh, profile.grid_kgco2_per_kwh),
-            gpu_mtbf_hours=pick(cfg.mtbf_hours, profile.gpu.mtbf_hours),
-            checkpoint_write_gbps=pick(cfg.checkpoint_write_gbps, profile.checkpoint_write_gbps),
-            time_limit_s=limit_s,
-        ),
-    )
+    # The profile's facility, then the size keys that are set (size's names -> Facility's).
+    given = {"usd_per_gpu_hour": cfg.usd_per_gpu_hour, "gpu_power_w": cfg.power_w,
+             "node_overhead_w": cfg.node_overhead_w, "pue": cfg.pue, "grid_kgco2_per_kwh": cfg.grid_kgco2_per_kwh,
+             "gpu_mtbf_hours": cfg.mtbf_hours, "checkpoint_write_gbps": cfg.checkpoint_write_gbps}
+    facility = dataclasses.replace(Facility.of(dataclasses.replace(profile, time_limit=limit)),
+                                   **{key: value for key, value in given.items() if value is not None})
+    return Hardware(gpu_name=profile.gpu.name, peak_tflops=pick(cfg.peak_tflops, profile.gpu.peak_bf16_tflops),
+                    facility=facility)
 
 
 def run_shape(cfg: SizeConfig) -> tuple[float, float, str]:
