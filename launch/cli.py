@@ -30,7 +30,7 @@ launch artifacts into its run directory (runs/NAME).
 verbs:
 {verbs}
 
-not built yet: submit, status, cancel, tune, prepare (see the README).
+not built yet: tune, prepare, and training itself (see the README).
 
 config groups (group=option; `trainctl plan --help` shows every key):
 {groups}
@@ -40,6 +40,8 @@ Examples:
   trainctl plan recipe=llama3_70b_pretrain_h100 parallel.tp=8 cluster.nodes=32
   trainctl plan --cfg job --resolve recipe=tiny_local
   trainctl plan -m recipe=llama3_8b_pretrain_h100 parallel.tp=1,2,4
+  trainctl submit recipe=tiny_slurm          (sbatch; prints the job id and RUN_DIR at once)
+  trainctl status runs/tiny_slurm
   trainctl plan --help          (config groups and their options)
 """
 
@@ -47,7 +49,7 @@ Examples:
 @dataclass(frozen=True)
 class Verb:
     summary: str
-    run: Callable[[object, Path, list[str]], None]
+    run: Callable[[object, Path, list[str]], None] | None
     """(composed config, run directory, the command line) -> None; raises UserError."""
     config_name: str = "config"
     """The verb's primary config in conf/ (``size`` has its own)."""
@@ -55,6 +57,8 @@ class Verb:
     """Registers the verb's own schema before Hydra composes (besides launch.config.source.register)."""
     schema: Callable[[], type] | None = None
     """The verb's config dataclass, for error messages; None means trainctl's Config."""
+    direct: Callable[[list[str]], int] | None = None
+    """A verb that takes paths, not a config: called with its arguments instead of Hydra."""
 
 
 def _plan(composed, run_dir: Path, command: list[str]) -> None:
@@ -63,6 +67,29 @@ def _plan(composed, run_dir: Path, command: list[str]) -> None:
 
 def _render(composed, run_dir: Path, command: list[str]) -> None:
     _write(composed, run_dir, command, with_job_script=True)
+
+
+def _submit(composed, run_dir: Path, command: list[str]) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from launch.submit import check_submittable, submit_rendered
+
+    plan = _write(composed, run_dir, command, with_job_script=True, check=check_submittable)
+    hc = HydraConfig.get()
+    sweep_dir = Path(hc.sweep.dir).absolute() if hc.mode.name == "MULTIRUN" else None
+    submit_rendered(plan, run_dir, sweep_dir, list(hc.overrides.task))
+
+
+def _status(args: list[str]) -> int:
+    from launch.status import status_main
+
+    return status_main(args)
+
+
+def _cancel(args: list[str]) -> int:
+    from launch.status import cancel_main
+
+    return cancel_main(args)
 
 
 def _size(composed, run_dir: Path, command: list[str]) -> None:
@@ -87,6 +114,12 @@ VERBS: dict[str, Verb] = {
     "plan": Verb("compose, validate, estimate; print the plan; write RUN_DIR/{config,overrides}.yaml, plan.json, meta.json", _plan),
     "render": Verb("plan + the backend's files (ds_config.json | megatron.yaml, megatron_args.txt), plan.png and "
                    "the job script (a placeholder until the executor issues land)", _render),
+    "submit": Verb("render + sbatch the job script; returns at once with the job id and RUN_DIR "
+                   "(submit.preflight=true: ask Slurm with --test-only, queue nothing)", _submit),
+    "status": Verb("state of submitted runs, sweeps and pipelines: Slurm's view, requeues, crashes, last step "
+                   "and loss (trainctl status [RUN_DIR ...])", None, direct=_status),
+    "cancel": Verb("cancel the pending or running jobs of a run, sweep or pipeline (trainctl cancel RUN_DIR)",
+                   None, direct=_cancel),
     "size": Verb("scaling-law sizing and run cost from params+tokens or a FLOP budget; write RUN_DIR/size.json",
                  _size, config_name="size", setup=_size_setup, schema=_size_schema),
 }
@@ -104,10 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"unknown verb {verb!r}\n  fix: {hint}verbs: {', '.join(VERBS)}")
         return EXIT_USER_ERROR
     try:
+        if VERBS[verb].direct is not None:
+            return _run_direct(verb, rest)
         return _run_hydra_verb(verb, rest)
     except BrokenPipeError:  # `trainctl plan --help | head`: stop writing, as Python's docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _run_direct(verb: str, args: list[str]) -> int:
+    if "--help" in args or "-h" in args:
+        print(f"trainctl {verb}: {VERBS[verb].summary}")
+        return 0
+    try:
+        return VERBS[verb].direct(args)
+    except UserError as exc:
+        _error("\n".join(exc.problems))
+        return EXIT_USER_ERROR
 
 
 def _usage() -> str:
@@ -177,8 +223,13 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     return EXIT_USER_ERROR if failures else 0
 
 
-def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool) -> None:
-    """Plan, then write the run's records; a failure leaves a new run directory absent."""
+def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool,
+           check: Callable[[object, Path], None] | None = None):
+    """Plan, then write the run's records; a failure leaves a new run directory absent.
+
+    ``check(cfg, run_dir)`` runs after planning and before anything is written
+    (submit's refusals). Returns the plan.
+    """
     from hydra.core.hydra_config import HydraConfig
 
     from launch.plan import make_plan
@@ -188,6 +239,8 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
     try:
         plan = make_plan(composed)
+        if check is not None:
+            check(plan.cfg, run_dir)
         overrides = list(HydraConfig.get().overrides.task)
         files = {
             "config.yaml": plan.config_yaml,
@@ -204,6 +257,7 @@ def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool
         raise
     print_plan(plan)
     print(f"wrote {run_dir}/: {', '.join(sorted(files))}")
+    return plan
 
 
 def _launch_files(plan, run_dir: Path) -> dict[str, str | bytes]:
@@ -222,7 +276,7 @@ def _launch_files(plan, run_dir: Path) -> dict[str, str | bytes]:
     if oom:
         raise UserError(oom)
     files: dict[str, str | bytes] = artifacts(plan.cfg, plan.derived, run_dir=run_dir, numbers=plan.numbers)
-    name, text = job_script(plan.cfg, run_dir)
+    name, text = job_script(plan.cfg, run_dir, plan.numbers)
     files[name] = text
     if matplotlib_available():  # matplotlib takes seconds to load: render only, never plan
         stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived)]

@@ -182,9 +182,10 @@ def test_render_writes_the_job_script(workdir: Path, cluster, script):
     path = workdir / "runs/run" / script
     assert path.stat().st_mode & 0o111
     assert (workdir / "runs/run/plan.json").is_file()
-    # The placeholder says what it is and refuses to pretend to run.
-    done = subprocess.run(["bash", str(path)], capture_output=True, text=True)
-    assert done.returncode == 1 and "not built yet" in done.stderr
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0  # valid shell
+    if cluster == "local":  # runs torchrun here; until the trainers land, the entrypoint says so and fails
+        done = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and "trainer is not built yet" in done.stderr
 
 
 def test_help_lists_verbs_groups_and_options(workdir: Path):

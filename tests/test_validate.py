@@ -101,6 +101,7 @@ CASES = {
     v.no_secrets_in_files: (
         ["+cluster.env.NCCL_IB_HCA=mlx5"],
         [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN")]),
+    v.env_names: (["+cluster.env.NCCL_IB_HCA=mlx5"], [(["+cluster.env.NCCL-IB=mlx5"], "cluster.env.NCCL-IB")]),
     b.local_cluster_precision: (["cluster=h100", "train.precision=fp8"], [(["train.precision=fp8"], "FP8 needs H100")]),
     v.mixture_weights: (
         ["data.sources.code.weight=0.01"],

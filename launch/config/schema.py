@@ -70,6 +70,13 @@ class Scheduler(Enum):
     slurm = "slurm"
 
 
+class SrunMpi(Enum):
+    """``srun --mpi``: torchrun needs none; pmix/pmi2 where the site's srun requires one."""
+    none = "none"
+    pmix = "pmix"
+    pmi2 = "pmi2"
+
+
 class ScalingLaw(Enum):
     chinchilla = "chinchilla"  # Hoffmann et al. 2022, approach 3
     besiroglu = "besiroglu"  # Besiroglu et al. 2024 re-fit of the same data
@@ -286,6 +293,27 @@ class ClusterConfig:
     """Carbon intensity of the site's electricity, kg CO2 per kWh (0 = not reported)."""
     checkpoint_write_gbps: float = 100.0
     """Aggregate write bandwidth from the job to checkpoint storage, GB/s."""
+    # --- the sbatch script (slurm/job.sbatch.j2) ---
+    exclusive: bool = True
+    """``#SBATCH --exclusive``: whole nodes (what a multi-GPU training job wants)."""
+    cpus_per_node: Optional[int] = None
+    """``--cpus-per-task`` of the one task (torchrun) per node; None leaves it to the site."""
+    mem: Optional[str] = None
+    """``--mem`` per node (``0`` = all of it, ``500G``); None leaves it to the site."""
+    mpi: SrunMpi = SrunMpi.none
+    python: str = "python3"
+    """The interpreter on the nodes (inside the container, or after ``setup``) that has trainctl[train]."""
+    rdzv_port: int = 29500
+    """torchrun's c10d rendezvous port on the first node."""
+    directives: Dict[str, str] = field(default_factory=dict)
+    """Extra ``#SBATCH --KEY=VALUE`` lines (constraint, reservation, ...); an empty value renders ``--KEY``."""
+    signal_lead_s: Optional[int] = None
+    """Seconds before the time limit that SIGUSR1 asks the job to checkpoint and requeue;
+    None: one step + twice the estimated checkpoint write + 60 s (Slurm's signal timer granularity)."""
+    max_requeues: int = 100
+    """The job requeues itself at most this many times in all (SLURM_RESTART_COUNT)."""
+    max_crash_requeues: int = 3
+    """Of those, at most this many after a crash (the step failed without a stop signal)."""
 
 
 @dataclass
@@ -304,6 +332,9 @@ class TrainConfig:
     """Steps between checkpoints; None lets the estimator choose (Young/Daly)."""
     checkpoint_dir: Optional[str] = None
     """None means RUN_DIR/checkpoints."""
+    rank_check_s: float = 0.0
+    """> 0: the job trains nothing; every rank joins the process group and all-reduces for this
+    many seconds, then exits (checks an allocation, the rendezvous and the stop signals)."""
 
 
 @dataclass
@@ -338,6 +369,14 @@ class EstimateConfig:
 
 
 @dataclass
+class SubmitConfig:
+    """What ``trainctl submit`` does besides rendering."""
+
+    preflight: bool = False
+    """Ask the scheduler (``sbatch --test-only``) whether the request can be met, and queue nothing."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     """The run's name: job name and run directory (runs/NAME)."""
@@ -350,6 +389,7 @@ class Config:
     cluster: ClusterConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
 
 
 def register_schemas() -> None:

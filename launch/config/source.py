@@ -10,6 +10,7 @@ registered under the scheme ``trainctl://`` and used as the primary config path.
 from __future__ import annotations
 
 import os
+import sys
 from typing import List, Optional
 
 from hydra._internal.core_plugins.file_config_source import FileConfigSource
@@ -76,6 +77,11 @@ class TrainctlSearchPath(SearchPathPlugin):
     """
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        # hydra.main(config_path=None) adds the app's own package (pkg://launch) as
+        # "main": its sub-packages (launch/train, launch/config) would pass for
+        # config groups (`~train` would mean the package). It holds no configs.
+        path = search_path.get_path()
+        path[:] = [e for e in path if not (e.provider == "main" and e.path == "pkg://launch")]
         for directory in os.environ.get(USER_PATH_ENV, "").split(os.pathsep):
             if directory:
                 search_path.append("trainctl-user", f"file://{os.path.abspath(directory)}")
@@ -98,8 +104,10 @@ def group_options() -> dict[str, list[str]]:
 def register() -> None:
     """Make trainctl's configs visible to Hydra in this process only.
 
-    Also registers the ``${asset:data/sample/x.jsonl}`` resolver: the absolute
-    path of a file shipped with trainctl (checkout or wheel).
+    Also registers two resolvers: ``${asset:data/sample/x.jsonl}``, the absolute
+    path of a file shipped with trainctl (checkout or wheel), and ``${python:}``,
+    the interpreter running trainctl (for a test cluster on this machine, where
+    the nodes share it).
 
     Registered explicitly by the CLI (not discovered as a plugin), so other
     Hydra apps in the same environment never see trainctl's groups.
@@ -110,6 +118,8 @@ def register() -> None:
 
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda path: str(asset_dir(path.split("/")[0]) / path.partition("/")[2]))
+    if not OmegaConf.has_resolver("python"):
+        OmegaConf.register_new_resolver("python", lambda: sys.executable)
     plugins = Plugins.instance()
     plugins.register(TrainctlConfigSource)
     plugins.register(TrainctlSearchPath)

@@ -393,6 +393,18 @@ def no_secrets_in_files(cfg: Config, d: Derived) -> Iterator[Problem]:
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
+@rule
+def env_names(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """cluster.env keys become ``export NAME=...`` lines: each must be a shell variable name."""
+    for key in cfg.cluster.env:
+        if not _ENV_NAME.fullmatch(key):
+            yield Problem({f"cluster.env.{key}": cfg.cluster.env[key]}, "is not an environment variable name",
+                          "use letters, digits and _ only, not starting with a digit (NCCL_IB_HCA)")
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 # --- data and stage -----------------------------------------------------------
 
 @rule

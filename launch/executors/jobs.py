@@ -1,0 +1,81 @@
+"""Submission records: ``RUN_DIR/job.json`` for a run, ``SWEEP_DIR/sweep.json`` for a sweep.
+
+``job.json`` lists every job submitted for the run, newest last, with the
+sha256 of the exact script sbatch got and the time; a requeued job keeps its id.
+The records are rewritten whole through a temporary file and a rename, so a
+reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from launch.errors import UserError
+
+JOB_RECORD = "job.json"
+SWEEP_RECORD = "sweep.json"
+PIPELINE_RECORD = "pipeline.json"
+
+
+def read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})\n  fix: restore it, or remove it to forget the jobs") from None
+
+
+def write(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def record_submission(run_dir: Path, job_id: str, script: Path, *, scheduler: str = "slurm",
+                      dependency: str | None = None) -> dict:
+    """Append one submission to RUN_DIR/job.json; returns the entry."""
+    entry = {"job_id": job_id, "scheduler": scheduler, "submitted_utc": _now(),
+             "script": script.name, "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
+             "dependency": dependency}
+    record = read(run_dir / JOB_RECORD) or {"jobs": []}
+    record["jobs"].append(entry)
+    write(run_dir / JOB_RECORD, record)
+    return entry
+
+
+def latest_job_id(run_dir: Path) -> str | None:
+    record = read(run_dir / JOB_RECORD)
+    return record["jobs"][-1]["job_id"] if record and record.get("jobs") else None
+
+
+def refuse_if_active(run_dir: Path) -> None:
+    """A run whose last job is still pending or running is not submitted again (or re-rendered under it)."""
+    job_id = latest_job_id(run_dir)
+    if job_id is None:
+        return
+    from launch.executors.slurm import states
+
+    state = states([job_id]).get(job_id)
+    if state is not None and state.active:
+        raise UserError(f"{run_dir}: its job {job_id} is still {state.state}; submitting again would run "
+                        "two jobs in one run directory\n  fix: wait for it (`trainctl status "
+                        f"{run_dir}`), cancel it (`trainctl cancel {run_dir}`), or choose another name=")
+
+
+def add_sweep_point(sweep_dir: Path, point: dict) -> None:
+    """Add (or replace, by run_dir) one point in SWEEP_DIR/sweep.json."""
+    record = read(sweep_dir / SWEEP_RECORD) or {"points": []}
+    record["points"] = [p for p in record["points"] if p["run_dir"] != point["run_dir"]] + [point]
+    write(sweep_dir / SWEEP_RECORD, record)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,171 @@
+"""The sbatch script of a run: the config -> the values of ``slurm/job.sbatch.j2``.
+
+One renderer for every SLURM job trainctl writes (a run, a pipeline stage, a
+job array of sweep points). The template holds the shell; this module decides
+the values, each shell-quoted by the template's ``q`` filter or here, so no
+config string can run a command (tests/test_sbatch.py runs a rendered script
+with ``$(touch pwned)`` in every field).
+
+The ``#SBATCH`` lines are sorted: two scripts diff cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+from launch.config.schema import BackendName, Config
+from launch.config.slurm_time import parse_time_limit
+from launch.errors import UserError
+from launch.paths import asset_dir
+
+TEMPLATE = "job.sbatch.j2"
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""Signals torchrun forwards to its ranks (its default set plus SIGUSR1, the time-limit warning)."""
+SIGNAL_GRANULARITY_S = 60
+"""Slurm checks --signal timers about once a minute, so the signal may come up to 60 s late."""
+
+
+def signal_lead_seconds(cfg: Config, numbers: dict) -> int:
+    """Seconds before the time limit that the job gets SIGUSR1.
+
+    At the limit Slurm sends SIGTERM and then SIGKILL after KillWait (30 s by
+    default): too little to write a large checkpoint. So the warning comes
+    early enough to finish the current step and write one checkpoint twice over
+    (the estimate is from ``cluster.checkpoint_write_gbps``, which sites
+    overrate), plus Slurm's timer granularity.
+    """
+    if cfg.cluster.signal_lead_s is not None:
+        return cfg.cluster.signal_lead_s
+    from launch.estimate.run import checkpoint_write_seconds
+
+    write_s = checkpoint_write_seconds(cfg, numbers["model"]["params_total"])
+    return math.ceil(numbers["throughput"]["step_time_s"] + 2 * write_s) + SIGNAL_GRANULARITY_S
+
+
+def directives(cfg: Config, run_dir: Path, lead_s: int, *, dependency: str | None = None,
+               array: str | None = None, log_dir: Path | None = None) -> list[str]:
+    """The ``#SBATCH`` lines' options, sorted; values quoted as sbatch reads them."""
+    c = cfg.cluster
+    log = f"{log_dir or run_dir}/slurm-%A_%a.log" if array else f"{run_dir}/slurm-%j.log"
+    opts: dict[str, str | None] = {
+        "job-name": cfg.name,
+        "nodes": str(c.nodes),
+        "ntasks-per-node": "1",
+        "gpus-per-node": str(c.gpus_per_node),
+        "time": c.time_limit,
+        "output": log,
+        "error": log,
+        "open-mode": "append",  # a requeued job appends to its log instead of truncating it
+        "signal": f"B:USR1@{lead_s}",
+        "requeue": None,
+    }
+    optional = {"partition": c.partition, "account": c.account, "qos": c.qos, "mem": c.mem,
+                "cpus-per-task": None if c.cpus_per_node is None else str(c.cpus_per_node),
+                "dependency": dependency, "array": array}
+    opts.update({k: v for k, v in optional.items() if v is not None})
+    if c.exclusive:
+        opts["exclusive"] = None
+    for key, value in c.directives.items():
+        opts[key.lstrip("-")] = value or None
+    bad = {k: v for k, v in opts.items() if "\n" in k or (v is not None and ("\n" in v or "\r" in v))}
+    if bad:
+        key = next(iter(bad))
+        raise UserError(f"#SBATCH --{key}: the value {bad[key]!r} has a line break, which would end the "
+                        f"#SBATCH line\n  fix: remove the line break from the config value")
+    return [f"--{k}" if v is None else f"--{k}={shlex.quote(v)}" for k, v in sorted(opts.items())]
+
+
+def job_env(cfg: Config) -> list[tuple[str, str]]:
+    """Environment the job exports: trainctl's defaults, then cluster.env over them."""
+    env: dict[str, str] = {}
+    if cfg.backend.name == BackendName.megatron:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron's TP comm overlap needs kernels issued in order
+    if cfg.cluster.cpus_per_node:
+        env["OMP_NUM_THREADS"] = str(max(1, cfg.cluster.cpus_per_node // cfg.cluster.gpus_per_node))
+    env.update(cfg.cluster.env)
+    return sorted(env.items())
+
+
+def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
+    """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted."""
+    c = cfg.cluster
+    srun = ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if c.cpus_per_node:
+        srun.append(f"--cpus-per-task={c.cpus_per_node}")  # srun does not inherit it from sbatch (22.05+)
+    if c.container_image:
+        srun.append(f"--container-image={c.container_image}")
+        srun.append("--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"]))
+    torchrun = [c.python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}", f"--nproc-per-node={c.gpus_per_node}"]
+    rdzv = ["--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$JOB_REF",
+            "--max-restarts=0"]
+    stop = [f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={lead_s}"]
+    lines = [srun, torchrun, rdzv, stop, ["-m", "launch.train"]]
+    text = " \\\n    ".join(" ".join(_quote_keeping_vars(w) for w in words) for words in lines)
+    return f"{text} {run_dir_var}"
+
+
+def _quote_keeping_vars(word: str) -> str:
+    """shlex.quote, except that the script's own variables ($RUN_DIR, $MASTER_ADDR...) still expand.
+
+    Only trainctl's fixed variable names are let through: a ``$`` inside a config
+    value stays inside single quotes.
+    """
+    parts = []
+    for piece in _split_vars(word):
+        parts.append(f'"{piece}"' if piece.startswith("$") else shlex.quote(piece) if piece else "")
+    return "".join(parts)
+
+
+_SCRIPT_VARS = ("$RUN_DIR", "$MASTER_ADDR", "$MASTER_PORT", "$JOB_REF")
+
+
+def _split_vars(word: str) -> list[str]:
+    out, rest = [], word
+    while rest:
+        hits = [(rest.find(v), v) for v in _SCRIPT_VARS if rest.find(v) >= 0]
+        if not hits:
+            out.append(rest)
+            break
+        at, var = min(hits)
+        out += [rest[:at], var]
+        rest = rest[at + len(var):]
+    return out
+
+
+def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str | None = None) -> str:
+    """The text of RUN_DIR/job.sbatch for this run."""
+    lead = signal_lead_seconds(cfg, numbers)
+    limit = parse_time_limit(cfg.cluster.time_limit)
+    if limit is not None and lead >= limit / 2:
+        raise UserError(f"cluster.time_limit: {cfg.cluster.time_limit!r} leaves too little time: the stop "
+                        f"signal must come {lead} s before the limit (one step and two checkpoint writes)\n"
+                        "  fix: a longer cluster.time_limit, or cluster.signal_lead_s=SECONDS if you know better")
+    return _template().render(
+        directives=directives(cfg, run_dir, lead, dependency=dependency),
+        run_dir=str(run_dir), array_run_dirs=None, gpus_per_node=cfg.cluster.gpus_per_node,
+        signal_lead_s=lead, max_requeues=cfg.cluster.max_requeues,
+        max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead))
+
+
+def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: dict) -> str:
+    """One sbatch script that runs every point of a sweep as a job-array task (same resources each)."""
+    lead = signal_lead_seconds(cfg, numbers)
+    return _template().render(
+        directives=directives(cfg, sweep_dir, lead, array=f"0-{len(run_dirs) - 1}", log_dir=sweep_dir),
+        run_dir=None, array_run_dirs=[str(d) for d in run_dirs], gpus_per_node=cfg.cluster.gpus_per_node,
+        signal_lead_s=lead, max_requeues=cfg.cluster.max_requeues,
+        max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead))
+
+
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(asset_dir("slurm"))),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    return env.get_template(TEMPLATE)

@@ -1,0 +1,132 @@
+"""``trainctl status [RUN_DIR ...]`` and ``trainctl cancel RUN_DIR``.
+
+A path is a run directory (``job.json``), a sweep directory (``sweep.json``:
+each point) or a pipeline directory (``pipeline.json``: each stage, in order);
+no path means every run under ./runs that has been submitted. The state comes
+from Slurm; progress from the run's own files: ``metrics.jsonl`` (the trainer's
+last logged step and loss), ``job.log`` (the job script's last decision: started,
+requeued and why, finished) and the crash count the script keeps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.errors import UserError
+from launch.executors import jobs
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    run_dir: Path
+    job_id: str | None
+
+
+def runs_of(paths: list[str]) -> list[Row]:
+    if not paths:
+        found = sorted(p.parent for p in Path("runs").glob("**/" + jobs.JOB_RECORD))
+        if not found:
+            raise UserError("no submitted runs under ./runs\n  fix: trainctl status RUN_DIR, or submit one "
+                            "with trainctl submit ...")
+        return [Row(str(d), d, jobs.latest_job_id(d)) for d in found]
+    rows: list[Row] = []
+    for text in paths:
+        path = Path(text)
+        if (sweep := jobs.read(path / jobs.SWEEP_RECORD)) is not None:
+            rows += [Row(f"{path}/{Path(p['run_dir']).name}", Path(p["run_dir"]), p.get("job_id"))
+                     for p in sweep["points"]]
+        elif (pipeline := jobs.read(path / jobs.PIPELINE_RECORD)) is not None:
+            rows += [Row(f"{path} [{s['name']}]", Path(s["run_dir"]), s.get("job_id")) for s in pipeline["stages"]]
+        elif (path / jobs.JOB_RECORD).is_file():
+            rows.append(Row(str(path), path, jobs.latest_job_id(path)))
+        else:
+            raise UserError(f"{path}: no job.json, sweep.json or pipeline.json: nothing was submitted from there\n"
+                            "  fix: give a run directory that `trainctl submit` printed")
+    return rows
+
+
+def status_main(args: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from launch.executors import slurm
+
+    rows = runs_of(args)
+    states = slurm.states([r.job_id for r in rows if r.job_id])
+    table = Table(box=None, header_style="bold")
+    for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last word from the job"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        s = states.get(row.job_id or "")
+        step, loss = last_metrics(row.run_dir)
+        table.add_row(row.label, row.job_id or "-", describe(s) if s else "not submitted",
+                      s.elapsed if s else "", str(s.restarts) if s else "", str(crashes(row.run_dir, row.job_id)),
+                      "" if step is None else str(step), "" if loss is None else f"{loss:.4g}",
+                      last_log_line(row.run_dir))
+    Console(width=200).print(table)
+    return 0
+
+
+def cancel_main(args: list[str]) -> int:
+    from launch.executors import slurm
+
+    if not args:
+        raise UserError("cancel needs a run, sweep or pipeline directory\n  fix: trainctl cancel runs/NAME")
+    rows = runs_of(args)
+    states = slurm.states([r.job_id for r in rows if r.job_id])
+    active = [r for r in rows if r.job_id and states.get(r.job_id) and states[r.job_id].active]
+    if not active:
+        print("nothing to cancel: no job of " + ", ".join(args) + " is pending or running")
+        return 0
+    slurm.cancel([r.job_id for r in active])
+    for r in active:
+        print(f"cancelled job {r.job_id} ({states[r.job_id].state}): {r.label}")
+    return 0
+
+
+def describe(state) -> str:
+    if state.state == "PENDING" and state.reason == "DependencyNeverSatisfied":
+        return "NEVER RUNS (an earlier stage failed)"
+    if state.state == "PENDING" and state.reason not in ("", "None"):
+        return f"PENDING ({state.reason})"
+    if state.state in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and state.exit_code:
+        return f"{state.state} (exit {state.exit_code})"
+    return state.state
+
+
+def last_metrics(run_dir: Path) -> tuple[int | None, float | None]:
+    """Step and loss of the last line of RUN_DIR/metrics.jsonl (the trainer writes one per logged step)."""
+    line = _last_line(run_dir / "metrics.jsonl")
+    if not line:
+        return None, None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # a line being written
+        return None, None
+    return record.get("step"), record.get("loss")
+
+
+def last_log_line(run_dir: Path) -> str:
+    line = _last_line(run_dir / "job.log")
+    return line.split(": ", 2)[-1] if line else ""
+
+
+def crashes(run_dir: Path, job_id: str | None) -> int:
+    try:
+        return int((run_dir / f"job.crashes.{job_id}").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    return lines[-1].strip() if lines else ""

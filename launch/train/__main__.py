@@ -1,0 +1,35 @@
+"""``python -m launch.train RUN_DIR``: the entrypoint torchrun starts on every rank.
+
+It reads RUN_DIR/config.yaml (the resolved config ``render`` wrote). The
+trainers are the next issues; until they land, the only mode is the rank check
+(``train.rank_check_s > 0``), and any other run stops here with a clear message.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+EXIT_NOT_BUILT = 3
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m launch.train RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0]).absolute()
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    seconds = float(cfg.train.rank_check_s)
+    if seconds > 0:
+        from launch.train.rankcheck import rank_check
+
+        return rank_check(run_dir, seconds)
+    print(f"trainctl: the {cfg.backend.name} trainer is not built yet (issues 6 and 7); "
+          "train.rank_check_s=60 runs an allocation check instead", file=sys.stderr, flush=True)
+    return EXIT_NOT_BUILT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
