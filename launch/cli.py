@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +71,20 @@ def _render(composed, run_dir: Path, command: list[str]) -> None:
 def _submit(composed, run_dir: Path, command: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from launch.submit import check_submittable, submit_rendered
+    from launch.submit import check_submittable, submit_written
 
-    plan = _write(composed, run_dir, command, with_job_script=True, check=check_submittable)
+    written = _write(composed, run_dir, command, with_job_script=True, check=check_submittable)
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir).absolute() if hc.mode.name == "MULTIRUN" else None
-    submit_rendered(plan, run_dir, sweep_dir, list(hc.overrides.task))
+    submit_written(written, run_dir, sweep_dir)
+
+
+def _write(composed, run_dir: Path, command: list[str], **kwargs):
+    from hydra.core.hydra_config import HydraConfig
+
+    from launch.records import write_records
+
+    return write_records(composed, run_dir, command, list(HydraConfig.get().overrides.task), **kwargs)
 
 
 def _status(args: list[str]) -> int:
@@ -201,6 +208,9 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; reported below with exit 2
     try:
         app()
+    except UserError as exc:  # raised outside a point's task (the job-array launcher's submission)
+        _error("\n".join(exc.problems))
+        failures.append(exc)
     except Exception as exc:  # noqa: BLE001 - only Hydra's and OmegaConf's errors are user errors
         if isinstance(exc, BrokenPipeError):
             raise  # the reader went away (| head): main() ends quietly
@@ -221,74 +231,6 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
         else:
             hydra_callbacks.cleanup()
     return EXIT_USER_ERROR if failures else 0
-
-
-def _write(composed, run_dir: Path, command: list[str], *, with_job_script: bool,
-           check: Callable[[object, Path], None] | None = None):
-    """Plan, then write the run's records; a failure leaves a new run directory absent.
-
-    ``check(cfg, run_dir)`` runs after planning and before anything is written
-    (submit's refusals). Returns the plan.
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    from launch.plan import make_plan
-    from launch.report import print_plan
-    from launch.rundir import dump_json, meta, write_run
-
-    fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
-    try:
-        plan = make_plan(composed)
-        if check is not None:
-            check(plan.cfg, run_dir)
-        overrides = list(HydraConfig.get().overrides.task)
-        files = {
-            "config.yaml": plan.config_yaml,
-            "overrides.yaml": "".join(f"- {_yaml_str(o)}\n" for o in overrides) or "[]\n",
-            "meta.json": dump_json(meta(command)),
-        }
-        if with_job_script:
-            files.update(_launch_files(plan, run_dir))
-        files["plan.json"] = dump_json(plan.numbers)
-        write_run(run_dir, files)
-    except BaseException:
-        if fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    print_plan(plan)
-    print(f"wrote {run_dir}/: {', '.join(sorted(files))}")
-    return plan
-
-
-def _launch_files(plan, run_dir: Path) -> dict[str, str | bytes]:
-    """What ``render`` adds to the records: the backend's files, the job script, plan.png.
-
-    Refuses (UserError) a layout the memory estimate says will not fit: a job
-    script is what gets submitted.
-    """
-    from launch.backends import artifacts
-    from launch.chart import matplotlib_available, memory_chart_png
-    from launch.estimate.memory import stage_memory
-    from launch.executors import job_script
-    from launch.oom import memory_problem
-
-    oom = memory_problem(plan.cfg, plan.numbers["memory_gib"]["per_gpu_peak"])
-    if oom:
-        raise UserError(oom)
-    files: dict[str, str | bytes] = artifacts(plan.cfg, plan.derived, run_dir=run_dir, numbers=plan.numbers)
-    name, text = job_script(plan.cfg, run_dir, plan.numbers)
-    files[name] = text
-    if matplotlib_available():  # matplotlib takes seconds to load: render only, never plan
-        stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived)]
-        files["plan.png"] = memory_chart_png(stages, plan.cfg.cluster.gpu.hbm_gib,
-                                             f"{plan.cfg.name}: memory per GPU by pipeline stage")
-    return files
-
-
-def _yaml_str(text: str) -> str:
-    import json
-
-    return json.dumps(text)  # a JSON string is a valid YAML scalar
 
 
 def _error(message: str) -> None:

@@ -23,6 +23,8 @@ class Row:
     label: str
     run_dir: Path
     job_id: str | None
+    pipeline: str | None = None
+    """The pipeline directory this row is a stage of: a stage after a failed one never runs."""
 
 
 def runs_of(paths: list[str]) -> list[Row]:
@@ -39,7 +41,8 @@ def runs_of(paths: list[str]) -> list[Row]:
             rows += [Row(f"{path}/{Path(p['run_dir']).name}", Path(p["run_dir"]), p.get("job_id"))
                      for p in sweep["points"]]
         elif (pipeline := jobs.read(path / jobs.PIPELINE_RECORD)) is not None:
-            rows += [Row(f"{path} [{s['name']}]", Path(s["run_dir"]), s.get("job_id")) for s in pipeline["stages"]]
+            rows += [Row(f"{path} [{s['name']}]", Path(s["run_dir"]), s.get("job_id"), str(path))
+                     for s in pipeline["stages"]]
         elif (path / jobs.JOB_RECORD).is_file():
             rows.append(Row(str(path), path, jobs.latest_job_id(path)))
         else:
@@ -50,6 +53,7 @@ def runs_of(paths: list[str]) -> list[Row]:
 
 def status_main(args: list[str]) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from launch.executors import slurm
@@ -59,13 +63,20 @@ def status_main(args: list[str]) -> int:
     table = Table(box=None, header_style="bold")
     for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last word from the job"):
         table.add_column(column, overflow="fold")
+    doomed: set[str] = set()  # pipelines with a failed stage
     for row in rows:
         s = states.get(row.job_id or "")
         step, loss = last_metrics(row.run_dir)
-        table.add_row(row.label, row.job_id or "-", describe(s) if s else "not submitted",
-                      s.elapsed if s else "", str(s.restarts) if s else "", str(crashes(row.run_dir, row.job_id)),
-                      "" if step is None else str(step), "" if loss is None else f"{loss:.4g}",
-                      last_log_line(row.run_dir))
+        state = describe(s) if s else "not submitted"
+        if row.pipeline and s:
+            if row.pipeline in doomed and s.state == "PENDING":
+                state = NEVER
+            if state == NEVER or s.state in FAILED:
+                doomed.add(row.pipeline)
+        cells = [row.label, row.job_id or "-", state, s.elapsed if s else "",
+                 str(s.restarts) if s else "", str(crashes(row.run_dir, row.job_id)),
+                 "" if step is None else str(step), "" if loss is None else f"{loss:.4g}", last_log_line(row.run_dir)]
+        table.add_row(*map(escape, cells))  # a run directory may contain [brackets]
     Console(width=200).print(table)
     return 0
 
@@ -87,12 +98,16 @@ def cancel_main(args: list[str]) -> int:
     return 0
 
 
+NEVER = "NEVER RUNS (an earlier stage failed)"
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
 def describe(state) -> str:
     if state.state == "PENDING" and state.reason == "DependencyNeverSatisfied":
-        return "NEVER RUNS (an earlier stage failed)"
+        return NEVER
     if state.state == "PENDING" and state.reason not in ("", "None"):
         return f"PENDING ({state.reason})"
-    if state.state in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and state.exit_code:
+    if state.state in FAILED and state.exit_code:
         return f"{state.state} (exit {state.exit_code})"
     return state.state
 

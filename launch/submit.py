@@ -18,6 +18,11 @@ from launch.errors import UserError
 TRAINING_BUILT: set[tuple[str, str]] = set()
 """(backend, stage) pairs whose trainer exists; the trainer issues add theirs."""
 
+ARRAY: list | None = None
+"""While the job-array launcher runs a sweep (plugins/hydra_plugins), the points
+rendered so far as (plan, run_dir, overrides): they are submitted together, as
+one array, by ``submit_array`` instead of one sbatch each."""
+
 
 def check_submittable(cfg: Config, run_dir: Path) -> None:
     """Every reason this run cannot be submitted, before anything is written."""
@@ -36,20 +41,48 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
         refuse_if_active(run_dir)
 
 
-def submit_rendered(plan, run_dir: Path, sweep_dir: Path | None, overrides: list[str]) -> str | None:
+def submit_written(written: list, run_dir: Path, sweep_dir: Path | None) -> None:
+    """Submit what ``records.write_records`` wrote: one run, or a pipeline's stages chained by afterok."""
+    from launch.executors import jobs
+
+    if len(written) == 1 and written[0][0].stage is None:
+        unit, plan = written[0]
+        submit_rendered(plan, unit.run_dir, sweep_dir, unit.overrides)
+        return
+    if ARRAY is not None:
+        raise UserError("a pipeline cannot be a point of a job array\n  fix: submit the sweep without "
+                        "hydra/launcher=trainctl_array")
+    stages, previous = [], None
+    try:
+        for unit, plan in written:
+            dependency = f"afterok:{previous}" if previous else None
+            previous = submit_rendered(plan, unit.run_dir, None, unit.overrides, dependency=dependency)
+            stages.append({"name": unit.stage, "run_dir": str(unit.run_dir), "job_id": previous,
+                           "dependency": dependency})
+    finally:  # a stage sbatch refused leaves the earlier stages recorded: they are queued
+        if stages and not written[0][1].cfg.submit.preflight:
+            jobs.write(run_dir / jobs.PIPELINE_RECORD, {"stages": stages})
+            print(f"pipeline of {len(stages)} stage(s): {run_dir}")
+
+
+def submit_rendered(plan, run_dir: Path, sweep_dir: Path | None, overrides: list[str], *,
+                    dependency: str | None = None) -> str | None:
     """sbatch the run's job.sbatch (already written); the job id, or None for a preflight."""
     from launch.executors import jobs, slurm
 
     script = run_dir / "job.sbatch"
+    if ARRAY is not None:
+        ARRAY.append((plan, run_dir, overrides))
+        return None
     if plan.cfg.submit.preflight:
         answer = slurm.test_only(script)
         print(f"preflight (sbatch --test-only, nothing queued): {answer}")
         return None
-    job_id = slurm.submit(script)
-    jobs.record_submission(run_dir, job_id, script)
+    job_id = slurm.submit(script, dependency=dependency)
+    jobs.record_submission(run_dir, job_id, script, dependency=dependency)
     if sweep_dir is not None:
         jobs.add_sweep_point(sweep_dir, sweep_point(plan.numbers, run_dir, overrides, job_id))
-    print(f"submitted job {job_id}: {run_dir}")
+    print(f"submitted job {job_id}{f' ({dependency})' if dependency else ''}: {run_dir}")
     return job_id
 
 
@@ -63,3 +96,35 @@ def sweep_point(numbers: dict, run_dir: Path, overrides: list[str], job_id: str 
                  "tflops_per_gpu": numbers["throughput"]["tflops_per_gpu"], "mfu": numbers["throughput"]["mfu"],
                  "wall_clock_days": numbers["run"]["wall_clock_days"], "cost_usd": numbers["run"]["cost_usd"]},
     }
+
+
+def submit_array(points: list, sweep_dir: Path) -> str | None:
+    """Submit rendered sweep points as one job array; every point must ask for the same resources.
+
+    The array's script (SWEEP_DIR/array.sbatch) maps SLURM_ARRAY_TASK_ID to a
+    point's run directory; each run's job.json records ``ARRAYID_INDEX``.
+    """
+    from launch.executors import jobs, slurm
+    from launch.executors.sbatch import render_array, resources
+
+    first = resources(points[0][0].cfg)
+    for plan, run_dir, overrides in points[1:]:
+        if resources(plan.cfg) != first:
+            changed = {k: v for k, v in resources(plan.cfg).items() if first.get(k) != v}
+            raise UserError(f"{run_dir}: this point asks for {changed}, the first point for "
+                            f"{ {k: first.get(k) for k in changed} }; a job array gives every task the same "
+                            "resources\n  fix: submit this sweep without hydra/launcher=trainctl_array "
+                            "(one job per point, each with its own resources)")
+    script = sweep_dir / "array.sbatch"
+    script.write_text(render_array(points[0][0].cfg, [p[1] for p in points], sweep_dir, points[0][0].numbers))
+    script.chmod(0o755)
+    if points[0][0].cfg.submit.preflight:
+        print(f"preflight of the job array (sbatch --test-only, nothing queued): {slurm.test_only(script)}")
+        return None
+    array_id = slurm.submit(script)
+    for index, (plan, run_dir, overrides) in enumerate(points):
+        job_id = f"{array_id}_{index}"
+        jobs.record_submission(run_dir, job_id, script)
+        jobs.add_sweep_point(sweep_dir, sweep_point(plan.numbers, run_dir, overrides, job_id))
+    print(f"submitted job array {array_id} ({len(points)} tasks): {sweep_dir}")
+    return array_id

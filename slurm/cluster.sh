@@ -107,7 +107,7 @@ SlurmdUser=$user
 # our own munged (socket outside /run/munge).
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 
 StateSaveLocation=$SPOOL_DIR/ctld
 # %n = node name: each slurmd gets its own spool, pid and log file.

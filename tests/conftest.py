@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "deepspeed", "megatron", "transformers", "datasets", "wandb", "numpy", "matplotlib")
 """Packages the login-node path (everything up to submit) must not import."""
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "plugins")])
+"""The checkout and its Hydra plugins (plugins/hydra_plugins), as an installed trainctl has them."""
 
 
 def typed(*overrides: str):
@@ -26,7 +28,7 @@ def typed(*overrides: str):
 
 def run_trainctl(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``trainctl ARGS`` as a user would, in ``cwd``."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, "COLUMNS": "120", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=120)
@@ -36,3 +38,52 @@ def run_trainctl(*args: str, cwd: Path, env: dict | None = None) -> subprocess.C
 def workdir(tmp_path: Path) -> Path:
     """An empty directory to run trainctl in (run directories land in ./runs)."""
     return tmp_path
+
+
+# --- the local Slurm test cluster (slurm/cluster.sh) ---------------------------------------
+
+SLURM_STATE = Path(os.environ.get("TRAINCTL_SLURM_DIR", "/tmp/trainctl-slurm"))
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict:
+    """Environment for trainctl and Slurm's tools, with a real 2-node cluster running on this machine.
+
+    slurm/cluster.sh starts it (installing Debian's packages as root when they
+    are missing) and leaves it running for the rest of the session; it is
+    idempotent, so a cluster already up is reused. Tests are skipped only where
+    it cannot start (not root and no packages).
+    """
+    script = ROOT / "slurm" / "cluster.sh"
+    out = subprocess.run(["bash", str(script), "start", "2"], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "TRAINCTL_SLURM_DIR": str(SLURM_STATE)})
+    if out.returncode != 0:
+        if os.geteuid() != 0 and "not root" in out.stderr.lower() + out.stdout.lower():
+            pytest.skip("the local Slurm cluster needs root to install its packages: " + out.stderr[-300:])
+        raise RuntimeError(f"slurm/cluster.sh start failed:\n{out.stderr[-3000:]}")
+    conf = out.stdout.strip().split("=", 1)[1]
+    return {"SLURM_CONF": conf, "PYTHONPATH": PYTHONPATH}
+
+
+def slurm(env: dict, *argv: str) -> str:
+    """Run a Slurm client command against the test cluster; its stdout."""
+    out = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert out.returncode == 0, f"{argv}: {out.stderr}"
+    return out.stdout
+
+
+def job_field(env: dict, job_id: str, key: str) -> str:
+    """One field (JobState, Restarts, Reason...) of ``scontrol show job``."""
+    text = slurm(env, "scontrol", "show", "job", "--oneliner", job_id)
+    return dict(w.split("=", 1) for w in text.split() if "=" in w)[key]
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition") -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

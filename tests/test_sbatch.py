@@ -81,7 +81,9 @@ printf '%s\\n' "$@" > "$STUB_LOG/srun.args"
 case "$SRUN_MODE" in
   ok) exit 0 ;;
   crash) exit 1 ;;
-  wait) trap 'echo USR1 > "$STUB_LOG/srun.signal"; exit 1' USR1; while :; do sleep 0.1; done ;;
+  wait) trap 'echo USR1 > "$STUB_LOG/srun.signal"; exit 1' USR1
+        trap 'echo TERM > "$STUB_LOG/srun.signal"; exit 143' TERM
+        while :; do sleep 0.1; done ;;
 esac
 """
 STUB_SCONTROL = """#!/bin/bash
@@ -106,7 +108,7 @@ def stubs(tmp_path: Path) -> Path:
 
 
 def run_script(script: Path, stubs: Path, mode: str, *, restarts: int = 0, usr1_after: float | None = None,
-               cwd: Path) -> subprocess.CompletedProcess:
+               cwd: Path, sig: signal.Signals = signal.SIGUSR1) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(stubs), "SRUN_MODE": mode,
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1",
            "SLURM_RESTART_COUNT": str(restarts)}
@@ -114,7 +116,7 @@ def run_script(script: Path, stubs: Path, mode: str, *, restarts: int = 0, usr1_
                             stderr=subprocess.PIPE, text=True)
     if usr1_after is not None:
         time.sleep(usr1_after)
-        proc.send_signal(signal.SIGUSR1)  # what `scancel --signal=USR1 --batch` does
+        proc.send_signal(sig)  # what `scancel --signal=USR1 --batch` (or plain scancel: TERM) does
     out, err = proc.communicate(timeout=30)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -131,7 +133,7 @@ def test_config_values_cannot_run_commands(workdir: Path, stubs: Path) -> None:
     args = (stubs / "srun.args").read_text().splitlines()
     assert f"--container-mounts={evil}:/x,{script.parent}:{script.parent}" in args
     assert "--container-image=img;touch pwned4" in args and f"python3 {evil}" in args
-    assert "--rdzv-endpoint=10.0.0.7:29500" in args  # the first node's NodeAddr
+    assert "--rdzv-endpoint=10.0.0.7:24242" in args  # first node NodeAddr; base port + job id 4242
     assert args[-1] == str(script.parent)
     assert f"--partition='{evil}'" in sbatch_lines(script)
 
@@ -152,6 +154,16 @@ def test_usr1_is_forwarded_to_the_step_and_the_job_requeues(workdir: Path, stubs
     assert "requeue 4242" in (stubs / "scontrol.calls").read_text()
     log = (script.parent / "job.log").read_text()
     assert "got SIGUSR1" in log and "stopped after SIGUSR1" in log and "requeueing (restart 1 of at most 100)" in log
+
+
+def test_sigterm_is_forwarded_but_not_requeued(workdir: Path, stubs: Path) -> None:
+    """scancel sends SIGTERM too: requeueing on it would bring a cancelled job back."""
+    script = render(workdir, "recipe=tiny_slurm")
+    result = run_script(script, stubs, "wait", usr1_after=1.5, sig=signal.SIGTERM, cwd=workdir)
+    assert result.returncode == 143
+    assert (stubs / "srun.signal").read_text().strip() == "TERM"
+    assert "requeue" not in (stubs / "scontrol.calls").read_text()
+    assert "not requeued by this script" in (script.parent / "job.log").read_text()
 
 
 def test_requeues_stop_at_the_configured_limit(workdir: Path, stubs: Path) -> None:

@@ -303,8 +303,8 @@ class ClusterConfig:
     mpi: SrunMpi = SrunMpi.none
     python: str = "python3"
     """The interpreter on the nodes (inside the container, or after ``setup``) that has trainctl[train]."""
-    rdzv_port: int = 29500
-    """torchrun's c10d rendezvous port on the first node."""
+    rdzv_port: int = 20000
+    """Base of torchrun's c10d rendezvous port on the first node; a job adds its job id mod 10000."""
     directives: Dict[str, str] = field(default_factory=dict)
     """Extra ``#SBATCH --KEY=VALUE`` lines (constraint, reservation, ...); an empty value renders ``--KEY``."""
     signal_lead_s: Optional[int] = None
@@ -369,6 +369,14 @@ class EstimateConfig:
 
 
 @dataclass
+class PipelineStage:
+    """One stage of a pipeline: a name and the overrides that make its config (usually ``recipe=...``)."""
+
+    name: str = MISSING
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
 class SubmitConfig:
     """What ``trainctl submit`` does besides rendering."""
 
@@ -390,6 +398,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    pipeline: List[PipelineStage] = field(default_factory=list)
+    """Stages run one after another (pretrain -> sft -> dpo), each from its own overrides; each
+    starts from the previous stage's final checkpoint. Empty: a single run."""
 
 
 def register_schemas() -> None:

@@ -77,6 +77,17 @@ def directives(cfg: Config, run_dir: Path, lead_s: int, *, dependency: str | Non
     return [f"--{k}" if v is None else f"--{k}={shlex.quote(v)}" for k, v in sorted(opts.items())]
 
 
+def resources(cfg: Config) -> dict:
+    """What a job asks Slurm for: points of one job array must agree on all of it."""
+    c = cfg.cluster
+    return {"cluster.nodes": c.nodes, "cluster.gpus_per_node": c.gpus_per_node, "cluster.time_limit": c.time_limit,
+            "cluster.partition": c.partition, "cluster.account": c.account, "cluster.qos": c.qos,
+            "cluster.mem": c.mem, "cluster.cpus_per_node": c.cpus_per_node, "cluster.exclusive": c.exclusive,
+            "cluster.container_image": c.container_image, "cluster.directives": dict(c.directives),
+            "cluster.python": c.python, "cluster.setup": list(c.setup), "cluster.env": dict(c.env),
+            "cluster.mpi": c.mpi.name}
+
+
 def job_env(cfg: Config) -> list[tuple[str, str]]:
     """Environment the job exports: trainctl's defaults, then cluster.env over them."""
     env: dict[str, str] = {}

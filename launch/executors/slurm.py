@@ -110,13 +110,16 @@ def _from_scontrol(line: str) -> JobState:
 
 
 def _from_sacct(job_ids: list[str]) -> dict[str, JobState]:
-    """Jobs the controller has forgotten: sacct where accounting exists, else UNKNOWN."""
+    """Jobs the controller has forgotten: sacct (or sacct --completion) where Slurm keeps a record, else UNKNOWN."""
     result = {j: JobState(job_id=j, state="UNKNOWN", reason="forgotten by the controller; no accounting")
               for j in job_ids}
     if not job_ids or shutil.which("sacct") is None:
         return result
-    out = _run(["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State,Elapsed,ExitCode",
-                "--jobs", ",".join(job_ids)])
+    argv = ["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State,Elapsed,ExitCode",
+            "--jobs", ",".join(job_ids)]
+    out = _run(argv)
+    if out.returncode != 0:  # no accounting database: the job-completion log, where one is kept
+        out = _run([*argv, "--completion"])
     if out.returncode != 0:
         return result
     for line in out.stdout.splitlines():

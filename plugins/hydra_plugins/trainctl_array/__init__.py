@@ -1,0 +1,1 @@
+"""trainctl's job-array launcher: ``hydra/launcher=trainctl_array`` (see launcher.py)."""

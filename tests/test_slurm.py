@@ -1,0 +1,164 @@
+"""trainctl against a real Slurm: slurmctld + 2 slurmd on this machine (slurm/cluster.sh).
+
+The jobs are real: sbatch queues them, slurmd starts the batch script, srun
+starts torchrun, torchrun starts 2 CPU ranks of ``python -m launch.train`` that
+run the rank check (gloo all-reduces) until the trainers land. Only the GPUs
+are fake (gres entries pointing at /dev/null): there are none here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import job_field, run_trainctl, slurm, wait_for
+
+
+def submit(workdir: Path, env: dict, *overrides: str) -> str:
+    out = run_trainctl("submit", *overrides, cwd=workdir, env=env)
+    assert out.returncode == 0, out.stderr
+    return re.search(r"submitted job (\d+)", out.stdout).group(1)
+
+
+def state(env: dict, job_id: str) -> str:
+    return job_field(env, job_id, "JobState")
+
+
+def wait_state(env: dict, job_id: str, *states: str, timeout: float = 120) -> None:
+    wait_for(lambda: state(env, job_id) in states, timeout, f"job {job_id} to be {'/'.join(states)}")
+
+
+def test_tiny_slurm_runs_to_completed_and_status_says_so(workdir: Path, slurm_env: dict) -> None:
+    job = submit(workdir, slurm_env, "recipe=tiny_slurm", "train.rank_check_s=1")
+    run_dir = workdir / "runs/tiny_slurm"
+    record = json.loads((run_dir / "job.json").read_text())["jobs"][-1]
+    assert record["job_id"] == job
+    assert record["script_sha256"] == hashlib.sha256((run_dir / "job.sbatch").read_bytes()).hexdigest()
+    wait_state(slurm_env, job, "COMPLETED", "FAILED")
+    assert state(slurm_env, job) == "COMPLETED", (run_dir / f"slurm-{job}.log").read_text()
+    log = (run_dir / f"slurm-{job}.log").read_text()
+    assert "rank check done: 2 rank(s)" in log and "rank 1/2 ok" in log
+    out = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env)
+    assert out.returncode == 0 and "COMPLETED" in out.stdout and "done, not requeued" in out.stdout
+
+
+def test_a_running_run_is_not_submitted_twice_and_cancel_ends_it(workdir: Path, slurm_env: dict) -> None:
+    job = submit(workdir, slurm_env, "recipe=tiny_slurm", "train.rank_check_s=300")
+    script = workdir / "runs/tiny_slurm/job.sbatch"
+    before = script.read_bytes()
+    again = run_trainctl("submit", "recipe=tiny_slurm", "train.rank_check_s=2", cwd=workdir, env=slurm_env)
+    assert again.returncode == 2
+    assert f"its job {job} is still" in again.stderr and "trainctl cancel" in again.stderr
+    assert script.read_bytes() == before  # the running job's records are untouched
+    out = run_trainctl("cancel", "runs/tiny_slurm", cwd=workdir, env=slurm_env)
+    assert out.returncode == 0 and f"cancelled job {job}" in out.stdout
+    wait_state(slurm_env, job, "CANCELLED")
+    # A finished run is submitted again (it resumes from its checkpoints once the trainer lands).
+    second = submit(workdir, slurm_env, "recipe=tiny_slurm", "train.rank_check_s=1")
+    jobs = json.loads((workdir / "runs/tiny_slurm/job.json").read_text())["jobs"]
+    assert [j["job_id"] for j in jobs] == [job, second]
+    wait_state(slurm_env, second, "COMPLETED", "FAILED")
+
+
+def test_usr1_reaches_the_ranks_and_the_job_requeues_and_starts_again(workdir: Path, slurm_env: dict) -> None:
+    job = submit(workdir, slurm_env, "recipe=tiny_slurm", "train.rank_check_s=300")
+    run_dir = workdir / "runs/tiny_slurm"
+    log = run_dir / f"slurm-{job}.log"
+    wait_for(lambda: log.exists() and "rank 0" not in log.read_text() and "starting on" in log.read_text(), 60,
+             "the job to start")
+    # Wait until the ranks run (torch imported, process group up) so the signal has somewhere to go.
+    wait_for(lambda: len(re.findall(r"all_reduce|Setting OMP", log.read_text())) > 0, 60, "torchrun to start")
+    import time
+
+    time.sleep(8)
+    slurm(slurm_env, "scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@T does at T
+    wait_for(lambda: "requeueing (restart 1" in (run_dir / "job.log").read_text(), 90, "the script to requeue")
+    assert "rank check stopped by SIGUSR1" in log.read_text()  # through srun and torchrun to the ranks
+    wait_state(slurm_env, job, "PENDING")
+    assert job_field(slurm_env, job, "Restarts") == "1"
+    # The test cluster's credential lifetime (cred_expire=10) is how long a requeued job waits: ~10 s.
+    wait_for(lambda: "restart 1, run dir" in (run_dir / "job.log").read_text(), 60, "the requeued job to start")
+    out = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env)
+    assert re.search(rf"{job}\s+RUNNING\s+\S+\s+1\s", out.stdout), out.stdout  # requeues: 1
+    assert run_trainctl("cancel", "runs/tiny_slurm", cwd=workdir, env=slurm_env).returncode == 0
+    wait_state(slurm_env, job, "CANCELLED")
+
+
+def test_the_h100_two_node_script_passes_sbatch_test_only(workdir: Path, slurm_env: dict) -> None:
+    out = run_trainctl("submit", "recipe=llama3_8b_pretrain_h100", "cluster.nodes=2", "cluster.partition=debug",
+                       "train.rank_check_s=1", "submit.preflight=true", cwd=workdir, env=slurm_env)
+    assert out.returncode == 0, out.stderr
+    assert "preflight" in out.stdout and "node[1-2]" in out.stdout
+    script = (workdir / "runs/llama3_8b_pretrain_h100/job.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script and "#SBATCH --exclusive" in script
+    assert not (workdir / "runs/llama3_8b_pretrain_h100/job.json").exists()  # nothing queued
+
+
+def test_a_request_slurm_refuses_exits_2_with_its_message(workdir: Path, slurm_env: dict) -> None:
+    out = run_trainctl("submit", "recipe=tiny_slurm", "cluster.partition=nosuch", cwd=workdir, env=slurm_env)
+    assert out.returncode == 2
+    assert "invalid partition" in out.stderr.lower() and "fix:" in out.stderr and "Traceback" not in out.stderr
+    assert not list(workdir.glob("runs/**/job.json"))
+
+
+def test_controller_down_or_no_sbatch_exits_2_and_claims_no_job(workdir: Path, slurm_env: dict,
+                                                                tmp_path: Path) -> None:
+    conf = Path(slurm_env["SLURM_CONF"]).read_text()
+    down = tmp_path / "down.conf"
+    down.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=1", conf))
+    out = run_trainctl("submit", "recipe=tiny_slurm", cwd=workdir, env={**slurm_env, "SLURM_CONF": str(down)})
+    assert out.returncode == 2 and "controller" in out.stderr and "Traceback" not in out.stderr
+    out = run_trainctl("submit", "recipe=tiny_slurm", cwd=workdir, env={**slurm_env, "PATH": "/nonexistent"})
+    assert out.returncode == 2 and "sbatch: not found on PATH" in out.stderr
+    assert not list(workdir.glob("runs/**/job.json"))
+
+
+def test_a_sweep_submits_one_job_per_point_with_its_own_resources(workdir: Path, slurm_env: dict) -> None:
+    out = run_trainctl("submit", "-m", "recipe=tiny_slurm", "train.rank_check_s=1", "cluster.gpus_per_node=1,2",
+                       cwd=workdir, env=slurm_env)
+    assert out.returncode == 0, out.stderr
+    points = json.loads((workdir / "runs/tiny_slurm/sweep.json").read_text())["points"]
+    assert [p["plan"]["world_size"] for p in points] == [1, 2]
+    for p in points:
+        assert f"--gpus-per-node={p['plan']['world_size']}" in (Path(p["run_dir"]) / "job.sbatch").read_text()
+        wait_state(slurm_env, p["job_id"], "COMPLETED", "FAILED")
+    status = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env)
+    assert status.stdout.count("COMPLETED") == 2, status.stdout
+
+
+def test_a_pipeline_chains_its_stages_with_afterok(workdir: Path, slurm_env: dict) -> None:
+    out = run_trainctl("submit", "recipe=tiny_slurm_pipeline", "train.rank_check_s=1", cwd=workdir, env=slurm_env)
+    assert out.returncode == 0, out.stderr
+    stages = json.loads((workdir / "runs/tiny_slurm_pipeline/pipeline.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["pretrain", "sft", "dpo"]
+    assert stages[1]["dependency"] == f"afterok:{stages[0]['job_id']}"
+    sft = (workdir / "runs/tiny_slurm_pipeline/sft/config.yaml").read_text()
+    assert f"init_checkpoint: {workdir}/runs/tiny_slurm_pipeline/pretrain/checkpoints/final" in sft
+    wait_state(slurm_env, stages[-1]["job_id"], "COMPLETED", "FAILED", timeout=180)
+    status = run_trainctl("status", "runs/tiny_slurm_pipeline", cwd=workdir, env=slurm_env).stdout
+    assert status.count("COMPLETED") == 3 and "[sft]" in status
+
+
+def test_stages_after_a_failed_stage_never_run_and_status_says_so(workdir: Path, slurm_env: dict) -> None:
+    out = run_trainctl("submit", "recipe=tiny_slurm_pipeline", "train.rank_check_s=1", "cluster.python=/bin/false",
+                       "cluster.max_crash_requeues=0", cwd=workdir, env=slurm_env)
+    assert out.returncode == 0, out.stderr
+    stages = json.loads((workdir / "runs/tiny_slurm_pipeline/pipeline.json").read_text())["stages"]
+    wait_state(slurm_env, stages[0]["job_id"], "FAILED")
+    wait_for(lambda: job_field(slurm_env, stages[1]["job_id"], "Reason") == "DependencyNeverSatisfied", 60,
+             "Slurm to see the dependency can never be met")
+    status = run_trainctl("status", "runs/tiny_slurm_pipeline", cwd=workdir, env=slurm_env).stdout
+    assert status.count("NEVER RUNS") == 2 and "max_crash_requeues=0" in status, status
+    assert run_trainctl("cancel", "runs/tiny_slurm_pipeline", cwd=workdir, env=slurm_env).returncode == 0
+
+
+def test_submit_refuses_a_stage_whose_training_is_not_built(workdir: Path, slurm_env: dict) -> None:
+    out = run_trainctl("submit", "recipe=tiny_slurm_pipeline", "train.rank_check_s=0", cwd=workdir, env=slurm_env)
+    assert out.returncode == 2
+    assert "pipeline stage 'dpo': stage=dpo, backend=deepspeed: training" in out.stderr
+    assert "train.rank_check_s=60" in out.stderr and not (workdir / "runs").exists()
+    assert run_trainctl("render", "recipe=tiny_slurm_pipeline", cwd=workdir).returncode == 0  # render works
