@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from launch.errors import UserError
+from launch.executors.jobs import refuse_if_active
 from launch.pipeline import Unit, units
 
 
@@ -35,6 +36,7 @@ def write_records(composed, run_dir: Path, command: list[str], overrides: list[s
         raise
     for unit in planned:
         try:
+            refuse_if_active(unit.run_dir)  # a requeued job would read the new config.yaml
             plan = make_plan(unit.composed)
             if check is not None:
                 check(plan.cfg, unit.run_dir)

@@ -35,10 +35,6 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
         raise UserError(f"stage={stage}, backend={backend}: training for this stage on this backend is not built "
                         "yet, so a job would start and fail\n  fix: `trainctl plan`/`render` work for it; to check "
                         "an allocation instead, submit with train.rank_check_s=60")
-    if not cfg.submit.preflight:
-        from launch.executors.jobs import refuse_if_active
-
-        refuse_if_active(run_dir)
 
 
 def submit_written(written: list, run_dir: Path, sweep_dir: Path | None) -> None:

@@ -54,6 +54,9 @@ def test_a_running_run_is_not_submitted_twice_and_cancel_ends_it(workdir: Path, 
     assert again.returncode == 2
     assert f"its job {job} is still" in again.stderr and "trainctl cancel" in again.stderr
     assert script.read_bytes() == before  # the running job's records are untouched
+    replan = run_trainctl("plan", "recipe=tiny_slurm", "train.steps=99", cwd=workdir, env=slurm_env)
+    assert replan.returncode == 2 and "still" in replan.stderr
+    assert "steps: 20" in (workdir / "runs/tiny_slurm/config.yaml").read_text()
     out = run_trainctl("cancel", "runs/tiny_slurm", cwd=workdir, env=slurm_env)
     assert out.returncode == 0 and f"cancelled job {job}" in out.stdout
     wait_state(slurm_env, job, "CANCELLED")

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,16 +58,21 @@ def latest_job_id(run_dir: Path) -> str | None:
 
 
 def refuse_if_active(run_dir: Path) -> None:
-    """A run whose last job is still pending or running is not submitted again (or re-rendered under it)."""
+    """A run whose last job is still pending or running is not planned, rendered or submitted again.
+
+    Its job reads RUN_DIR/config.yaml when it starts, and again when it is requeued.
+    Where Slurm's tools are absent (a laptop with a copied run), there is nothing to ask.
+    """
     job_id = latest_job_id(run_dir)
-    if job_id is None:
+    if job_id is None or shutil.which("scontrol") is None:
         return
     from launch.executors.slurm import states
 
     state = states([job_id]).get(job_id)
     if state is not None and state.active:
-        raise UserError(f"{run_dir}: its job {job_id} is still {state.state}; submitting again would run "
-                        "two jobs in one run directory\n  fix: wait for it (`trainctl status "
+        raise UserError(f"{run_dir}: its job {job_id} is still {state.state}; writing this run again would "
+                        "change the config under it (and submitting would run two jobs in one directory)\n"
+                        "  fix: wait for it (`trainctl status "
                         f"{run_dir}`), cancel it (`trainctl cancel {run_dir}`), or choose another name=")
 
 
