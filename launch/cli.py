@@ -29,7 +29,7 @@ launch artifacts into its run directory (runs/NAME).
 verbs:
 {verbs}
 
-not built yet: tune, prepare, and training itself (see the README).
+not built yet: tune, and training on the Megatron backend (see the README).
 
 config groups (group=option; `trainctl plan --help` shows every key):
 {groups}
@@ -105,6 +105,12 @@ def _size(composed, run_dir: Path, command: list[str]) -> None:
     run_size(composed, run_dir, command)
 
 
+def _prepare(composed, run_dir: Path, command: list[str]) -> None:
+    from launch.data.prepare import run_prepare
+
+    run_prepare(composed, run_dir, command)
+
+
 def _size_schema() -> type:
     from launch.size_schema import SizeConfig
 
@@ -127,6 +133,8 @@ VERBS: dict[str, Verb] = {
                    "and loss (trainctl status [RUN_DIR ...])", None, direct=_status),
     "cancel": Verb("cancel the pending or running jobs of a run, sweep or pipeline (trainctl cancel RUN_DIR)",
                    None, direct=_cancel),
+    "prepare": Verb("tokenize the data mixture's sources into indexed shards (data.prepared_dir); "
+                    "skips finished ones; reports tokens and epochs per source", _prepare),
     "size": Verb("scaling-law sizing and run cost from params+tokens or a FLOP budget; write RUN_DIR/size.json",
                  _size, config_name="size", setup=_size_setup, schema=_size_schema),
 }

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.errors import UserError
-from launch.executors import jobs
+from launch.executors import jobs, local
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def status_main(args: list[str]) -> int:
     from launch.executors import slurm
 
     rows = runs_of(args)
-    states = slurm.states([r.job_id for r in rows if r.job_id])
+    states = _states(rows)
     table = Table(box=None, header_style="bold")
     for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last word from the job"):
         table.add_column(column, overflow="fold")
@@ -87,7 +87,10 @@ def cancel_main(args: list[str]) -> int:
     if not args:
         raise UserError("cancel needs a run, sweep or pipeline directory\n  fix: trainctl cancel runs/NAME")
     rows = runs_of(args)
-    states = slurm.states([r.job_id for r in rows if r.job_id])
+    states = _states(rows)
+    if any(local.is_local(r.job_id) and states[r.job_id].active for r in rows):
+        raise UserError("a local run is running in the foreground of another terminal\n"
+                        "  fix: press Ctrl-C there")
     active = [r for r in rows if r.job_id and states.get(r.job_id) and states[r.job_id].active]
     if not active:
         print("nothing to cancel: no job of " + ", ".join(args) + " is pending or running")
@@ -100,6 +103,15 @@ def cancel_main(args: list[str]) -> int:
 
 NEVER = "NEVER RUNS (an earlier stage failed)"
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _states(rows: list[Row]) -> dict:
+    """job id -> JobState: local runs from their records, the rest from Slurm (one query)."""
+    from launch.executors import slurm
+
+    found = {r.job_id: local.state(r.run_dir) for r in rows if local.is_local(r.job_id)}
+    found.update(slurm.states([r.job_id for r in rows if r.job_id and not local.is_local(r.job_id)]))
+    return found
 
 
 def describe(state) -> str:

@@ -15,8 +15,9 @@ from pathlib import Path
 from launch.config.schema import Config, Scheduler
 from launch.errors import UserError
 
-TRAINING_BUILT: set[tuple[str, str]] = set()
-"""(backend, stage) pairs whose trainer exists; the trainer issues add theirs."""
+TRAINING_BUILT: set[tuple[str, str]] = {("deepspeed", "pretrain")}
+"""(backend, stage) pairs whose trainer exists (launch/train). SFT with prompt masking, DPO,
+RLHF and the Megatron-Core trainer are not built yet."""
 
 ARRAY: list | None = None
 """While the job-array launcher runs a sweep (plugins/hydra_plugins), the points
@@ -26,10 +27,6 @@ one array, by ``submit_array`` instead of one sbatch each."""
 
 def check_submittable(cfg: Config, run_dir: Path) -> None:
     """Every reason this run cannot be submitted, before anything is written."""
-    if cfg.cluster.scheduler != Scheduler.slurm:
-        raise UserError(f"cluster.scheduler: {cfg.cluster.scheduler.name!r}: submit on this machine is not built "
-                        "yet (issue 6)\n  fix: `trainctl render` and run RUN_DIR/launch.sh yourself, or submit to "
-                        "a SLURM cluster (cluster=h100, or cluster=slurm_local for the local test cluster)")
     backend, stage = cfg.backend.name.name, cfg.stage.kind.name
     if cfg.train.rank_check_s <= 0 and (backend, stage) not in TRAINING_BUILT:
         raise UserError(f"stage={stage}, backend={backend}: training for this stage on this backend is not built "
@@ -66,6 +63,13 @@ def submit_rendered(plan, run_dir: Path, sweep_dir: Path | None, overrides: list
     """sbatch the run's job.sbatch (already written); the job id, or None for a preflight."""
     from launch.executors import jobs, slurm
 
+    if plan.cfg.cluster.scheduler == Scheduler.local:
+        if plan.cfg.submit.preflight:
+            print("preflight: cluster=local runs on this machine; there is no scheduler to ask")
+            return None
+        from launch.executors import local
+
+        return local.submit(run_dir)
     script = run_dir / "job.sbatch"
     if ARRAY is not None:
         ARRAY.append((plan, run_dir, overrides))

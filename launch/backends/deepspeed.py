@@ -23,20 +23,26 @@ DeepSpeed's own defaults carry a one-line reason.
 What the trainer does with this file (``launch/train``), and what it keeps:
 
 - ``deepspeed.initialize(model=..., model_parameters=<param groups: no weight
-  decay on norms and biases>, config=<this dict>, mpu=<Ulysses mpu or None>)``
-  builds AdamW and, for ``optim.schedule=cosine``, ``WarmupCosineLR`` from here.
+  decay on norms and biases>, config=<this dict>, lr_scheduler=...)`` builds
+  AdamW from here. The ``scheduler`` section (``WarmupCosineLR``) is for anyone
+  who runs this file with their own DeepSpeed script; trainctl's trainer passes
+  a client schedule instead (``launch/train/schedule.py``: the same warmup and
+  cosine to ``min_lr``, but the first update already moves, where DeepSpeed's
+  runs its first two at a rate of 0).
 - ``optim.schedule=wsd`` has no DeepSpeed scheduler: the file then has no
   ``scheduler`` section and the trainer builds the warmup-stable-decay schedule
   from ``optim.*`` in config.yaml (hand-off; ``common.wsd_decay_steps`` gives
   the decay length every backend uses).
-- ``parallel.recompute=full``: the trainer calls
-  ``deepspeed.checkpointing.configure(None, deepspeed_config=...)`` and turns on
-  the model's gradient checkpointing with ``deepspeed.checkpointing.checkpoint``
-  as the checkpoint function; the ``activation_checkpointing`` section configures
-  it. Hugging Face models have no selective recompute (validation refuses it).
+- No ``wandb`` section: the trainer logs to wandb itself (offline by default),
+  so DeepSpeed's monitor would add a second, empty run per job.
+- ``parallel.recompute=full``: the trainer turns on the Hugging Face model's
+  per-layer gradient checkpointing; the ``activation_checkpointing`` section
+  configures DeepSpeed's own, for DeepSpeed scripts that use it. Hugging Face
+  models have no selective recompute (validation refuses it).
 - ``parallel.cp > 1``: ``UlyssesSPAttentionHF.register_with_transformers(model,
   core_attn_implementation="flash_attention_2" or "sdpa", sequence_parallel_size=cp,
-  micro_batch_size=..., seq_length=...)`` returns the mpu given to ``initialize``.
+  micro_batch_size=..., seq_length=...)`` returns the mpu given to ``initialize``
+  (not wired into trainctl's trainer yet: it refuses cp > 1).
 - Stages: the loss, prompt masking, data format and init checkpoint come from
   ``stage.*`` and ``data.*`` in config.yaml; the LR here is ``Derived.lr``. DPO's
   frozen reference policy gets its own engine from ``to_deepspeed_reference``.
@@ -44,7 +50,6 @@ What the trainer does with this file (``launch/train``), and what it keeps:
 
 from __future__ import annotations
 
-from launch.backends.common import WANDB_PROJECT
 from launch.config.derive import Derived
 from launch.config.schema import Config, Offload, Precision, Recompute, Schedule
 
@@ -73,8 +78,6 @@ def to_deepspeed(cfg: Config, d: Derived) -> dict:
         **_scheduler(cfg, d),
         **_activation_checkpointing(cfg),
         **_sequence_parallel(cfg),
-        # One wandb run per job, grouped by the run's name: a requeued job joins its group.
-        "wandb": {"enabled": True, "project": WANDB_PROJECT, "group": cfg.name},
         "steps_per_print": cfg.train.log_interval,  # DeepSpeed's own progress lines at train.log_interval (default 10)
         "wall_clock_breakdown": False,
     }

@@ -52,6 +52,16 @@ def record_submission(run_dir: Path, job_id: str, script: Path, *, scheduler: st
     return entry
 
 
+def record_exit(run_dir: Path, job_id: str, code: int) -> None:
+    """Note a local run's exit code on its entry."""
+    record = read(run_dir / JOB_RECORD) or {"jobs": []}
+    for entry in record["jobs"]:
+        if entry["job_id"] == job_id:
+            entry["exit_code"] = code
+            entry["ended_utc"] = _now()
+    write(run_dir / JOB_RECORD, record)
+
+
 def latest_job_id(run_dir: Path) -> str | None:
     record = read(run_dir / JOB_RECORD)
     return record["jobs"][-1]["job_id"] if record and record.get("jobs") else None
@@ -63,12 +73,17 @@ def refuse_if_active(run_dir: Path) -> None:
     Its job reads RUN_DIR/config.yaml when it starts, and again when it is requeued.
     Where Slurm's tools are absent (a laptop with a copied run), there is nothing to ask.
     """
-    job_id = latest_job_id(run_dir)
-    if job_id is None or shutil.which("scontrol") is None:
-        return
-    from launch.executors.slurm import states
+    from launch.executors import local
 
-    state = states([job_id]).get(job_id)
+    job_id = latest_job_id(run_dir)
+    if local.is_local(job_id):
+        state = local.state(run_dir)
+    elif job_id is None or shutil.which("scontrol") is None:
+        return
+    else:
+        from launch.executors.slurm import states
+
+        state = states([job_id]).get(job_id)
     if state is not None and state.active:
         raise UserError(f"{run_dir}: its job {job_id} is still {state.state}; writing this run again would "
                         "change the config under it (and submitting would run two jobs in one directory)\n"

@@ -1,8 +1,9 @@
 """``python -m launch.train RUN_DIR``: the entrypoint torchrun starts on every rank.
 
-It reads RUN_DIR/config.yaml (the resolved config ``render`` wrote). The
-trainers are the next issues; until they land, the only mode is the rank check
-(``train.rank_check_s > 0``), and any other run stops here with a clear message.
+It reads RUN_DIR/config.yaml (the resolved config ``render`` wrote) and runs
+the rank check (``train.rank_check_s > 0``) or the backend's trainer: DeepSpeed
+(``launch.train.deepspeed_trainer``); the Megatron-Core trainer is issue 7 and
+stops here with a clear message.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def main(argv: list[str]) -> int:
         from launch.train.rankcheck import rank_check
 
         return rank_check(run_dir, seconds)
-    print(f"trainctl: the {cfg.backend.name} trainer is not built yet (issues 6 and 7); "
+    if cfg.backend.name == "deepspeed":
+        from launch.train.deepspeed_trainer import main as train_deepspeed
+
+        return train_deepspeed(run_dir)
+    print(f"trainctl: the {cfg.backend.name} trainer is not built yet (issue 7); "
           "train.rank_check_s=60 runs an allocation check instead", file=sys.stderr, flush=True)
     return EXIT_NOT_BUILT
 

@@ -1,0 +1,163 @@
+"""What the trainer reports: one line and one ``RUN_DIR/metrics.jsonl`` object per logged step, and wandb.
+
+Throughput uses the estimator's conventions (plan.json), so the measured numbers
+sit next to the predicted ones: model FLOPs per token = ``flops.per_token``
+(Megatron-LM's count, no recompute), TFLOP/s per GPU = tokens/s x that / world size,
+MFU against ``cluster.gpu.peak_bf16_tflops`` (``peak_fp8_tflops`` when
+``estimate.mfu_basis=fp8``). Peak memory: ``torch.cuda.max_memory_allocated`` on a
+GPU (``memory_kind: cuda_max_allocated``), the process's peak RSS on a CPU
+(``memory_kind: cpu_peak_rss``), in GiB.
+
+wandb (rank 0 only): offline unless the user set ``WANDB_MODE``, files under
+RUN_DIR (``WANDB_DIR``), run name = ``cfg.name``, project and group as in the
+ds_config's ``wandb`` section, and one run id per run directory (``RUN_DIR/wandb_id``)
+so every resumed job appends to the same wandb run. It is initialised before
+``deepspeed.initialize``, so DeepSpeed's own wandb monitor (the ds_config enables it)
+joins this run rather than opening another. Our metrics are logged against
+``trainer/step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import secrets
+import sys
+import time
+from pathlib import Path
+
+GIB = 1024 ** 3
+
+
+def peak_memory_gib() -> tuple[float, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / GIB, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "cpu_peak_rss"
+
+
+class Reporter:
+    """Rank 0's metrics: stdout, metrics.jsonl, wandb. Other ranks get a Reporter that does nothing."""
+
+    def __init__(self, run_dir: Path, cfg, plan: dict, *, world: int, enabled: bool, ds_config: dict | None = None):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.world = world
+        self.plan = plan
+        flops = plan.get("flops", {})
+        self.flops_per_token = float(flops.get("per_token") or 0.0)
+        basis = getattr(cfg.estimate.mfu_basis, "name", str(cfg.estimate.mfu_basis))
+        gpu = cfg.cluster.gpu
+        self.peak_tflops = float(gpu.peak_fp8_tflops if basis == "fp8" else gpu.peak_bf16_tflops)
+        thr, mem = plan.get("throughput", {}), plan.get("memory_gib", {})
+        self.predicted = {
+            "plan_step_time_s": thr.get("step_time_s"),
+            "plan_tokens_per_s_per_gpu": thr.get("tokens_per_s_per_gpu"),
+            "plan_tflops_per_gpu": thr.get("tflops_per_gpu"),
+            "plan_mfu": thr.get("mfu"),
+            "plan_peak_memory_gib": mem.get("per_gpu_peak"),
+        }
+        self.wandb = None
+        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        if enabled:
+            self._init_wandb(cfg, ds_config or {})
+
+    # --- wandb ---------------------------------------------------------------------------------
+
+    def _init_wandb(self, cfg, ds_config: dict) -> None:
+        section = ds_config.get("wandb", {})
+        if section.get("enabled") is False or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
+            return
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            import wandb
+        except ImportError:
+            print("trainctl: wandb is not installed; metrics go to metrics.jsonl only", flush=True)
+            return
+        id_file = self.run_dir / "wandb_id"
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+            id_file.write_text(run_id + "\n")
+        from omegaconf import OmegaConf
+
+        self.wandb = wandb.init(
+            project=section.get("project", "trainctl"), group=section.get("group", cfg.name),
+            entity=section.get("team"), name=str(cfg.name), id=run_id, resume="allow",
+            dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        )
+        self.wandb.define_metric("trainer/step")
+        self.wandb.define_metric("train/*", step_metric="trainer/step")
+        self.wandb.define_metric("val/*", step_metric="trainer/step")
+
+    # --- records -------------------------------------------------------------------------------
+
+    def train_step(self, *, step: int, loss: float, lr: float, grad_norm: float | None, steps: int,
+                   step_time_s: float, tokens: int, consumed_samples: int) -> dict | None:
+        """Log one training step: ``tokens`` processed (all ranks) in ``step_time_s`` seconds (averaged)."""
+        if not self.enabled:
+            return None
+        tokens_per_s = tokens / step_time_s if step_time_s > 0 else 0.0
+        tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
+        mem, kind = peak_memory_gib()
+        rec = {
+            "kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "step_time_s": step_time_s, "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / self.world,
+            "tflops_per_gpu": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "peak_memory_gib": mem, "memory_kind": kind, "consumed_samples": consumed_samples,
+            "time": time.time(), **self.predicted,
+        }
+        gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+        print(f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
+              f"{tokens_per_s:,.0f} tokens/s | {tflops:.3g} TFLOP/s/GPU (plan {self._p('plan_tflops_per_gpu')}) | "
+              f"MFU {100 * (rec['mfu'] or 0):.1f}% (plan {100 * (self.predicted['plan_mfu'] or 0):.1f}%) | "
+              f"{'peak RSS' if kind == 'cpu_peak_rss' else 'peak mem'} {mem:.2f} GiB "
+              f"(plan {self._p('plan_peak_memory_gib')})", flush=True)
+        self._write(rec)
+        if self.wandb is not None:
+            self.wandb.log({"trainer/step": step, **{f"train/{k}": v for k, v in rec.items()
+                                                     if isinstance(v, (int, float)) and v is not None
+                                                     and k not in ("step", "time")}})
+        return rec
+
+    def eval(self, *, step: int, loss: float, iters: int) -> None:
+        if not self.enabled:
+            return
+        import math
+
+        ppl = math.exp(loss) if loss < 50 else float("inf")
+        print(f"validation at step {step}: loss {loss:.4f} | perplexity {ppl:.2f} ({iters} batches)", flush=True)
+        self._write({"kind": "eval", "step": step, "val_loss": loss, "val_ppl": ppl, "time": time.time()})
+        if self.wandb is not None:
+            self.wandb.log({"trainer/step": step, "val/loss": loss, "val/ppl": ppl})
+
+    def event(self, text: str) -> None:
+        if self.enabled:
+            print(f"trainctl: {text}", flush=True)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+    def _p(self, key: str) -> str:
+        v = self.predicted.get(key)
+        return f"{v:.3g}" if isinstance(v, (int, float)) else "n/a"
+
+    def _write(self, rec: dict) -> None:
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+
+
+def err(text: str) -> None:
+    """A user-facing error, printed once (by global rank 0) before the process group exists."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trainctl: {text}", file=sys.stderr, flush=True)

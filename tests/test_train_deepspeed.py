@@ -1,0 +1,207 @@
+"""The DeepSpeed trainer, for real: 2 CPU ranks over gloo under torchrun, ZeRO-3, the tiny_local recipe.
+
+Until `trainctl prepare` is in every checkout, the shards are written here with
+megatron-core's IndexedDatasetBuilder (launch.train.data.write_shards: the same
+layout). One run is stopped by SIGUSR1 (through torchrun, as the sbatch script
+delivers it), resumed, and finishes; the tests after it read what that run left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PYTHONPATH, ROOT, run_trainctl
+
+STEPS = 14
+SOURCES = {"prose": (str(ROOT / "data/sample/prose.jsonl"), "text"),
+           "code": (str(ROOT / "data/sample/code.jsonl"), "text")}
+TOKENIZER = str(ROOT / "data/sample/tokenizer.json")
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what job.sbatch gives torchrun
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+
+def _torchrun(run_dir: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "launch.train", str(run_dir)],
+        cwd=run_dir.parent.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _records(run_dir: Path, kind: str = "train") -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from launch.train.data import write_shards
+
+    out = tmp_path_factory.mktemp("prepared")
+    write_shards(SOURCES, TOKENIZER, out)
+    return out
+
+
+def _render(cwd: Path, prepared: Path, *extra: str) -> Path:
+    out = run_trainctl("render", "recipe=tiny_local", f"data.prepared_dir={prepared}", f"train.steps={STEPS}",
+                       "train.checkpoint_interval=4", "train.eval_interval=7", *extra, cwd=cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return cwd / "runs/tiny_local"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepared) -> dict:
+    """A run stopped by SIGUSR1 after a few steps, then resumed to the end: (run_dir, both outputs)."""
+    cwd = tmp_path_factory.mktemp("work")
+    run_dir = _render(cwd, prepared)
+    first = _torchrun(run_dir)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and first.poll() is None:
+        if len(_records(run_dir)) >= 5:
+            first.send_signal(signal.SIGUSR1)
+            break
+        time.sleep(0.2)
+    out1, _ = first.communicate(timeout=120)
+    second = _torchrun(run_dir)
+    out2, _ = second.communicate(timeout=240)
+    assert second.returncode == 0, out2[-5000:]
+    return {"run_dir": run_dir, "out1": out1, "out2": out2, "cwd": cwd, "prepared": prepared}
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+def test_lr_schedule_warmup_cosine_and_wsd():
+    from launch.train.schedule import lr_at
+
+    cos = [lr_at(s, peak=1.0, min_lr=0.1, warmup=5, steps=20, schedule="cosine") for s in range(25)]
+    assert cos[0] == pytest.approx(0.2) and cos[4] == pytest.approx(1.0) and cos[5] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cos[5:20], cos[6:20]))  # decays monotonically
+    assert cos[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert cos[20:] == [0.1] * 5  # past the end (a run extended later resumes on the new total)
+    wsd = [lr_at(s, peak=1.0, min_lr=0.0, warmup=2, steps=10, schedule="wsd", decay_steps=4) for s in range(10)]
+    assert wsd == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_config_diff_names_keys_and_ignores_the_run_length():
+    from launch.train.checkpoint import config_diff
+
+    saved = {"name": "a", "optim": {"lr": 1e-3}, "train": {"steps": 10, "seed": 1},
+             "cluster": {"nodes": 1, "time_limit": "01:00:00"}, "data": {"prepared_dir": "/x"}}
+    same = {"name": "b", "optim": {"lr": 1e-3}, "train": {"steps": 99, "seed": 1},
+            "cluster": {"nodes": 1, "time_limit": "04:00:00"}, "data": {"prepared_dir": "/y"}}
+    assert config_diff(saved, same) == []
+    changed = {**same, "optim": {"lr": 5e-4}, "cluster": {"nodes": 2, "time_limit": "01:00:00"}}
+    assert config_diff(saved, changed) == ["cluster.nodes: 1 -> 2", "optim.lr: 0.001 -> 0.0005"]
+
+
+def test_realised_mixture_is_exactly_the_weights(prepared, tmp_path):
+    """megatron's blended index: weights 0.7/0.3 give 700/300 of the first 1,000 samples."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from launch.train.data import build_datasets
+
+    cfg = OmegaConf.create({
+        "data": {"prepared_dir": str(prepared), "tokenizer": TOKENIZER, "split": [0.9, 0.05, 0.05],
+                 "sources": {"prose": {"weight": 0.7}, "code": {"weight": 0.3}}},
+        "model": {"seq_length": 64}, "train": {"seed": 1234}})
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)  # megatron's caching needs one
+    try:
+        data = build_datasets(cfg, train_samples=1000, valid_samples=16, cache_dir=tmp_path / "cache")
+    finally:
+        dist.destroy_process_group()
+    counts = np.bincount(np.asarray(data.train.dataset_index[:1000]), minlength=2)
+    assert counts.tolist() == [700, 300]
+    item = data.train[0]
+    assert item["tokens"].shape == (64,) and (item["tokens"][1:] == item["labels"][:-1]).all()
+
+
+def test_missing_shards_say_run_prepare(tmp_path):
+    run_dir = _render(tmp_path, tmp_path / "nowhere")
+    out = subprocess.run([sys.executable, "-m", "launch.train", str(run_dir)], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "run `trainctl prepare" in out.stderr and "prose.bin" in out.stderr
+
+
+# --- the real run -----------------------------------------------------------------------------
+
+def test_sigusr1_saves_a_checkpoint_and_stops(trained):
+    out1, run_dir = trained["out1"], trained["run_dir"]
+    assert "stopped by SIGUSR1 at step" in out1 and "checkpoint saved" in out1, out1[-3000:]
+    stopped_at = int(out1.split("stopped by SIGUSR1 at step ")[1].split(",")[0])
+    assert 5 <= stopped_at < STEPS
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:07d}'}: step {stopped_at}" in trained["out2"]
+
+
+def test_training_resumes_and_the_loss_falls(trained):
+    run_dir = trained["run_dir"]
+    records = _records(run_dir)
+    steps = [r["step"] for r in records]
+    assert steps == list(range(1, STEPS + 1)), steps  # no step lost or repeated across the stop
+    first, last = records[0], records[-1]
+    assert last["loss"] < first["loss"] - 1.0, (first["loss"], last["loss"])
+    assert last["consumed_samples"] == STEPS * 8
+    for key in ("lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_gib", "plan_mfu",
+                "plan_tflops_per_gpu", "plan_peak_memory_gib"):
+        assert isinstance(last[key], float) and last[key] > 0, key
+    assert last["memory_kind"] == "cpu_peak_rss"
+    assert last["mfu"] == pytest.approx(last["tflops_per_gpu"] / 1.0)  # cluster=local: a 1 TFLOP/s "GPU"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert last["tflops_per_gpu"] == pytest.approx(last["tokens_per_s"] * plan["flops"]["per_token"] / 2 / 1e12)
+    evals = _records(run_dir, "eval")
+    assert [e["step"] for e in evals] == [7, STEPS] and evals[-1]["val_loss"] < first["loss"] - 1.0
+
+
+def test_checkpoints_latest_and_retention(trained):
+    ckpts = trained["run_dir"] / "checkpoints"
+    assert (ckpts / "latest").read_text() == f"step_{STEPS:07d}"
+    kept = sorted(p.name for p in ckpts.glob("step_*"))
+    assert len(kept) == 3 and kept[-1] == f"step_{STEPS:07d}"
+    assert not list(ckpts.glob(".tmp_*"))
+    marker = json.loads((ckpts / kept[-1] / "trainctl.json").read_text())
+    assert marker["step"] == STEPS and marker["consumed_samples"] == STEPS * 8
+
+
+def test_final_hugging_face_model_loads(trained):
+    from transformers import AutoModelForCausalLM
+
+    final = trained["run_dir"] / "checkpoints/final"
+    model = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_key_value_heads, c.intermediate_size,
+            c.vocab_size) == ("llama", 256, 4, 2, 688, 4096)
+    assert (final / "tokenizer.json").is_file()
+    assert 0.01 < model.model.embed_tokens.weight.std().item() < 0.1  # trained from the 0.02 init, not all zeros
+
+
+def test_wandb_offline_run_is_one_run_across_the_resume(trained):
+    run_dir = trained["run_dir"]
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)  # both jobs, one run id
+
+
+def test_resume_with_a_changed_config_is_refused(trained):
+    cwd, prepared, run_dir = trained["cwd"], trained["prepared"], trained["run_dir"]
+    _render(cwd, prepared, "optim.lr=5e-4", "train.seed=7")
+    out = subprocess.run([sys.executable, "-m", "launch.train", str(run_dir)], cwd=cwd, env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "refusing to resume" in out.stderr and "optim.lr: 0.001 -> 0.0005" in out.stderr
+    assert "train.seed: 1234 -> 7" in out.stderr
