@@ -125,15 +125,15 @@ def describe(state) -> str:
 
 
 def last_metrics(run_dir: Path) -> tuple[int | None, float | None]:
-    """Step and loss of the last line of RUN_DIR/metrics.jsonl (the trainer writes one per logged step)."""
-    line = _last_line(run_dir / "metrics.jsonl")
-    if not line:
-        return None, None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:  # a line being written
-        return None, None
-    return record.get("step"), record.get("loss")
+    """Step and loss of the last training record in RUN_DIR/metrics.jsonl (one JSON object per logged step)."""
+    for line in reversed(_tail(run_dir / "metrics.jsonl")):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if "loss" in record:  # validation records carry val_loss instead
+            return record.get("step"), record["loss"]
+    return None, None
 
 
 def last_log_line(run_dir: Path) -> str:
@@ -149,11 +149,16 @@ def crashes(run_dir: Path, job_id: str | None) -> int:
 
 
 def _last_line(path: Path) -> str:
+    lines = _tail(path)
+    return lines[-1].strip() if lines else ""
+
+
+def _tail(path: Path, size: int = 8192) -> list[str]:
+    """The last lines of a file (up to ``size`` bytes), without reading all of a long log."""
     try:
         with path.open("rb") as f:
             f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode(errors="replace").splitlines()
     except FileNotFoundError:
-        return ""
-    return lines[-1].strip() if lines else ""
+        return []

@@ -120,11 +120,12 @@ def test_render_with_the_array_launcher_submits_nothing(workdir):
 
 
 def test_a_failing_point_submits_nothing(workdir):
-    """train.rank_check_s=0 is refused before anything is written or sent to Slurm; the other point waits."""
-    out = run_trainctl("submit", "-m", ARRAY, "recipe=tiny_slurm", "train.rank_check_s=1,0", cwd=workdir)
+    """micro batch 3 does not divide the batch: refused before anything is sent to Slurm; the other point waits."""
+    out = run_trainctl("submit", "-m", ARRAY, "recipe=tiny_slurm", "train.rank_check_s=1",
+                       "parallel.micro_batch_size=2,3", cwd=workdir)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "1 of 2 points of this sweep failed" in out.stderr
-    assert "not built yet" in out.stderr  # the failing point's own reason, printed first
+    assert "parallel.micro_batch_size=3" in out.stderr  # the failing point's own reason, printed first
     assert "submitted" not in out.stdout
     sweep_dir = workdir / "runs/tiny_slurm"
     assert not (sweep_dir / "array.sbatch").exists() and not list(sweep_dir.glob("*/job.json"))
@@ -142,7 +143,7 @@ def test_preflight_asks_slurm_about_the_array_and_queues_nothing(workdir, slurm_
 def test_the_array_state_is_reset_after_a_sweep(workdir):
     """launch.submit.ARRAY is a list only while the launcher runs, even when it raises."""
     code = ("import launch.submit; from launch.cli import main;"
-            f"rc = main(['submit', '-m', '{ARRAY}', 'recipe=tiny_slurm', 'train.rank_check_s=1,0']);"
+            f"rc = main(['submit', '-m', '{ARRAY}', 'recipe=tiny_slurm', 'parallel.micro_batch_size=2,3']);"
             "print('rc', rc, 'ARRAY', launch.submit.ARRAY)")
     out = subprocess.run([sys.executable, "-c", code], env=clean_env(), cwd=workdir, capture_output=True, text=True)
     assert out.stdout.splitlines()[-1] == "rc 2 ARRAY None", out.stdout + out.stderr

@@ -1,9 +1,10 @@
 """trainctl against a real Slurm: slurmctld + 2 slurmd on this machine (slurm/cluster.sh).
 
 The jobs are real: sbatch queues them, slurmd starts the batch script, srun
-starts torchrun, torchrun starts 2 CPU ranks of ``python -m launch.train`` that
-run the rank check (gloo all-reduces) until the trainers land. Only the GPUs
-are fake (gres entries pointing at /dev/null): there are none here.
+starts torchrun, torchrun starts 2 CPU ranks of ``python -m launch.train``,
+which train the tiny model with DeepSpeed over gloo, or (``train.rank_check_s``,
+for the tests of the scheduling side) run the rank check. Only the GPUs are
+fake (gres entries pointing at /dev/null): there are none here.
 """
 
 from __future__ import annotations
@@ -165,3 +166,33 @@ def test_submit_refuses_a_stage_whose_training_is_not_built(workdir: Path, slurm
     assert "pipeline stage 'dpo': stage=dpo, backend=deepspeed: training" in out.stderr
     assert "train.rank_check_s=60" in out.stderr and not (workdir / "runs").exists()
     assert run_trainctl("render", "recipe=tiny_slurm_pipeline", cwd=workdir).returncode == 0  # render works
+
+
+def test_training_stops_on_usr1_requeues_and_resumes_where_it_stopped(workdir: Path, slurm_env: dict) -> None:
+    """The whole time-limit path: SIGUSR1 -> checkpoint -> scontrol requeue -> the job resumes from it."""
+    assert run_trainctl("prepare", "recipe=tiny_slurm", cwd=workdir, env=slurm_env).returncode == 0
+    job = submit(workdir, slurm_env, "recipe=tiny_slurm", "train.steps=30", "train.checkpoint_interval=100")
+    run_dir = workdir / "runs/tiny_slurm"
+    metrics = run_dir / "metrics.jsonl"
+
+    def train_records() -> list[dict]:
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        return [r for r in records if r["kind"] == "train"]  # validation records have kind "eval"
+
+    def steps() -> list[int]:
+        return [r["step"] for r in train_records()]
+
+    wait_for(lambda: len(steps()) >= 3, 180, "three logged training steps")
+    slurm(slurm_env, "scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@T does at T
+    wait_for(lambda: "requeueing (restart 1" in (run_dir / "job.log").read_text(), 120, "the script to requeue")
+    stopped_at = steps()[-1]
+    assert (run_dir / "checkpoints/latest").read_text().strip().endswith(f"step_{stopped_at:07d}")
+    wait_state(slurm_env, job, "COMPLETED", "FAILED", timeout=300)  # requeued (~10 s), resumed, finished
+    assert state(slurm_env, job) == "COMPLETED", (run_dir / f"slurm-{job}.log").read_text()[-3000:]
+    assert job_field(slurm_env, job, "Restarts") == "1"
+    assert steps() == list(range(1, 31))  # the second run went on from the checkpoint: no step twice, none missing
+    losses = [r["loss"] for r in train_records()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # the loss curve continued downwards
+    assert (run_dir / "checkpoints/final/config.json").is_file()
+    out = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env).stdout
+    assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+1\s+0\s+30\s", out), out

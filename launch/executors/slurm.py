@@ -51,6 +51,8 @@ def _failure(argv: list[str], out: subprocess.CompletedProcess) -> UserError:
     message = (out.stderr or out.stdout).strip()
     if "Unable to contact slurm controller" in message or "Connection refused" in message:
         fix = "the Slurm controller is not answering; check `scontrol ping` and retry"
+    elif any(m in message for m in ("configuration source", "resolve_ctls_from_dns_srv", "configuration file")):
+        fix = "Slurm's client tools find no slurm.conf here: set SLURM_CONF, or " + _FIX_CLIENT
     elif argv[0] == "sbatch":
         fix = "change the request Slurm refused (cluster.partition, cluster.nodes, cluster.time_limit, ...)"
     else:
