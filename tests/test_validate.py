@@ -112,6 +112,9 @@ CASES = {
         ["stage=sft", "stage.init_checkpoint=/ckpt/sft"],
         [(["stage=dpo"], "stage.from_scratch=true"),
          (["stage=rlhf", "stage.init_checkpoint=/ckpt/sft"], "needs a reward model")]),
+    b.z_loss_backend: (
+        ["recipe=tiny_local", "optim.z_loss=1e-4"],
+        [(["optim.z_loss=1e-4"], "moe_z_loss_coeff"), (["recipe=tiny_local", "optim.z_loss=-1"], "negative")]),
     b.stage_supported_by_backend: (
         ["recipe=llama3_8b_dpo_h100"],
         [(["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "megatron-core ships neither"),

@@ -42,6 +42,17 @@ def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
 
 
 @rule
+def z_loss_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """optim.z_loss is added by trainctl's DeepSpeed trainer; Megatron-Core has a z-loss for MoE routers only."""
+    if cfg.optim.z_loss < 0:
+        yield Problem({"optim.z_loss": cfg.optim.z_loss}, "a loss weight cannot be negative", "optim.z_loss=1e-4")
+    elif cfg.optim.z_loss > 0 and _megatron(cfg):
+        yield Problem({"optim.z_loss": cfg.optim.z_loss, "backend": cfg.backend.name},
+                      "Megatron-Core has no output-softmax z-loss (only the MoE router's, moe_z_loss_coeff)",
+                      "optim.z_loss=0 on this backend, or backend=deepspeed")
+
+
+@rule
 def local_cluster_precision(cfg: Config, d: Derived) -> Iterator[Problem]:
     if cfg.cluster.scheduler == Scheduler.local and cfg.train.precision == Precision.fp8:
         yield Problem({"cluster": cfg.cluster.name, "train.precision": cfg.train.precision},

@@ -233,6 +233,9 @@ class OptimConfig:
     warmup_steps: int = 2000
     decay_fraction: float = 0.2
     """WSD only: share of the steps spent decaying at the end."""
+    z_loss: float = 0.0
+    """Auxiliary loss z_loss * log(Z)^2 per token on the output softmax's normaliser Z, which keeps the
+    logits from drifting (PaLM, Chowdhery et al. 2022, sec. 5: 1e-4). 0 = off. DeepSpeed backend only."""
 
 
 @dataclass

@@ -219,12 +219,11 @@ class Trainer:
         return total / self.gas
 
     def _loss(self, tokens, labels, mask):
-        import torch.nn.functional as F
+        """The objective (cross-entropy, plus optim.z_loss when set: launch/train/loss.py)."""
+        from launch.train.loss import lm_loss
 
         logits = self.engine(input_ids=tokens).logits
-        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
-        mask = mask.reshape(-1).float()
-        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+        return lm_loss(logits, labels, mask, float(self.cfg.optim.z_loss))[0]
 
     def _evaluate(self) -> None:
         import torch
