@@ -126,9 +126,10 @@ def _size_setup() -> None:
 VERBS: dict[str, Verb] = {
     "plan": Verb("compose, validate, estimate; print the plan; write RUN_DIR/{config,overrides}.yaml, plan.json, meta.json", _plan),
     "render": Verb("plan + the backend's files (ds_config.json | megatron.yaml, megatron_args.txt), plan.png and "
-                   "the job script (a placeholder until the executor issues land)", _render),
+                   "the job script (job.sbatch on SLURM, launch.sh on cluster=local)", _render),
     "submit": Verb("render + sbatch the job script; returns at once with the job id and RUN_DIR "
-                   "(submit.preflight=true: ask Slurm with --test-only, queue nothing)", _submit),
+                   "(submit.preflight=true: ask Slurm with --test-only, queue nothing); on cluster=local, "
+                   "trains here in the foreground", _submit),
     "status": Verb("state of submitted runs, sweeps and pipelines: Slurm's view, requeues, crashes, last step "
                    "and loss (trainctl status [RUN_DIR ...])", None, direct=_status),
     "cancel": Verb("cancel the pending or running jobs of a run, sweep or pipeline (trainctl cancel RUN_DIR)",
@@ -143,19 +144,23 @@ VERBS: dict[str, Verb] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
+        return _quietly(lambda: print(_usage()) or 0)
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         near = difflib.get_close_matches(verb, VERBS, n=1)
         hint = f"did you mean 'trainctl {near[0]}'? " if near else ""
         _error(f"unknown verb {verb!r}\n  fix: {hint}verbs: {', '.join(VERBS)}")
         return EXIT_USER_ERROR
+    if VERBS[verb].direct is not None:
+        return _quietly(lambda: _run_direct(verb, rest))
+    return _quietly(lambda: _run_hydra_verb(verb, rest))
+
+
+def _quietly(run: Callable[[], int]) -> int:
+    """``run()``, except that a reader who went away (``| head``) ends it quietly, as Python's docs advise."""
     try:
-        if VERBS[verb].direct is not None:
-            return _run_direct(verb, rest)
-        return _run_hydra_verb(verb, rest)
-    except BrokenPipeError:  # `trainctl plan --help | head`: stop writing, as Python's docs advise
+        return run()
+    except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -274,3 +274,16 @@ def test_render_writes_the_backends_files_and_drops_the_other_backends(workdir: 
     assert out.returncode == 0, out.stderr
     names = {p.name for p in (workdir / "runs/tiny_local").iterdir()}
     assert {"megatron.yaml", "megatron_args.txt"} <= names and "ds_config.json" not in names
+
+
+@pytest.mark.parametrize("args", [["--help"], ["plan", "--help"]])
+def test_a_reader_that_stops_early_gets_no_traceback(workdir: Path, args):
+    """`trainctl --help | head -1`: the pipe closes while trainctl still writes."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = " ".join([sys.executable, "-m", "launch", *args]) + " | head -1"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=workdir, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.startswith(("usage: trainctl", "trainctl plan"))
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr

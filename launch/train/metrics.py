@@ -8,13 +8,13 @@ MFU against ``cluster.gpu.peak_bf16_tflops`` (``peak_fp8_tflops`` when
 GPU (``memory_kind: cuda_max_allocated``), the process's peak RSS on a CPU
 (``memory_kind: cpu_peak_rss``), in GiB.
 
-wandb (rank 0 only): offline unless the user set ``WANDB_MODE``, files under
-RUN_DIR (``WANDB_DIR``), run name = ``cfg.name``, project and group as in the
-ds_config's ``wandb`` section, and one run id per run directory (``RUN_DIR/wandb_id``)
-so every resumed job appends to the same wandb run. It is initialised before
-``deepspeed.initialize``, so DeepSpeed's own wandb monitor (the ds_config enables it)
-joins this run rather than opening another. Our metrics are logged against
-``trainer/step``.
+wandb (rank 0 only): offline unless the user set ``WANDB_MODE`` (``online`` with
+``WANDB_API_KEY`` in the submitting shell), files under RUN_DIR (``WANDB_DIR``),
+project ``trainctl`` (``launch.backends.common.WANDB_PROJECT``), run name and group
+``cfg.name``, and one run id per run directory (``RUN_DIR/wandb_id``) so every
+resumed job appends to the same wandb run. The ds_config has no ``wandb`` section:
+DeepSpeed's own monitor would open a second, empty run. Our metrics are logged
+against ``trainer/step``.
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ class Reporter:
             id_file.write_text(run_id + "\n")
         from omegaconf import OmegaConf
 
+        from launch.backends.common import WANDB_PROJECT
+
         self.wandb = wandb.init(
-            project=section.get("project", "trainctl"), group=section.get("group", cfg.name),
+            project=section.get("project", WANDB_PROJECT), group=section.get("group", cfg.name),
             entity=section.get("team"), name=str(cfg.name), id=run_id, resume="allow",
             dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         )
