@@ -43,8 +43,13 @@ def runs_of(paths: list[str]) -> list[Row]:
         elif (pipeline := jobs.read(path / jobs.PIPELINE_RECORD)) is not None:
             rows += [Row(f"{path} [{s['name']}]", Path(s["run_dir"]), s.get("job_id"), str(path))
                      for s in pipeline["stages"]]
-        elif (path / jobs.JOB_RECORD).is_file():
-            rows.append(Row(str(path), path, jobs.latest_job_id(path)))
+        elif (record := jobs.read(path / jobs.JOB_RECORD)) is not None and record.get("jobs"):
+            last = record["jobs"][-1]
+            if last.get("array_tasks"):  # trainctl prepare's job array: one row per shard
+                rows += [Row(f"{path} [{name}]", path, f"{last['job_id']}_{i}")
+                         for i, name in enumerate(last["array_tasks"])]
+            else:
+                rows.append(Row(str(path), path, last["job_id"]))
         else:
             raise UserError(f"{path}: no job.json, sweep.json or pipeline.json: nothing was submitted from there\n"
                             "  fix: give a run directory that `trainctl submit` printed")
@@ -131,7 +136,7 @@ def last_metrics(run_dir: Path) -> tuple[int | None, float | None]:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line being written
             continue
-        if "loss" in record:  # validation records carry val_loss instead
+        if record.get("kind", "train") == "train" and "loss" in record:  # not eval, not discarded_train
             return record.get("step"), record["loss"]
     return None, None
 

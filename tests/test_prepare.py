@@ -341,13 +341,6 @@ def test_importing_prepare_imports_nothing_heavy():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def _has_verb() -> bool:
-    from launch.cli import VERBS
-
-    return "prepare" in VERBS
-
-
-@pytest.mark.skipif(not _has_verb(), reason="the prepare verb is not registered in launch/cli.py yet")
 def test_through_the_cli(workdir: Path):
     out = run_trainctl("prepare", "recipe=tiny_local", "data.prepared_dir=shards", cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -358,3 +351,11 @@ def test_through_the_cli(workdir: Path):
                        "name=bad", cwd=workdir)
     assert bad.returncode == 2 and "data.sources.code.path=missing.jsonl" in bad.stderr
     assert "Traceback" not in bad.stderr and not (workdir / "runs/bad").exists()
+
+
+def test_prepare_on_slurm_needs_a_slurm_cluster_and_a_known_value(workdir: Path):
+    out = run_trainctl("prepare", "recipe=tiny_local", "data.prepare_on=slurm", cwd=workdir)
+    assert out.returncode == 2 and "data.prepare_on=slurm, cluster=local" in out.stderr and "fix:" in out.stderr
+    out = run_trainctl("prepare", "recipe=tiny_local", "data.prepare_on=elsewhere", cwd=workdir)
+    assert out.returncode == 2 and "data.prepare_on=elsewhere: must be here or slurm" in out.stderr
+    assert "Traceback" not in out.stderr and not (workdir / "runs/tiny_local").exists()

@@ -183,3 +183,22 @@ def test_a_crash_is_requeued_a_limited_number_of_times_and_counted(workdir: Path
     assert "crash 1 of at most 2 requeued" in log and "crash 2 of at most 2 requeued" in log
     assert re.search(r"crash 3: NOT requeued, cluster.max_crash_requeues=2", log)
     assert (script.parent / "job.crashes.4242").read_text().strip() == "3"
+
+
+def test_prepare_array_values_cannot_run_commands(workdir: Path, stubs: Path, monkeypatch) -> None:
+    """prepare.sbatch (trainctl prepare data.prepare_on=slurm) quotes what the job script does; task 1 runs source 1."""
+    from launch.executors.sbatch import render_prepare
+
+    evil = "$(touch pwned)"
+    cfg, _ = typed("recipe=tiny_slurm", f"cluster.partition='{evil}'", f"+cluster.env.EVIL='{evil}; touch pwned3'",
+                   "cluster.container_image='img;touch pwned4'", f"cluster.python='python3 {evil}'")
+    script = workdir / "prepare.sbatch"
+    script.write_text(render_prepare(cfg, workdir, ["prose", f"code{evil}"]))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # run_script passes the environment on
+    result = run_script(script, stubs, "ok", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert not list(workdir.glob("pwned*"))
+    args = (stubs / "srun.args").read_text().splitlines()
+    assert args[-3:] == ["launch.data.array", str(workdir), f"code{evil}"]
+    assert f"python3 {evil}" in args and "--container-image=img;touch pwned4" in args
+    assert "--array=0-1" in sbatch_lines(script) and not any("gpus" in line for line in sbatch_lines(script))

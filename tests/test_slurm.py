@@ -196,3 +196,22 @@ def test_training_stops_on_usr1_requeues_and_resumes_where_it_stopped(workdir: P
     assert (run_dir / "checkpoints/final/config.json").is_file()
     out = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env).stdout
     assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+1\s+0\s+30\s", out), out
+
+
+def test_prepare_on_slurm_runs_one_array_task_per_shard(workdir: Path, slurm_env: dict) -> None:
+    out = run_trainctl("prepare", "recipe=tiny_slurm", "data.prepare_on=slurm", cwd=workdir, env=slurm_env)
+    assert out.returncode == 0, out.stderr
+    job = re.search(r"submitted job array (\d+) \(2 task\(s\)", out.stdout).group(1)
+    prep = workdir / "runs/tiny_slurm/prepare"
+    assert "SOURCES=(prose code)" in (prep / "prepare.sbatch").read_text()
+    status = run_trainctl("status", str(prep), cwd=workdir, env=slurm_env).stdout
+    assert f"{job}_0" in status and "[prose]" in status and f"{job}_1" in status and "[code]" in status
+    shards = workdir / "data/prepared"
+    wait_for(lambda: all((shards / f"{name}.json").is_file() for name in ("prose", "code")), 180, "both shards")
+    for task, name in enumerate(("prose", "code")):
+        log = prep / f"prepare-{job}_{task}.log"
+        wait_for(lambda: log.is_file() and f"{name}: finished" in log.read_text(), 30, f"task {task}'s log")
+    again = run_trainctl("prepare", "recipe=tiny_slurm", "data.prepare_on=slurm", cwd=workdir, env=slurm_env)
+    assert again.returncode == 0, again.stderr
+    assert "every shard is finished" in again.stdout and "prose: skipped" in again.stdout
+    assert (workdir / "runs/tiny_slurm/prepare.json").is_file()  # the report, written here

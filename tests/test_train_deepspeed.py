@@ -107,6 +107,26 @@ def test_config_diff_names_keys_and_ignores_the_run_length():
     assert config_diff(saved, changed) == ["cluster.nodes: 1 -> 2", "optim.lr: 0.001 -> 0.0005"]
 
 
+def test_resume_marks_the_records_of_lost_work(tmp_path):
+    """A job killed at step 6 after a checkpoint at 4 logged steps 5-6 twice once resumed: the first copies
+    stay in the file, marked, and the train curve has each step once."""
+    from launch.train.metrics import Reporter
+    from tests.conftest import typed
+
+    cfg, _ = typed("wandb.mode=disabled")
+    lost = [{"kind": "train", "step": s, "loss": 9.0 - s} for s in range(1, 7)] + [{"kind": "eval", "step": 5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lost))
+    report = Reporter(tmp_path, cfg, {}, world=1, enabled=True)
+    assert report.rewind(4) == 3
+    report.train_step(step=5, loss=3.5, lr=1e-3, grad_norm=1.0, steps=6, step_time_s=1.0, tokens=10,
+                      consumed_samples=40)
+    report.close()
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["loss"] == 3.5
+    assert [r["step"] for r in _records(tmp_path, "discarded_train")] == [5, 6]
+    assert len(_records(tmp_path, "discarded_eval")) == 1
+
+
 def test_realised_mixture_is_exactly_the_weights(prepared, tmp_path):
     """megatron's blended index: weights 0.7/0.3 give 700/300 of the first 1,000 samples."""
     import numpy as np
@@ -205,3 +225,21 @@ def test_resume_with_a_changed_config_is_refused(trained):
     assert out.returncode == 2, out.stderr
     assert "refusing to resume" in out.stderr and "optim.lr: 0.001 -> 0.0005" in out.stderr
     assert "train.seed: 1234 -> 7" in out.stderr
+
+
+def test_batch_ramp_up_grows_the_batch_and_the_tags_reach_wandb(tmp_path, prepared):
+    """train.rampup_batch_size=[4,4,16]: 4 steps of 4 sequences (16 samples), then the full 8; one point's
+    overrides and wandb.tags become the wandb run's tags."""
+    run_dir = _render(tmp_path, prepared, "train.rampup_batch_size=[4,4,16]", "wandb.tags=[ramp-test]")
+    done = _torchrun(run_dir)
+    out, _ = done.communicate(timeout=240)
+    assert done.returncode == 0, out[-5000:]
+    records = _records(run_dir)
+    assert [r["global_batch_size"] for r in records] == [4] * 4 + [8] * (STEPS - 4)
+    assert records[-1]["consumed_samples"] == 16 + 8 * (STEPS - 4)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert "batch ramp-up 4 + 4 over 16 samples" in out
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    data = log.read_bytes()
+    for tag in (b"ramp-test", b"train.rampup_batch_size=[4,4,16]", b"stage=pretrain", b"backend=deepspeed"):
+        assert tag in data, tag

@@ -139,14 +139,21 @@ CASES = {
           "24 heads cannot be split evenly over cp=16"),
          (["recipe=llama3_8b_dpo_h100", "parallel.cp=2"], "token-level losses (pretrain, SFT) only")]),
     b.megatron_parallel_needs_transformer_engine: (
-        ["train.precision=fp32", "parallel.tp=2", "parallel.sequence_parallel=false", "cluster.gpus_per_node=2"],
-        [(["train.precision=fp32", "parallel.tp=2", "cluster.gpus_per_node=2"], "TransformerEngine's norms"),
+        ["train.precision=fp32", "parallel.tp=2", "cluster.gpus_per_node=2"],  # auto: off on CPU runs
+        [(["train.precision=fp32", "parallel.tp=2", "parallel.sequence_parallel=true", "cluster.gpus_per_node=2"],
+          "TransformerEngine's norms"),
          (["train.precision=fp32", "parallel.cp=2", "cluster.gpus_per_node=2"], "parallel.cp=2, train.precision=fp32")]),
     b.megatron_sft_data: (
         ["stage=sft", "stage.from_scratch=true", "data=chat_sft"],
         [(["stage=sft", "stage.from_scratch=true"], 'under the key "messages"'),
          (["stage=sft", "stage.from_scratch=true", "data=chat_sft", "stage.mask_prompt=false"],
           "always masks the prompt tokens")]),
+    v.batch_rampup: (
+        ["cluster.gpus_per_node=2", "train.rampup_batch_size=[2,2,16]"],
+        [(["train.rampup_batch_size=[2,2]"], "three positive numbers"),
+         (["train.rampup_batch_size=[8,2,16]"], "the ramp must start below the global batch"),
+         (["train.rampup_batch_size=[2,4,16]"], "the ramp from 2 by 4 does not reach 8"),
+         (["cluster.gpus_per_node=2", "train.rampup_batch_size=[2,3,16]"], "multiple of micro_batch_size*dp = 2")]),
     v.estimate_settings: (
         ["estimate.mfu=1.0", "estimate.achievable_fraction_dense=1.0", "estimate.dp_comm_exposed_fraction=0",
          "estimate.allocator_fragmentation=0", "estimate.cuda_context_gib=0"],

@@ -9,10 +9,6 @@ import posixpath
 
 from launch.config.schema import Config, StageKind
 
-WANDB_PROJECT = "trainctl"
-"""The wandb project every backend logs to; runs are named (Megatron) or grouped (DeepSpeed) by ``cfg.name``."""
-
-
 def indexed_prefix(cfg: Config, source: str) -> str:
     """Path prefix of the ``.bin``/``.idx`` pair ``trainctl prepare`` writes for a source.
 

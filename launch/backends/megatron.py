@@ -258,6 +258,7 @@ def _training(cfg: Config, d: Derived) -> dict:
     return {
         "micro_batch_size": cfg.parallel.micro_batch_size,
         "global_batch_size": t.global_batch_size,
+        "rampup_batch_size": list(t.rampup_batch_size) if t.rampup_batch_size else None,
         "num_microbatches": d.grad_accum_steps,
         "data_parallel_size": d.dp,
         "seq_length": cfg.model.seq_length,

@@ -24,7 +24,6 @@ NVIDIA's containers ship the Megatron-LM of their month). With an older one, dro
   (core_v0.11.0, Feb 2025): use ``--num-layers-per-virtual-pipeline-stage``;
 - ``--decoder-first/last-pipeline-num-layers`` (core_v0.9.0, Sep 2024).
 
-Batch ramp-up (``--rampup-batch-size``) is not emitted: trainctl has no ramp-up setting.
 Iterations, not samples, count the schedule (``--train-iters``, ``--lr-*-iters``).
 """
 
@@ -33,7 +32,7 @@ from __future__ import annotations
 import shlex
 
 from launch.backends.common import (
-    WANDB_PROJECT, blend, checkpoint_dir, in_run_dir, num, split_string, tokenizer_dir,
+    blend, checkpoint_dir, in_run_dir, num, split_string, tokenizer_dir,
     wsd_decay_steps,
 )
 from launch.config.derive import Derived
@@ -149,6 +148,8 @@ def _batch_and_schedule(cfg: Config, d: Derived, flag) -> None:
     o = cfg.optim
     flag("--micro-batch-size", cfg.parallel.micro_batch_size)
     flag("--global-batch-size", cfg.train.global_batch_size)
+    if cfg.train.rampup_batch_size:
+        flag("--rampup-batch-size", *cfg.train.rampup_batch_size)
     flag("--train-iters", d.steps)
     flag("--lr", d.lr)
     flag("--min-lr", o.min_lr)
@@ -204,6 +205,7 @@ def _logging(cfg: Config, flag, run_dir: str | None) -> None:
     flag("--eval-iters", t.eval_iters)
     flag("--log-throughput")  # tokens/s and TFLOP/s per GPU in the log, to compare with plan.json
     flag("--tensorboard-dir", in_run_dir(run_dir, "tensorboard"))  # Megatron-LM logs to wandb only beside TensorBoard
-    flag("--wandb-project", WANDB_PROJECT)
-    flag("--wandb-exp-name", cfg.name)
-    flag("--wandb-save-dir", in_run_dir(run_dir, "wandb"))
+    if cfg.wandb.mode != "disabled":
+        flag("--wandb-project", cfg.wandb.project)
+        flag("--wandb-exp-name", cfg.name)
+        flag("--wandb-save-dir", in_run_dir(run_dir, "wandb"))

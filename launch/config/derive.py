@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.config.schema import Config
+from launch.config.rampup import Rampup, schedule
+from launch.config.schema import Config, Precision
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ class Derived:
     tokens_per_step: int
     steps: int
     tokens: int
-    """Tokens the run trains on (train.tokens, or steps * tokens_per_step)."""
+    """Tokens the run trains on (train.tokens, or the steps' samples * seq_length)."""
+    samples: int
+    """Sequences the run trains on: steps * global batch, less what a batch ramp-up skips."""
     stage_layers: tuple[int, ...]
     """Transformer layers on each pipeline rank, first to last."""
     lr: float
@@ -93,15 +96,17 @@ def derive(cfg: Config) -> Derived:
     etp = p.etp if p.etp is not None else p.tp
     expert_dp = max(world // max(p.ep * etp * p.pp, 1), 1)
     sp = p.sequence_parallel
-    sequence_parallel = p.tp > 1 if sp == "auto" else bool(sp)
+    # auto: on when tp > 1, except fp32 (CPU) runs, whose megatron-core norms cannot do it (backend_rules.py)
+    sequence_parallel = (p.tp > 1 and t.precision != Precision.fp32) if sp == "auto" else bool(sp)
     grad_accum = max(t.global_batch_size // max(p.micro_batch_size * dp, 1), 1)
     tokens_per_step = t.global_batch_size * m.seq_length
+    ramp = Rampup.of(t.rampup_batch_size)
     if t.tokens is not None:
-        steps = _ceil_div(t.tokens, max(tokens_per_step, 1))
+        steps, samples = schedule(t.global_batch_size, ramp, samples=_ceil_div(t.tokens, max(m.seq_length, 1)))
         tokens = t.tokens
     else:
-        steps = t.steps or 0
-        tokens = steps * tokens_per_step
+        steps, samples = schedule(t.global_batch_size, ramp, steps=t.steps or 0)
+        tokens = samples * m.seq_length
     layers = stage_layers(
         m.num_layers, p.pp,
         p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage,
@@ -111,6 +116,6 @@ def derive(cfg: Config) -> Derived:
     return Derived(
         world_size=world, dp=dp, dense_dp=dp * max(p.cp, 1), etp=etp, expert_dp=expert_dp,
         sequence_parallel=sequence_parallel, grad_accum_steps=grad_accum,
-        tokens_per_step=tokens_per_step, steps=steps, tokens=tokens,
+        tokens_per_step=tokens_per_step, steps=steps, tokens=tokens, samples=samples,
         stage_layers=layers, lr=lr,
     )

@@ -144,7 +144,7 @@ class ParallelConfig:
     """Tensor parallel size inside experts; None means tp (Megatron's default)."""
     micro_batch_size: int = 1
     sequence_parallel: Any = "auto"
-    """auto | true | false; auto is on when tp > 1 (Megatron only)."""
+    """auto | true | false; auto is on when tp > 1 (Megatron only), except fp32 (CPU) runs."""
     recompute: Recompute = Recompute.selective
     distributed_optimizer: bool = True
     """Megatron: shard optimizer state over dp. Ignored on deepspeed."""
@@ -188,6 +188,9 @@ class DataConfig:
     """Train / validation / test fractions of each source."""
     prepared_dir: str = "data/prepared"
     """Where `trainctl prepare` writes the indexed shards."""
+    prepare_on: str = "here"
+    """here: `trainctl prepare` tokenizes in this process; slurm: it submits a job array with one task
+    per shard to the cluster (cluster.scheduler=slurm) and returns at once."""
 
 
 @dataclass
@@ -326,6 +329,9 @@ class TrainConfig:
     tokens: Optional[int] = None
     """Tokens to train on; steps are derived. Set exactly one of tokens, steps."""
     steps: Optional[int] = None
+    rampup_batch_size: Optional[List[int]] = None
+    """[START, INCREMENT, SAMPLES]: grow the global batch from START by INCREMENT over the first
+    SAMPLES sequences, as Megatron-LM's --rampup-batch-size (launch/config/rampup.py)."""
     precision: Precision = Precision.bf16
     seed: int = 1234
     log_interval: int = 10
@@ -372,6 +378,20 @@ class EstimateConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Where the trainers log to wandb. Offline by default (files under RUN_DIR/wandb, `wandb sync` later)."""
+
+    mode: str = "offline"
+    """offline | online | disabled; WANDB_MODE in the environment wins."""
+    project: str = "trainctl"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    """None: the run's name, so a sweep's points share a group."""
+    tags: List[str] = field(default_factory=list)
+    """Added to the automatic tags: stage, backend, and each override of a sweep point."""
+
+
+@dataclass
 class PipelineStage:
     """One stage of a pipeline: a name and the overrides that make its config (usually ``recipe=...``)."""
 
@@ -401,6 +421,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     pipeline: List[PipelineStage] = field(default_factory=list)
     """Stages run one after another (pretrain -> sft -> dpo), each from its own overrides; each
     starts from the previous stage's final checkpoint. Empty: a single run."""

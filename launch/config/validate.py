@@ -333,6 +333,32 @@ def batch_divisible(cfg: Config, d: Derived) -> Iterator[Problem]:
 
 
 @rule
+def batch_rampup(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Every batch of the ramp must split into whole micro-batches, as megatron-core's calculator asserts."""
+    p, t = cfg.parallel, cfg.train
+    ramp = t.rampup_batch_size
+    if ramp is None:
+        return
+    key = {"train.rampup_batch_size": list(ramp)}
+    example = "train.rampup_batch_size=[START,INCREMENT,SAMPLES], e.g. [16,16,5859375] (GPT-3 175B in Megatron-LM)"
+    if len(ramp) != 3 or any(v < 1 for v in ramp):
+        yield Problem(key, "needs three positive numbers: start batch, increment, ramp-up samples", example)
+        return
+    start, inc, _ = ramp
+    per_step = p.micro_batch_size * d.dp
+    keys = {**key, "train.global_batch_size": t.global_batch_size}
+    if start >= t.global_batch_size:
+        yield Problem(keys, "the ramp must start below the global batch", "a smaller start, or train.rampup_batch_size=null")
+    elif (t.global_batch_size - start) % inc:
+        yield Problem(keys, f"the ramp from {start} by {inc} does not reach {t.global_batch_size}",
+                      f"an increment dividing {t.global_batch_size - start}")
+    if per_step > 0 and (start % per_step or inc % per_step):
+        yield Problem({**key, "parallel.micro_batch_size": p.micro_batch_size, "dp": d.dp},
+                      f"every batch of the ramp must be a multiple of micro_batch_size*dp = {per_step}",
+                      f"start and increment as multiples of {per_step}")
+
+
+@rule
 def sequence_parallel_setting(cfg: Config, d: Derived) -> Iterator[Problem]:
     sp = cfg.parallel.sequence_parallel
     if sp != "auto" and type(sp) is not bool:

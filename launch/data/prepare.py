@@ -16,8 +16,9 @@ such sources are flagged. The figure counts the whole source; Megatron holds out
 1 / split[0] times more often than that (0.2-11% more at the shipped splits).
 
 Processes: ``TRAINCTL_PREPARE_PROCS``, else the CPUs this process may use (capped
-at ``MAX_PROCS``); the schema has no knob for it. Sources are built one after
-another; one SLURM array task per shard is not built.
+at ``MAX_PROCS``); the schema has no knob for it. Here, sources are built one
+after another; with ``data.prepare_on=slurm`` each unfinished source becomes one
+task of a job array (``launch.data.array``) and the command returns at once.
 
 Heavy imports (``datasets``, ``tokenizers``, megatron-core, which imports torch)
 happen inside ``run_prepare`` only: the CLI imports this module on the login path.
@@ -213,28 +214,39 @@ def prepare(cfg, train_tokens: int, say=print) -> dict:
     return numbers
 
 
-def _prepare_all(shard, sources, tok, tokenizer_sha, out_dir, procs, say) -> tuple[dict, dict]:
-    """Skip or build each source in turn: ({name: manifest}, {name: "skipped" | "built"})."""
+def unfinished(shard, sources, tokenizer_sha, out_dir) -> tuple[dict, list]:
+    """({name: manifest} of the finished shards, [(source, fingerprint, why)] of the others)."""
     from launch.data.sources import fingerprint
 
-    shards, status = {}, {}
+    done, todo = {}, []
     for source in sources:
         fp = fingerprint(source)
         manifest = shard.read_manifest(out_dir, source.name)
         why = shard.stale_reason(manifest, out_dir, source.name, fp, tokenizer_sha)
         if why is None:
-            say(f"{source.name}: skipped (finished: {manifest['documents']:,} documents, manifest matches "
-                "the source and the tokenizer)")
-            shards[source.name], status[source.name] = manifest, "skipped"
-            continue
+            done[source.name] = manifest
+        else:
+            todo.append((source, fp, why))
+    return done, todo
+
+
+def _prepare_all(shard, sources, tok, tokenizer_sha, out_dir, procs, say) -> tuple[dict, dict]:
+    """Skip or build each source in turn: ({name: manifest}, {name: "skipped" | "built"})."""
+    done, todo = unfinished(shard, sources, tokenizer_sha, out_dir)
+    for name, manifest in done.items():
+        say(f"{name}: skipped (finished: {manifest['documents']:,} documents, manifest matches "
+            "the source and the tokenizer)")
+    status = dict.fromkeys(done, "skipped")
+    for source, fp, why in todo:
         say(f"{source.name}: building ({why}): {len(source.files)} {source.builder} file(s), up to {procs} "
             f"process(es), EOD {tok.eod_token!r} = {tok.eod_id} ({tok.eod_from}), {tok.dtype_name}")
-        shards[source.name] = _build(shard, source, fp, tok, tokenizer_sha, out_dir, procs)
+        done[source.name] = build_one(shard, source, fp, tok, tokenizer_sha, out_dir, procs)
         status[source.name] = "built"
-    return shards, status
+    order = [s.name for s in sources]
+    return {n: done[n] for n in order}, {n: status[n] for n in order}
 
 
-def _build(shard, source, fp, tok, tokenizer_sha, out_dir, procs) -> dict:
+def build_one(shard, source, fp, tok, tokenizer_sha, out_dir, procs) -> dict:
     """shard.build with a progress bar over the documents written (a terminal only), and its errors as UserErrors."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -269,6 +281,14 @@ def run_prepare(composed, run_dir: Path, command: list[str]) -> None:
     from launch.rundir import dump_json
 
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
+    if composed.data.prepare_on == "slurm":
+        from launch.data.array import submit_prepare
+
+        if submit_prepare(OmegaConf.to_object(composed), composed, run_dir):
+            return
+    elif composed.data.prepare_on != "here":
+        raise UserError(f"data.prepare_on={composed.data.prepare_on}: must be here or slurm\n"
+                        "  fix: data.prepare_on=here (this process) or data.prepare_on=slurm (a job array)")
     try:
         cfg = OmegaConf.to_object(composed)
         numbers = prepare(cfg, derive(cfg).tokens)

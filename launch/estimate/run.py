@@ -166,8 +166,12 @@ def checkpoint_interval_seconds(cfg: Config, d: Derived, n_params: float, step_s
 
 
 def run_estimate(cfg: Config, d: Derived, n_params: float, step_s: float) -> dict:
-    """The plan's ``run`` block: tokens, steps, then ``run_costs`` of steps x step time on the world size."""
-    wall_s = d.steps * step_s
+    """The plan's ``run`` block: tokens, steps, then ``run_costs`` of the run's time on the world size.
+
+    The time is full-batch steps x step time; a batch ramp-up's smaller steps count in proportion to
+    their batch (samples / global batch), which ignores their lower efficiency (more pipeline bubble).
+    """
+    wall_s = d.samples / max(cfg.train.global_batch_size, 1) * step_s
     return {
         "tokens": d.tokens,
         "steps": d.steps,

@@ -41,11 +41,13 @@ def write(path: Path, data: dict) -> None:
 
 
 def record_submission(run_dir: Path, job_id: str, script: Path, *, scheduler: str = "slurm",
-                      dependency: str | None = None) -> dict:
-    """Append one submission to RUN_DIR/job.json; returns the entry."""
+                      dependency: str | None = None, array_tasks: list[str] | None = None) -> dict:
+    """Append one submission to RUN_DIR/job.json; returns the entry. ``array_tasks`` names a job array's tasks."""
     entry = {"job_id": job_id, "scheduler": scheduler, "submitted_utc": _now(),
              "script": script.name, "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
              "dependency": dependency}
+    if array_tasks:
+        entry["array_tasks"] = list(array_tasks)
     record = read(run_dir / JOB_RECORD) or {"jobs": []}
     record["jobs"].append(entry)
     write(run_dir / JOB_RECORD, record)
@@ -83,7 +85,9 @@ def refuse_if_active(run_dir: Path) -> None:
     else:
         from launch.executors.slurm import states
 
-        state = states([job_id]).get(job_id)
+        found = states([job_id])  # a job array answers with its tasks, JOBID_i
+        tasks = [v for k, v in found.items() if k == job_id or k.startswith(f"{job_id}_")]
+        state = next((t for t in tasks if t.active), tasks[0] if tasks else None)
     if state is not None and state.active:
         raise UserError(f"{run_dir}: its job {job_id} is still {state.state}; writing this run again would "
                         "change the config under it (and submitting would run two jobs in one directory)\n"

@@ -21,6 +21,7 @@ from launch.errors import UserError
 from launch.paths import asset_dir
 
 TEMPLATE = "job.sbatch.j2"
+PREPARE_TEMPLATE = "prepare.sbatch.j2"
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 """Signals torchrun forwards to its ranks (its default set plus SIGUSR1, the time-limit warning)."""
 SIGNAL_GRANULARITY_S = 60
@@ -61,6 +62,21 @@ def directives(cfg: Config, run_dir: Path, lead_s: int, *, dependency: str | Non
         "signal": f"B:USR1@{lead_s}",
         "requeue": None,
     }
+    return _format(c, opts, dependency=dependency, array=array)
+
+
+def prepare_directives(cfg: Config, run_dir: Path, tasks: int) -> list[str]:
+    """``#SBATCH`` options of ``trainctl prepare``'s job array: one CPU task per shard, no GPUs."""
+    c = cfg.cluster
+    log = f"{run_dir}/prepare-%A_%a.log"
+    opts: dict[str, str | None] = {"job-name": f"{cfg.name}-prepare", "nodes": "1", "ntasks": "1",
+                                   "time": c.time_limit, "output": log, "error": log, "open-mode": "append",
+                                   "requeue": None}
+    return _format(c, opts, array=f"0-{tasks - 1}")
+
+
+def _format(c, opts: dict[str, str | None], *, dependency: str | None = None, array: str | None = None) -> list[str]:
+    """Add the cluster profile's options to ``opts``; sorted ``--key=value`` strings, values quoted."""
     optional = {"partition": c.partition, "account": c.account, "qos": c.qos, "mem": c.mem,
                 "cpus-per-task": None if c.cpus_per_node is None else str(c.cpus_per_node),
                 "dependency": dependency, "array": array}
@@ -172,11 +188,27 @@ def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: di
         rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead))
 
 
-def _template():
+def render_prepare(cfg: Config, run_dir: Path, sources: list[str]) -> str:
+    """RUN_DIR/prepare.sbatch: a job array whose task i tokenizes ``sources[i]`` (``launch.data.array``)."""
+    c = cfg.cluster
+    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1"]
+    if c.cpus_per_node:
+        srun.append(f"--cpus-per-task={c.cpus_per_node}")
+    if c.container_image:
+        srun += [f"--container-image={c.container_image}",
+                 "--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"])]
+    words = [*srun, c.python, "-m", "launch.data.array"]
+    line = " ".join(_quote_keeping_vars(w) for w in words) + ' "$RUN_DIR" "$SOURCE"'
+    return _template(PREPARE_TEMPLATE).render(
+        directives=prepare_directives(cfg, run_dir, len(sources)), run_dir=str(run_dir), sources=sources,
+        env=[(k, v) for k, v in job_env(cfg) if k != "CUDA_DEVICE_MAX_CONNECTIONS"], setup=c.setup, srun_line=line)
+
+
+def _template(name: str = TEMPLATE):
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(asset_dir("slurm"))),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["q"] = lambda value: shlex.quote(str(value))
-    return env.get_template(TEMPLATE)
+    return env.get_template(name)

@@ -28,6 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
+from launch.config.rampup import Rampup, batch_at
 from launch.train import checkpoint as ckpt
 from launch.train import stop
 from launch.train.data import MissingShards, shard_prefixes
@@ -112,15 +113,16 @@ class Trainer:
         self.dp = self.world // max(int(self.ds_config.get("sequence_parallel_size", 1)), 1)
         self.mbs = int(self.ds_config["train_micro_batch_size_per_gpu"])
         self.gas = int(self.ds_config["gradient_accumulation_steps"])
-        self.gbs = int(self.ds_config["train_batch_size"])
+        self.gbs = int(self.ds_config["train_batch_size"])  # the current global batch: smaller during a ramp-up
+        self.full_gbs = self.gbs
+        self.ramp = Rampup.of(cfg.train.rampup_batch_size)
         self.seq = int(cfg.model.seq_length)
 
-        self.report = Reporter(run_dir, cfg, self.plan, world=self.world, enabled=self.rank == 0,
-                               ds_config=self.ds_config)
+        self.report = Reporter(run_dir, cfg, self.plan, world=self.world, enabled=self.rank == 0)
 
         # Data (every rank; rank 0 builds the indices into the cache first).
-        valid_samples = int(cfg.train.eval_iters) * self.gbs
-        self.data = build_datasets(cfg, train_samples=self.steps * self.gbs, valid_samples=valid_samples,
+        valid_samples = int(cfg.train.eval_iters) * self.full_gbs
+        self.data = build_datasets(cfg, train_samples=self.d.samples, valid_samples=valid_samples,
                                    cache_dir=run_dir / "data_cache")
 
         # Model, optimizer (the ds_config's AdamW), schedule.
@@ -157,7 +159,9 @@ class Trainer:
         r.event(f"{kind} {self.cfg.name} at step {self.step}/{self.steps}: {self.n_params / 1e6:.2f}M parameters, "
                 f"{self.world} rank(s), micro {self.mbs} x accum {self.gas} x dp {self.dp} = {self.gbs} sequences of "
                 f"{self.seq} tokens, ZeRO {self.ds_config.get('zero_optimization', {}).get('stage', 0)}, "
-                f"checkpoint every {self.save_every or 'never'} step(s) to {self.ckpt_dir}")
+                f"checkpoint every {self.save_every or 'never'} step(s) to {self.ckpt_dir}"
+                + (f"; batch ramp-up {self.ramp.start} + {self.ramp.increment} over {self.ramp.samples} samples"
+                   if self.ramp else ""))
         window_time, window_steps, window_loss = 0.0, 0, []
         log_every = max(1, int(self.cfg.train.log_interval))
         eval_every = int(self.cfg.train.eval_interval or 0)
@@ -165,6 +169,7 @@ class Trainer:
         while self.step < self.steps:
             t0 = time.perf_counter()
             lr = self.lr_fn(self.step)
+            self._set_batch(batch_at(self.consumed, self.full_gbs, self.ramp))
             loss = self._train_step()
             stopping = stop.agree()  # every rank, every step: timed with the step, it is part of its cost
             window_time += time.perf_counter() - t0
@@ -181,7 +186,7 @@ class Trainer:
                 gn = float(gn) if gn is not None else None
                 r.train_step(step=self.step, loss=mean.item() / self.world, lr=lr, grad_norm=gn, steps=self.steps,
                              step_time_s=window_time / window_steps, tokens=self.gbs * self.seq,
-                             consumed_samples=self.consumed)
+                             consumed_samples=self.consumed, global_batch_size=self.gbs)
                 window_time, window_steps, window_loss = 0.0, 0, []
             if eval_every and self.data.valid is not None and self.step % eval_every == 0 and self.step < self.steps:
                 self._evaluate()
@@ -203,12 +208,20 @@ class Trainer:
                 f"Hugging Face model {self.ckpt_dir / 'final'}")
         return 0
 
+    def _set_batch(self, batch: int) -> None:
+        """A batch ramp-up changes the micro-batches per step (DeepSpeed's set_train_batch_size)."""
+        if batch != self.gbs:
+            self.engine.set_train_batch_size(batch)
+            self.gbs, self.gas = batch, batch // (self.mbs * self.dp)
+
     def _train_step(self) -> float:
         from launch.train.data import micro_batch
 
         total = 0.0
         self.engine.train()
         for micro in range(self.gas):
+            # Said explicitly: DeepSpeed's own count (micro-steps mod gas) breaks when a ramp-up changes gas.
+            self.engine.set_gradient_accumulation_boundary(micro == self.gas - 1)
             tokens, labels, mask = (t.to(self.device) for t in micro_batch(
                 self.data.train, first_sample=self.consumed, micro=micro, micro_batch_size=self.mbs,
                 dp_rank=self.rank % self.dp, dp=self.dp))
@@ -236,9 +249,9 @@ class Trainer:
         total = torch.zeros(2, device=self.device)
         with torch.no_grad():
             for it in range(iters):
-                for micro in range(self.gas):
+                for micro in range(self.full_gbs // (self.mbs * self.dp)):  # full batches: the numbers compare
                     tokens, labels, mask = (t.to(self.device) for t in micro_batch(
-                        self.data.valid, first_sample=it * self.gbs, micro=micro, micro_batch_size=self.mbs,
+                        self.data.valid, first_sample=it * self.full_gbs, micro=micro, micro_batch_size=self.mbs,
                         dp_rank=self.rank % self.dp, dp=self.dp))
                     total[0] += self._loss(tokens, labels, mask).detach()
                     total[1] += 1
@@ -293,6 +306,7 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.lr_fn(self.step)
         self.report.event(f"resumed from {step_dir}: step {self.step}, {self.consumed} samples consumed")
+        self.report.rewind(self.step)
 
     def export(self) -> Path:
         """The consolidated Hugging Face model, in ``{checkpoint_dir}/final`` (rank 0 writes; all ranks gather)."""

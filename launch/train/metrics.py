@@ -8,13 +8,15 @@ MFU against ``cluster.gpu.peak_bf16_tflops`` (``peak_fp8_tflops`` when
 GPU (``memory_kind: cuda_max_allocated``), the process's peak RSS on a CPU
 (``memory_kind: cpu_peak_rss``), in GiB.
 
-wandb (rank 0 only): offline unless the user set ``WANDB_MODE`` (``online`` with
-``WANDB_API_KEY`` in the submitting shell), files under RUN_DIR (``WANDB_DIR``),
-project ``trainctl`` (``launch.backends.common.WANDB_PROJECT``), run name and group
-``cfg.name``, and one run id per run directory (``RUN_DIR/wandb_id``) so every
-resumed job appends to the same wandb run. The ds_config has no ``wandb`` section:
-DeepSpeed's own monitor would open a second, empty run. Our metrics are logged
-against ``trainer/step``.
+wandb (rank 0 only), from the config's ``wandb`` section: offline unless
+``wandb.mode=online`` or ``WANDB_MODE`` says otherwise (``WANDB_API_KEY`` comes from
+the submitting shell, never from a file), files under RUN_DIR (``WANDB_DIR``), one
+run id per run directory (``RUN_DIR/wandb_id``) so every resumed job appends to the
+same wandb run. Name: ``cfg.name``, or ``NAME/POINT`` for a sweep point; group
+``wandb.group`` or ``cfg.name`` (a sweep's points share it); tags: stage, backend,
+``wandb.tags`` and the point's command-line overrides (``parallel.tp=2``). The
+ds_config has no ``wandb`` section: DeepSpeed's own monitor would open a second,
+empty run. Our metrics are logged against ``trainer/step``.
 """
 
 from __future__ import annotations
@@ -38,10 +40,27 @@ def peak_memory_gib() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "cpu_peak_rss"
 
 
+def wandb_name_and_tags(cfg, run_dir: Path) -> tuple[str, list[str]]:
+    """(run name, tags): a sweep point (runs/NAME/POINT) is NAME/POINT, tagged with its overrides."""
+    name = str(cfg.name)
+    if run_dir.parent.name == name:
+        name = f"{name}/{run_dir.name}"
+    def plain(value) -> str:  # an enum's name, a string as is
+        return str(getattr(value, "name", value))
+
+    tags = [f"stage={plain(cfg.stage.kind)}", f"backend={plain(cfg.backend.name)}", *map(str, cfg.wandb.tags)]
+    overrides = run_dir / "overrides.yaml"
+    if overrides.is_file():
+        from omegaconf import OmegaConf
+
+        tags += [str(o) for o in OmegaConf.load(overrides) or [] if "=" in str(o)]
+    return name, [t[:64] for t in dict.fromkeys(tags)]  # wandb caps a tag at 64 characters
+
+
 class Reporter:
     """Rank 0's metrics: stdout, metrics.jsonl, wandb. Other ranks get a Reporter that does nothing."""
 
-    def __init__(self, run_dir: Path, cfg, plan: dict, *, world: int, enabled: bool, ds_config: dict | None = None):
+    def __init__(self, run_dir: Path, cfg, plan: dict, *, world: int, enabled: bool):
         self.enabled = enabled
         self.run_dir = run_dir
         self.world = world
@@ -62,15 +81,15 @@ class Reporter:
         self.wandb = None
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         if enabled:
-            self._init_wandb(cfg, ds_config or {})
+            self._init_wandb(cfg)
 
     # --- wandb ---------------------------------------------------------------------------------
 
-    def _init_wandb(self, cfg, ds_config: dict) -> None:
-        section = ds_config.get("wandb", {})
-        if section.get("enabled") is False or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
+    def _init_wandb(self, cfg) -> None:
+        mode = os.environ.get("WANDB_MODE") or str(cfg.wandb.mode)
+        if mode == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
             return
-        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
@@ -86,12 +105,11 @@ class Reporter:
             id_file.write_text(run_id + "\n")
         from omegaconf import OmegaConf
 
-        from launch.backends.common import WANDB_PROJECT
-
+        name, tags = wandb_name_and_tags(cfg, self.run_dir)
         self.wandb = wandb.init(
-            project=section.get("project", WANDB_PROJECT), group=section.get("group", cfg.name),
-            entity=section.get("team"), name=str(cfg.name), id=run_id, resume="allow",
-            dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group or str(cfg.name),
+            name=name, tags=tags, id=run_id, resume="allow", dir=str(self.run_dir),
+            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         )
         self.wandb.define_metric("trainer/step")
         self.wandb.define_metric("train/*", step_metric="trainer/step")
@@ -100,7 +118,8 @@ class Reporter:
     # --- records -------------------------------------------------------------------------------
 
     def train_step(self, *, step: int, loss: float, lr: float, grad_norm: float | None, steps: int,
-                   step_time_s: float, tokens: int, consumed_samples: int) -> dict | None:
+                   step_time_s: float, tokens: int, consumed_samples: int,
+                   global_batch_size: int | None = None) -> dict | None:
         """Log one training step: ``tokens`` processed (all ranks) in ``step_time_s`` seconds (averaged)."""
         if not self.enabled:
             return None
@@ -112,7 +131,7 @@ class Reporter:
             "step_time_s": step_time_s, "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / self.world,
             "tflops_per_gpu": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_memory_gib": mem, "memory_kind": kind, "consumed_samples": consumed_samples,
-            "time": time.time(), **self.predicted,
+            "global_batch_size": global_batch_size, "time": time.time(), **self.predicted,
         }
         gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         print(f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
@@ -137,6 +156,31 @@ class Reporter:
         self._write({"kind": "eval", "step": step, "val_loss": loss, "val_ppl": ppl, "time": time.time()})
         if self.wandb is not None:
             self.wandb.log({"trainer/step": step, "val/loss": loss, "val/ppl": ppl})
+
+    def rewind(self, step: int) -> int:
+        """On resume from ``step``: records of later steps describe work a crash threw away.
+
+        They stay in metrics.jsonl (nothing is lost) with ``kind`` prefixed ``discarded_``, so readers
+        that follow ``kind == "train"`` see one continuous curve. Returns how many were marked.
+        """
+        if not self.enabled:
+            return 0
+        path = self.run_dir / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        marked = 0
+        for rec in records:
+            if rec.get("kind") in ("train", "eval") and rec.get("step", 0) > step:
+                rec["kind"] = f"discarded_{rec['kind']}"
+                marked += 1
+        if marked:
+            self._file.close()
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            os.replace(tmp, path)
+            self._file = open(path, "a")
+            self.event(f"{marked} record(s) in metrics.jsonl after step {step} came from work lost when the "
+                       "last job ended without a checkpoint; marked discarded_*")
+        return marked
 
     def event(self, text: str) -> None:
         if self.enabled:
