@@ -29,7 +29,7 @@ launch artifacts into its run directory (runs/NAME).
 verbs:
 {verbs}
 
-not built yet: tune, and training on the Megatron backend (see the README).
+not built yet: tune, and training the sft, dpo and rlhf stages (see the README).
 
 config groups (group=option; `trainctl plan --help` shows every key):
 {groups}

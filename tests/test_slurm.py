@@ -168,10 +168,13 @@ def test_submit_refuses_a_stage_whose_training_is_not_built(workdir: Path, slurm
     assert run_trainctl("render", "recipe=tiny_slurm_pipeline", cwd=workdir).returncode == 0  # render works
 
 
-def test_training_stops_on_usr1_requeues_and_resumes_where_it_stopped(workdir: Path, slurm_env: dict) -> None:
+@pytest.mark.parametrize("backend", [("backend=deepspeed",), ("backend=megatron", "parallel.tp=2")],
+                         ids=["deepspeed", "megatron-tp2"])
+def test_training_stops_on_usr1_requeues_and_resumes_where_it_stopped(workdir: Path, slurm_env: dict,
+                                                                      backend: tuple) -> None:
     """The whole time-limit path: SIGUSR1 -> checkpoint -> scontrol requeue -> the job resumes from it."""
     assert run_trainctl("prepare", "recipe=tiny_slurm", cwd=workdir, env=slurm_env).returncode == 0
-    job = submit(workdir, slurm_env, "recipe=tiny_slurm", "train.steps=30", "train.checkpoint_interval=100")
+    job = submit(workdir, slurm_env, "recipe=tiny_slurm", *backend, "train.steps=30", "train.checkpoint_interval=100")
     run_dir = workdir / "runs/tiny_slurm"
     metrics = run_dir / "metrics.jsonl"
 
@@ -193,7 +196,8 @@ def test_training_stops_on_usr1_requeues_and_resumes_where_it_stopped(workdir: P
     assert steps() == list(range(1, 31))  # the second run went on from the checkpoint: no step twice, none missing
     losses = [r["loss"] for r in train_records()]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # the loss curve continued downwards
-    assert (run_dir / "checkpoints/final/config.json").is_file()
+    final = "metadata.json" if "backend=megatron" in backend else "config.json"  # dist checkpoint | HF model
+    assert (run_dir / "checkpoints/final" / final).is_file()
     out = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env).stdout
     assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+1\s+0\s+30\s", out), out
 

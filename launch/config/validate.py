@@ -346,6 +346,8 @@ def batch_rampup(cfg: Config, d: Derived) -> Iterator[Problem]:
         return
     start, inc, _ = ramp
     per_step = p.micro_batch_size * d.dp
+    if _megatron(cfg) and (p.vpp or 1) > 1:
+        per_step *= p.pp  # the interleaved schedule needs micro-batches in multiples of pp
     keys = {**key, "train.global_batch_size": t.global_batch_size}
     if start >= t.global_batch_size:
         yield Problem(keys, "the ramp must start below the global batch", "a smaller start, or train.rampup_batch_size=null")
@@ -354,7 +356,8 @@ def batch_rampup(cfg: Config, d: Derived) -> Iterator[Problem]:
                       f"an increment dividing {t.global_batch_size - start}")
     if per_step > 0 and (start % per_step or inc % per_step):
         yield Problem({**key, "parallel.micro_batch_size": p.micro_batch_size, "dp": d.dp},
-                      f"every batch of the ramp must be a multiple of micro_batch_size*dp = {per_step}",
+                      f"every batch of the ramp must be a multiple of micro_batch_size*dp = {per_step}"
+                      + (" (x pp: interleaved schedule)" if per_step != p.micro_batch_size * d.dp else ""),
                       f"start and increment as multiples of {per_step}")
 
 

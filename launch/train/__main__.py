@@ -2,8 +2,8 @@
 
 It reads RUN_DIR/config.yaml (the resolved config ``render`` wrote) and runs
 the rank check (``train.rank_check_s > 0``) or the backend's trainer: DeepSpeed
-(``launch.train.deepspeed_trainer``); the Megatron-Core trainer is issue 7 and
-stops here with a clear message.
+(``launch.train.deepspeed_trainer``) or Megatron-Core
+(``launch.train.megatron_trainer``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ def main(argv: list[str]) -> int:
         from launch.train.deepspeed_trainer import main as train_deepspeed
 
         return train_deepspeed(run_dir)
-    print(f"trainctl: the {cfg.backend.name} trainer is not built yet (issue 7); "
+    if cfg.backend.name == "megatron":
+        from launch.train.megatron_trainer import main as train_megatron
+
+        return train_megatron(run_dir)
+    print(f"trainctl: there is no {cfg.backend.name} trainer; "
           "train.rank_check_s=60 runs an allocation check instead", file=sys.stderr, flush=True)
     return EXIT_NOT_BUILT
 

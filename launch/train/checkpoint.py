@@ -41,8 +41,9 @@ RESUMABLE = (
     "train.checkpoint_interval", "train.checkpoint_dir", "train.rank_check_s",
     "data.prepared_dir",  # the shards' location; their content is the sources below
     "data.tokenizer", "data.sources.*.path", "data.sources.*.text_key",  # read by prepare, not here
+    "data.prepare_on",  # how the shards were made
     "cluster.*",  # scheduling: partition, time limit, container, env... (the world size is checked apart)
-    "estimate.*", "submit.*", "pipeline",
+    "estimate.*", "submit.*", "pipeline", "wandb.*",
 )
 """Keys a resumed run may change. Everything else (model, parallel, data mixture and split, stage,
 optim, backend, train.global_batch_size/precision/seed) must match the checkpoint."""
@@ -82,20 +83,50 @@ def _resumable(key: str) -> bool:
     return any(_matches(key, p) for p in RESUMABLE)
 
 
-def config_diff(saved: dict, current: dict) -> list[str]:
-    """The keys that differ between the checkpoint's config and this run's, ignoring RESUMABLE ones.
+def config_diff(saved: dict, current: dict, also_resumable: tuple[str, ...] = ()) -> list[str]:
+    """The keys that differ between the checkpoint's config and this run's, ignoring RESUMABLE ones
+    and ``also_resumable`` (a backend's own: Megatron's checkpoints reshard to another layout).
 
     Each entry reads ``key: saved -> current`` (``<absent>`` for a key only one side has).
     """
     a, b = flatten(saved), flatten(current)
     out = []
     for key in sorted(set(a) | set(b)):
-        if _resumable(key):
+        if _resumable(key) or any(_matches(key, p) for p in also_resumable):
             continue
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
         if old != new:
             out.append(f"{key}: {old!r} -> {new!r}")
     return out
+
+
+def load_config(run_dir: Path):
+    """(typed config, plain dict) of RUN_DIR/config.yaml: what both trainers start from."""
+    from omegaconf import OmegaConf
+
+    from launch.config.schema import Config
+
+    raw = OmegaConf.load(run_dir / "config.yaml")
+    typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    return typed, OmegaConf.to_container(raw, resolve=True)
+
+
+def checkpoint_dir(cfg, run_dir: Path) -> Path:
+    """train.checkpoint_dir, or RUN_DIR/checkpoints."""
+    return Path(cfg.train.checkpoint_dir).expanduser().absolute() if cfg.train.checkpoint_dir \
+        else run_dir / "checkpoints"
+
+
+def resume_refusal(step_dir: Path, raw: dict, also_resumable: tuple[str, ...] = ()) -> str | None:
+    """Why this run may not resume from ``step_dir`` (its config differs), or None."""
+    diff = config_diff(read_marker(step_dir).get("config", {}), raw, also_resumable)
+    if not diff:
+        return None
+    layout = ", the parallel layout" if also_resumable else ""
+    return (f"refusing to resume from {step_dir}: the config differs from the checkpoint's in {len(diff)} "
+            "key(s):\n  " + "\n  ".join(diff) +
+            f"\nonly the run's length (train.steps, train.tokens), intervals, paths, scheduling{layout} and "
+            "logging may change on resume; start a new run (another name or train.checkpoint_dir) to change the rest")
 
 
 def is_complete(path: Path) -> bool:

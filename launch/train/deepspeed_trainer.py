@@ -38,22 +38,6 @@ EXIT_USER = 2
 EXIT_NOT_BUILT = 3
 
 
-def load_config(run_dir: Path):
-    """(typed config, plain dict) of RUN_DIR/config.yaml."""
-    from omegaconf import OmegaConf
-
-    from launch.config.schema import Config
-
-    raw = OmegaConf.load(run_dir / "config.yaml")
-    typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
-    return typed, OmegaConf.to_container(raw, resolve=True)
-
-
-def checkpoint_dir(cfg, run_dir: Path) -> Path:
-    return Path(cfg.train.checkpoint_dir).expanduser().absolute() if cfg.train.checkpoint_dir \
-        else run_dir / "checkpoints"
-
-
 def preflight(run_dir: Path, cfg, raw: dict) -> tuple[int, Path | None]:
     """Checks that need no torch: (exit code or 0, the step directory to resume from)."""
     kind = cfg.stage.kind.name
@@ -73,15 +57,11 @@ def preflight(run_dir: Path, cfg, raw: dict) -> tuple[int, Path | None]:
         err(f"stage.init_checkpoint={cfg.stage.init_checkpoint}: no Hugging Face model there (config.json); "
             "it is the previous stage's {checkpoint_dir}/final")
         return EXIT_USER, None
-    resume = ckpt.find_resume(checkpoint_dir(cfg, run_dir))
-    if resume is not None:
-        diff = ckpt.config_diff(ckpt.read_marker(resume).get("config", {}), raw)
-        if diff:
-            err(f"refusing to resume from {resume}: the config differs from the checkpoint's in "
-                f"{len(diff)} key(s):\n  " + "\n  ".join(diff) +
-                "\nonly the run's length (train.steps, train.tokens), intervals, paths and scheduling may change "
-                "on resume; start a new run (another name or train.checkpoint_dir) to change the rest")
-            return EXIT_USER, None
+    resume = ckpt.find_resume(ckpt.checkpoint_dir(cfg, run_dir))
+    refusal = resume and ckpt.resume_refusal(resume, raw)
+    if refusal:
+        err(refusal)
+        return EXIT_USER, None
     return 0, resume
 
 
@@ -98,7 +78,7 @@ class Trainer:
         from launch.train.schedule import lr_function
 
         self.run_dir, self.cfg, self.raw = run_dir, cfg, raw
-        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
+        self.ckpt_dir = ckpt.checkpoint_dir(cfg, run_dir)
         self.plan = json.loads((run_dir / "plan.json").read_text())
         self.ds_config = json.loads((run_dir / "ds_config.json").read_text())
         self.d = derive(cfg)
@@ -353,7 +333,7 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def main(run_dir: Path) -> int:
-    cfg, raw = load_config(run_dir)
+    cfg, raw = ckpt.load_config(run_dir)
     code, resume = preflight(run_dir, cfg, raw)
     if code:
         return code
