@@ -96,6 +96,15 @@ def test_multirun_gives_each_point_its_own_directory(workdir: Path):
     assert all("parallel.tp=" in p.parent.name for p in points)
 
 
+def test_hydra_mode_override_still_makes_a_sweep(workdir: Path):
+    """trainctl skips Hydra's mode probe (one composition per run) unless hydra.mode= is given: then Hydra's own."""
+    out = run_trainctl("plan", "hydra.mode=MULTIRUN", "parallel.micro_batch_size=1,2", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert len(list((workdir / "runs" / "run").glob("*/plan.json"))) == 2
+    single = run_trainctl("plan", "name=single", cwd=workdir)
+    assert single.returncode == 0 and (workdir / "runs/single/plan.json").is_file()
+
+
 def test_multirun_reports_bad_points_and_plans_the_rest(workdir: Path):
     out = run_trainctl("plan", "-m", "cluster.gpus_per_node=4", "parallel.tp=1,4", cwd=workdir)
     assert out.returncode == 2
