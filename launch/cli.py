@@ -30,7 +30,7 @@ launch artifacts into its run directory (runs/NAME).
 verbs:
 {verbs}
 
-not built yet: tune, and training the sft, dpo and rlhf stages (see the README).
+not built yet: tune, and training the dpo and rlhf stages (see the README).
 
 config groups (group=option; `trainctl plan --help` shows every key):
 {groups}

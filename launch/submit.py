@@ -15,9 +15,9 @@ from pathlib import Path
 from launch.config.schema import Config, Scheduler
 from launch.errors import UserError
 
-TRAINING_BUILT: set[tuple[str, str]] = {("deepspeed", "pretrain"), ("megatron", "pretrain")}
-"""(backend, stage) pairs whose trainer exists (launch/train). SFT with prompt masking, DPO
-and RLHF are not built yet."""
+TRAINING_BUILT: set[tuple[str, str]] = {("deepspeed", "pretrain"), ("megatron", "pretrain"),
+                                         ("deepspeed", "sft"), ("megatron", "sft")}
+"""(backend, stage) pairs whose trainer exists (launch/train). DPO and RLHF are not built yet."""
 
 ARRAY: list | None = None
 """While the job-array launcher runs a sweep (plugins/hydra_plugins), the points

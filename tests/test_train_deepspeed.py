@@ -132,12 +132,13 @@ def test_realised_mixture_is_exactly_the_weights(prepared, tmp_path):
     import numpy as np
     from omegaconf import OmegaConf
 
+    from launch.config.schema import StageKind
     from launch.train.data import build_datasets
 
     cfg = OmegaConf.create({
         "data": {"prepared_dir": str(prepared), "tokenizer": TOKENIZER, "split": [0.9, 0.05, 0.05],
                  "sources": {"prose": {"weight": 0.7}, "code": {"weight": 0.3}}},
-        "model": {"seq_length": 64}, "train": {"seed": 1234}})
+        "model": {"seq_length": 64}, "train": {"seed": 1234}, "stage": {"kind": StageKind.pretrain}})
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)  # megatron's caching needs one

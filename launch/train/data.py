@@ -1,5 +1,8 @@
 """The training data: the prepared shards, blended by weight through megatron-core's dataset builders.
 
+Post-training stages (``launch.backends.common.reads_raw_chat``: SFT) read chat JSONL
+instead, through ``launch.train.chat``, into samples of the same shape.
+
 ``trainctl prepare`` writes ``{data.prepared_dir}/{source}.bin/.idx`` per mixture
 source (megatron-core ``IndexedDatasetBuilder``, one document per sequence, EOD
 appended). Here ``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` turn them into
@@ -26,8 +29,24 @@ from pathlib import Path
 PREPARE_HINT = "run `trainctl prepare ...` first (with the same data.* overrides as this run)"
 
 
-class MissingShards(Exception):
+class MissingData(Exception):
+    """What this run reads is not there."""
+
+
+class MissingShards(MissingData):
     """The prepared shards of a mixture source are not there."""
+
+
+def check_data(cfg) -> None:
+    """Raise MissingData naming what this run would read and cannot find: shards, or chat files for SFT."""
+    from launch.backends.common import reads_raw_chat
+
+    if reads_raw_chat(cfg):
+        from launch.train.chat import check_sources
+
+        check_sources(cfg)
+    else:
+        shard_prefixes(cfg)
 
 
 def shard_prefixes(cfg) -> tuple[list[str], list[float]]:
@@ -107,6 +126,14 @@ class Datasets:
 def build_datasets(cfg, *, train_samples: int, valid_samples: int, cache_dir: Path) -> Datasets:
     """The blended train and validation datasets (call on every rank; torch.distributed may be initialised)."""
     import torch
+
+    from launch.backends.common import reads_raw_chat
+
+    if reads_raw_chat(cfg):
+        from launch.train.chat import build_chat_datasets
+
+        return build_chat_datasets(cfg, train_samples=train_samples, valid_samples=valid_samples,
+                                   cache_dir=cache_dir)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 

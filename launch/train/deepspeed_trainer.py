@@ -14,9 +14,12 @@ a checkpoint and exit 0, and the sbatch script requeues the job, which resumes
 from ``latest``. At the end: a final checkpoint and the consolidated Hugging Face
 model in ``{checkpoint_dir}/final`` (the next stage's ``stage.init_checkpoint``).
 
+``stage=sft`` reads the chat JSONL sources through ``launch.train.chat`` (the loss on
+the assistant tokens only when ``stage.mask_prompt``); the loss code is the same.
+
 Exit codes: 0 done or stopped (checkpoint saved); 2 a user error found before
-training (shards missing, resume with a changed config); 3 not built (other
-stages/backends).
+training (shards or chat files missing, resume with a changed config); 3 not built
+(DPO, RLHF).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 from launch.config.rampup import Rampup, batch_at
 from launch.train import checkpoint as ckpt
 from launch.train import stop
-from launch.train.data import MissingShards, shard_prefixes
+from launch.train.data import MissingData, check_data
 from launch.train.metrics import Reporter, err
 
 EXIT_USER = 2
@@ -42,15 +45,15 @@ def preflight(run_dir: Path, cfg, raw: dict) -> tuple[int, Path | None]:
     """Checks that need no torch: (exit code or 0, the step directory to resume from)."""
     kind = cfg.stage.kind.name
     if kind not in ("pretrain", "sft"):
-        err(f"stage.kind={kind}: the DeepSpeed trainer trains pretrain and sft (language-model loss) only so far")
+        err(f"stage.kind={kind}: the DeepSpeed trainer trains pretrain and sft only so far")
         return EXIT_NOT_BUILT, None
     if cfg.parallel.cp > 1:
         err(f"parallel.cp={cfg.parallel.cp}: Ulysses sequence parallelism is not wired into the DeepSpeed "
             "trainer yet; use parallel.cp=1")
         return EXIT_NOT_BUILT, None
     try:
-        shard_prefixes(cfg)
-    except MissingShards as exc:
+        check_data(cfg)  # the prepared shards; for sft, the chat JSONL files
+    except MissingData as exc:
         err(str(exc))
         return EXIT_USER, None
     if cfg.stage.init_checkpoint and not Path(cfg.stage.init_checkpoint, "config.json").is_file():

@@ -29,6 +29,9 @@ value after ``s + 1`` increments, so the first update already moves (Megatron-LM
 first update runs at ``init_lr`` = 0) and the warmup is ``launch.train.schedule``'s;
 the cosine decay then runs one step ahead of it and reaches ``min_lr`` on the last step.
 
+``stage=sft`` reads the chat JSONL sources through ``launch.train.chat`` (prompt-masked
+samples of the same shape); ``stage.init_checkpoint`` loads weights only.
+
 Exit codes: 0 done or stopped (checkpoint saved); 2 a user error found before
 training; 3 not built (DPO/RLHF stages).
 """
@@ -49,7 +52,7 @@ from pathlib import Path
 from launch.config.rampup import Rampup, batch_at
 from launch.train import checkpoint as ckpt
 from launch.train import stop
-from launch.train.data import MissingShards, shard_prefixes
+from launch.train.data import MissingData, check_data
 from launch.train.metrics import Reporter, err
 
 EXIT_USER = 2
@@ -74,13 +77,12 @@ OPTIMIZER_SHARDING = "fully_reshardable"  # dp_reshardable cannot change tp (DES
 def preflight(run_dir: Path, cfg, raw: dict) -> tuple[int, Path | None]:
     """Checks that need no torch: (exit code or 0, the step directory to resume from)."""
     kind = cfg.stage.kind.name
-    if kind != "pretrain":
-        err(f"stage.kind={kind}: the Megatron-Core trainer trains pretrain only so far (its chat dataset with the "
-            "prompt-masked loss is not built); backend=deepspeed trains sft")
+    if kind not in ("pretrain", "sft"):
+        err(f"stage.kind={kind}: the Megatron-Core trainer trains pretrain and sft only so far")
         return EXIT_NOT_BUILT, None
     try:
-        shard_prefixes(cfg)
-    except MissingShards as exc:
+        check_data(cfg)  # the prepared shards; for sft, the chat JSONL files
+    except MissingData as exc:
         err(str(exc))
         return EXIT_USER, None
     init = init_checkpoint(cfg)
@@ -506,6 +508,7 @@ class Trainer:
             ckpt.set_rng_state(torch.load(rng, weights_only=False))
         self.report.event(f"resumed from {step_dir}: step {self.step}, {self.consumed} samples consumed "
                           f"(saved with layout {marker.get('layout')})")
+        self.report.rewind(self.step)
 
     def close(self) -> None:
         import torch.distributed as dist
