@@ -31,9 +31,10 @@ import time
 import warnings
 from pathlib import Path
 
-from launch.config.rampup import Rampup, batch_at
+from launch.config.rampup import Rampup
 from launch.train import checkpoint as ckpt
 from launch.train import stop
+from launch.train.loop import StepLoop
 from launch.train.data import MissingData, check_data
 from launch.train.metrics import Reporter, err
 
@@ -68,7 +69,7 @@ def preflight(run_dir: Path, cfg, raw: dict) -> tuple[int, Path | None]:
     return 0, resume
 
 
-class Trainer:
+class Trainer(StepLoop):
     def __init__(self, run_dir: Path, cfg, raw: dict, resume: Path | None):
         import deepspeed
         import torch
@@ -134,72 +135,24 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def train(self) -> int:
-        import torch.distributed as dist
-
-        r = self.report
+    def start_message(self) -> str:
         kind = "resuming" if self.step else "starting"
-        r.event(f"{kind} {self.cfg.name} at step {self.step}/{self.steps}: {self.n_params / 1e6:.2f}M parameters, "
+        return (f"{kind} {self.cfg.name} at step {self.step}/{self.steps}: {self.n_params / 1e6:.2f}M parameters, "
                 f"{self.world} rank(s), micro {self.mbs} x accum {self.gas} x dp {self.dp} = {self.gbs} sequences of "
                 f"{self.seq} tokens, ZeRO {self.ds_config.get('zero_optimization', {}).get('stage', 0)}, "
-                f"checkpoint every {self.save_every or 'never'} step(s) to {self.ckpt_dir}"
-                + (f"; batch ramp-up {self.ramp.start} + {self.ramp.increment} over {self.ramp.samples} samples"
-                   if self.ramp else ""))
-        window_time, window_steps, window_loss = 0.0, 0, []
-        log_every = max(1, int(self.cfg.train.log_interval))
-        eval_every = int(self.cfg.train.eval_interval or 0)
-        saved_at = self.step if self.step else None
-        while self.step < self.steps:
-            t0 = time.perf_counter()
-            lr = self.lr_fn(self.step)
-            self._set_batch(batch_at(self.consumed, self.full_gbs, self.ramp))
-            loss = self._train_step()
-            stopping = stop.agree()  # every rank, every step: timed with the step, it is part of its cost
-            window_time += time.perf_counter() - t0
-            window_steps += 1
-            window_loss.append(loss)
-            self.step += 1
-            self.consumed += self.gbs
-            if self.step % log_every == 0 or self.step == self.steps:
-                import torch
+                f"checkpoint every {self.save_every or 'never'} step(s) to {self.ckpt_dir}")
 
-                mean = torch.tensor(sum(window_loss) / len(window_loss), device=self.device)
-                dist.all_reduce(mean)
-                gn = self.engine.get_global_grad_norm()
-                gn = float(gn) if gn is not None else None
-                r.train_step(step=self.step, loss=mean.item() / self.world, lr=lr, grad_norm=gn, steps=self.steps,
-                             step_time_s=window_time / window_steps, tokens=self.gbs * self.seq,
-                             consumed_samples=self.consumed, global_batch_size=self.gbs)
-                window_time, window_steps, window_loss = 0.0, 0, []
-            if eval_every and self.data.valid is not None and self.step % eval_every == 0 and self.step < self.steps:
-                self._evaluate()
-            if self.save_every and self.step % self.save_every == 0 and self.step < self.steps:
-                self.save()
-                saved_at = self.step
-            if stopping:
-                if saved_at != self.step:
-                    self.save()
-                why = stop.requested() or "a stop signal on another rank"
-                r.event(f"stopped by {why} at step {self.step}, checkpoint saved")
-                return 0
-        if self.data.valid is not None and eval_every:
-            self._evaluate()
-        if saved_at != self.step:
-            self.save()
-        self.export()
-        r.event(f"done: {self.step} steps; final checkpoint {self.ckpt_dir / ckpt.step_name(self.step)}, "
-                f"Hugging Face model {self.ckpt_dir / 'final'}")
-        return 0
-
-    def _set_batch(self, batch: int) -> None:
+    def set_batch(self, batch: int) -> None:
         """A batch ramp-up changes the micro-batches per step (DeepSpeed's set_train_batch_size)."""
         if batch != self.gbs:
             self.engine.set_train_batch_size(batch)
             self.gbs, self.gas = batch, batch // (self.mbs * self.dp)
 
-    def _train_step(self) -> float:
+    def train_step(self) -> tuple[float, float, float | None]:
+        """One optimizer step: (this rank's mean loss, the step's learning rate, the global grad norm)."""
         from launch.train.data import micro_batch
 
+        lr = self.lr_fn(self.step)
         total = 0.0
         self.engine.train()
         for micro in range(self.gas):
@@ -212,7 +165,17 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
-        return total / self.gas
+        gn = self.engine.get_global_grad_norm()
+        return total / self.gas, lr, float(gn) if gn is not None else None
+
+    def window_loss(self, losses: list[float]) -> float:
+        """The mean over the window and the ranks."""
+        import torch
+        import torch.distributed as dist
+
+        mean = torch.tensor(sum(losses) / len(losses), device=self.device)
+        dist.all_reduce(mean)
+        return mean.item() / self.world
 
     def _loss(self, tokens, labels, mask):
         """The objective (cross-entropy, plus optim.z_loss when set: launch/train/loss.py)."""
@@ -221,7 +184,7 @@ class Trainer:
         logits = self.engine(input_ids=tokens).logits
         return lm_loss(logits, labels, mask, float(self.cfg.optim.z_loss))[0]
 
-    def _evaluate(self) -> None:
+    def evaluate(self) -> None:
         import torch
         import torch.distributed as dist
 
@@ -290,6 +253,10 @@ class Trainer:
             group["lr"] = self.lr_fn(self.step)
         self.report.event(f"resumed from {step_dir}: step {self.step}, {self.consumed} samples consumed")
         self.report.rewind(self.step)
+
+    def finish(self) -> str:
+        final = self.export()
+        return f"final checkpoint {self.ckpt_dir / ckpt.step_name(self.step)}, Hugging Face model {final}"
 
     def export(self) -> Path:
         """The consolidated Hugging Face model, in ``{checkpoint_dir}/final`` (rank 0 writes; all ranks gather)."""

@@ -3,7 +3,7 @@
 Reads what ``trainctl render`` wrote: ``config.yaml`` (the resolved config),
 ``megatron.yaml`` (one mapping of constructor arguments per megatron-core object,
 built by ``launch.backends.megatron.resolve``) and ``plan.json`` (the estimate).
-The frame is the DeepSpeed trainer's (data, logging, checkpoint cadence, stop
+The step loop is the DeepSpeed trainer's (``launch.train.loop``: data position, logging, checkpoint cadence, stop
 signals, resume); the machinery is megatron-core's own:
 
 - ``parallel_state.initialize_model_parallel`` (tp, pp, vpp, cp, ep, expert tp);
@@ -49,9 +49,10 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-from launch.config.rampup import Rampup, batch_at
+from launch.config.rampup import Rampup
 from launch.train import checkpoint as ckpt
 from launch.train import stop
+from launch.train.loop import StepLoop
 from launch.train.data import MissingData, check_data
 from launch.train.metrics import Reporter, err
 
@@ -164,7 +165,7 @@ def init_by_name(chunks, *, seed: int, config, device) -> int:
 
 # --- the trainer --------------------------------------------------------------------------------
 
-class Trainer:
+class Trainer(StepLoop):
     def __init__(self, run_dir: Path, cfg, raw: dict, resume: Path | None):
         import torch
         import torch.distributed as dist
@@ -191,7 +192,7 @@ class Trainer:
         dist.init_process_group("nccl" if self.cuda else "gloo")
         self.device = torch.device("cuda") if self.cuda else torch.device("cpu")
         # Stop flags are CPU tensors: over gloo on GPU nodes too.
-        self.cpu_group = dist.new_group(backend="gloo") if self.cuda else None
+        self.stop_group = dist.new_group(backend="gloo") if self.cuda else None
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
         t = self.doc["training"]
@@ -273,56 +274,23 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def train(self) -> int:
-        r = self.report
+    def start_message(self) -> str:
         kind = "resuming" if self.step else "starting"
         mp = self.doc["model_parallel"]
-        r.event(f"{kind} {self.cfg.name} at step {self.step}/{self.steps}: {self.n_params_total() / 1e6:.2f}M "
+        return (f"{kind} {self.cfg.name} at step {self.step}/{self.steps}: {self.n_params_total() / 1e6:.2f}M "
                 f"parameters, {self.world} rank(s) = tp {mp['tensor_model_parallel_size']} x pp "
                 f"{mp['pipeline_model_parallel_size']} (vpp {self.vpp}) x cp {mp['context_parallel_size']} x dp "
                 f"{self.dp}; micro {self.mbs} x {self.gas} micro-batches x dp {self.dp} = {self.gbs} sequences of "
                 f"{self.seq} tokens; checkpoint every {self.save_every or 'never'} step(s) to {self.ckpt_dir}")
-        window_time, window_steps, window = 0.0, 0, []
-        log_every = max(1, int(self.cfg.train.log_interval))
-        eval_every = int(self.cfg.train.eval_interval or 0)
-        saved_at = self.step if self.step else None
-        while self.step < self.steps:
-            t0 = time.perf_counter()
-            # A batch ramp-up (megatron-core's calculator's batch: launch/config/rampup.py) varies the micro-batches.
-            self.gbs = batch_at(self.consumed, self.full_gbs, self.ramp)
-            self.gas = self.gbs // (self.mbs * self.dp)
-            sums, lr, grad_norm = self._train_step()
-            stopping = stop.agree(self.cpu_group)  # every rank, every step: part of the step's cost
-            window_time += time.perf_counter() - t0
-            window_steps += 1
-            window.append(sums)
-            self.step += 1
-            self.consumed += self.gbs
-            if self.step % log_every == 0 or self.step == self.steps:
-                loss = self._global_mean(window)
-                r.train_step(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, steps=self.steps,
-                             step_time_s=window_time / window_steps, tokens=self.gbs * self.seq,
-                             consumed_samples=self.consumed, global_batch_size=self.gbs)
-                window_time, window_steps, window = 0.0, 0, []
-            if eval_every and self.data.valid is not None and self.step % eval_every == 0 and self.step < self.steps:
-                self._evaluate()
-            if self.save_every and self.step % self.save_every == 0 and self.step < self.steps:
-                self.save()
-                saved_at = self.step
-            if stopping:
-                if saved_at != self.step:
-                    self.save()
-                why = stop.requested() or "a stop signal on another rank"
-                r.event(f"stopped by {why} at step {self.step}, checkpoint saved")
-                return 0
-        if self.data.valid is not None and eval_every:
-            self._evaluate()
-        if saved_at != self.step:
-            self.save()
+
+    def set_batch(self, batch: int) -> None:
+        """A batch ramp-up varies the micro-batches per step."""
+        self.gbs, self.gas = batch, batch // (self.mbs * self.dp)
+
+    def finish(self) -> str:
         final = self.publish_final()
-        r.event(f"done: {self.step} steps; final checkpoint {self.ckpt_dir / ckpt.step_name(self.step)}, "
-                f"also as {final} (the next stage's stage.init_checkpoint)")
-        return 0
+        return (f"final checkpoint {self.ckpt_dir / ckpt.step_name(self.step)}, also as {final} "
+                "(the next stage's stage.init_checkpoint)")
 
     def publish_final(self) -> Path:
         """``{checkpoint_dir}/final``: the last step's distributed checkpoint, hard-linked where the file
@@ -367,7 +335,7 @@ class Trainer:
         output = model(tokens, self.position_ids, None, labels=labels)
         return output, partial(_loss_func, mask)
 
-    def _train_step(self):
+    def train_step(self):
         """One optimizer step: (loss sums of this rank, the step's learning rate, the global grad norm)."""
         for chunk in self.model:
             chunk.train()
@@ -381,7 +349,7 @@ class Trainer:
             raise RuntimeError(f"step {self.step + 1}: the optimizer skipped the update (non-finite gradients)")
         return sums, lr, float(grad_norm) if grad_norm is not None else None
 
-    def _global_mean(self, sums: list) -> float:
+    def window_loss(self, sums: list) -> float:
         """Token-weighted mean loss over the window, from the last pipeline stage's tp-rank-0 ranks."""
         import torch
         import torch.distributed as dist
@@ -390,7 +358,7 @@ class Trainer:
         dist.all_reduce(total)
         return (total[0] / total[1].clamp(min=1)).item()
 
-    def _evaluate(self) -> None:
+    def evaluate(self) -> None:
         import torch
 
         iters = int(self.cfg.train.eval_iters)
@@ -403,7 +371,7 @@ class Trainer:
                 sums.append(self._run_schedule(batches, forward_only=True))
             for chunk in self.model:
                 chunk.train()
-        self.report.eval(step=self.step, loss=self._global_mean(sums), iters=iters)
+        self.report.eval(step=self.step, loss=self.window_loss(sums), iters=iters)
 
     @contextlib.contextmanager
     def _params_gathered(self):
