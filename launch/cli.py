@@ -30,7 +30,7 @@ launch artifacts into its run directory (runs/NAME).
 verbs:
 {verbs}
 
-not built yet: tune, and training the dpo and rlhf stages (see the README).
+not built yet: training the dpo and rlhf stages (see the README).
 
 config groups (group=option; `trainctl plan --help` shows every key):
 {groups}
@@ -42,6 +42,7 @@ Examples:
   trainctl plan -m recipe=llama3_8b_pretrain_h100 parallel.tp=1,2,4
   trainctl submit recipe=tiny_slurm          (sbatch; prints the job id and RUN_DIR at once)
   trainctl status runs/tiny_slurm
+  trainctl tune recipe=llama3_70b_pretrain_h100 cluster.nodes=16
   trainctl plan --help          (config groups and their options)
 """
 
@@ -112,6 +113,12 @@ def _prepare(composed, run_dir: Path, command: list[str]) -> None:
     run_prepare(composed, run_dir, command)
 
 
+def _tune(composed, run_dir: Path, command: list[str]) -> None:
+    from launch.tune_run import run_tune
+
+    run_tune(composed, run_dir, command)
+
+
 def _size_schema() -> type:
     from launch.size_schema import SizeConfig
 
@@ -137,6 +144,9 @@ VERBS: dict[str, Verb] = {
                    None, direct=_cancel),
     "prepare": Verb("tokenize the data mixture's sources into indexed shards (data.prepared_dir); "
                     "skips finished ones; reports tokens and epochs per source", _prepare),
+    "tune": Verb("search parallel layouts (tp, pp, vpp, cp, ep, micro batch, recompute, optimizer sharding) with "
+                 "the estimator; print the top tune.top_k; write RUN_DIR/tune.json and the best as "
+                 "RUN_DIR/conf/parallel/NAME_tuned.yaml (tune.probe=true: also submit the top K as short runs)", _tune),
     "size": Verb("scaling-law sizing and run cost from params+tokens or a FLOP budget; write RUN_DIR/size.json",
                  _size, config_name="size", setup=_size_setup, schema=_size_schema),
 }

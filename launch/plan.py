@@ -29,6 +29,17 @@ class Plan:
 
 
 def make_plan(composed: DictConfig) -> Plan:
+    cfg = typed_config(composed)
+    text = OmegaConf.to_yaml(composed, resolve=True)
+    d = derive(cfg)
+    problems = validate(cfg, d)
+    if problems:
+        raise UserError([str(p) for p in problems])
+    return Plan(cfg, d, plan_numbers(cfg, d), text)
+
+
+def typed_config(composed: DictConfig) -> Config:
+    """The composed config as dataclasses; unknown, missing and unresolvable keys as UserError."""
     extra = extra_keys(composed)
     if extra:
         raise UserError([unknown_key(key) for key in extra])
@@ -37,15 +48,9 @@ def make_plan(composed: DictConfig) -> Plan:
         raise UserError([f"{key}: has no value (???)\n  fix: set it, e.g. {key}=..., or choose an option "
                          "of its group that sets it" for key in missing])
     try:
-        cfg = OmegaConf.to_object(composed)
-        text = OmegaConf.to_yaml(composed, resolve=True)
+        return OmegaConf.to_object(composed)
     except OmegaConfBaseException as exc:  # an interpolation that does not resolve
         raise UserError(explain(exc) or str(exc)) from None
-    d = derive(cfg)
-    problems = validate(cfg, d)
-    if problems:
-        raise UserError([str(p) for p in problems])
-    return Plan(cfg, d, plan_numbers(cfg, d), text)
 
 
 def plan_numbers(cfg: Config, d: Derived) -> dict:

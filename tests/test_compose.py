@@ -75,6 +75,13 @@ def test_command_line_beats_recipe_beats_group_defaults():
     assert (cfg.parallel.tp, cfg.model.seq_length, cfg.model.num_layers) == (8, 4096, 80)
 
 
+def test_command_line_parallel_option_replaces_the_recipes_layout():
+    p = typed("recipe=llama3_405b_pretrain_h100")[0].parallel
+    assert (p.tp, p.pp) == (8, 16)
+    p = typed("recipe=llama3_405b_pretrain_h100", "parallel=single")[0].parallel
+    assert (p.tp, p.pp, p.vpp) == (1, 1, 1)  # the whole layout, not single's keys under the recipe's
+
+
 def test_llama3_405b_recipe_is_the_papers_layout():
     cfg, d = typed("recipe=llama3_405b_pretrain_h100")
     p = cfg.parallel

@@ -219,3 +219,41 @@ def test_prepare_on_slurm_runs_one_array_task_per_shard(workdir: Path, slurm_env
     assert again.returncode == 0, again.stderr
     assert "every shard is finished" in again.stdout and "prose: skipped" in again.stdout
     assert (workdir / "runs/tiny_slurm/prepare.json").is_file()  # the report, written here
+
+
+def test_tune_probes_the_top_layouts_and_calibrates_from_what_they_measured(workdir: Path, slurm_env: dict) -> None:
+    """tune.probe=true: the top 2 layouts of the tiny model train 6 steps each as one job array on the local
+    Slurm; `trainctl tune` again reads their metrics.jsonl, compares with the prediction and writes
+    calibration.json, which `trainctl plan` applies through cluster.calibration."""
+    assert run_trainctl("prepare", "recipe=tiny_slurm", cwd=workdir, env=slurm_env).returncode == 0
+    tune = ("recipe=tiny_slurm", "tune.probe=true", "tune.top_k=2", "tune.probe_steps=6")
+    out = run_trainctl("tune", *tune, cwd=workdir, env=slurm_env)
+    assert out.returncode == 0, out.stderr
+    array = re.search(r"submitted job array (\d+) \(2 tasks\)", out.stdout).group(1)
+    probes = workdir / "runs/tiny_slurm/probes"
+    record = json.loads((probes / "probes.json").read_text())["probes"]
+    assert [p["rank"] for p in record] == [1, 2]
+    for p in record:  # each probe is an ordinary run of the tuned layout
+        config = (Path(p["run_dir"]) / "config.yaml").read_text()
+        assert "steps: 6" in config and f"zero_stage: {p['overrides'][-1].split('=')[1]}" in config
+    for task in ("0", "1"):
+        wait_state(slurm_env, f"{array}_{task}", "COMPLETED", "FAILED", timeout=400)
+        assert state(slurm_env, f"{array}_{task}") == "COMPLETED", (probes / f"slurm-{array}_{task}.log").read_text()
+
+    again = run_trainctl("tune", *tune, cwd=workdir, env=slurm_env)
+    assert again.returncode == 0, again.stderr
+    assert "probes: 2 of 2 measured" in again.stdout and "measured vs" in again.stdout
+    assert "submitted job array" not in again.stdout  # measured probes are not submitted again
+    calibration = json.loads((workdir / "runs/tiny_slurm/calibration.json").read_text())
+    assert calibration["cluster"] == "slurm_local" and len(calibration["probes"]) == 2
+    assert calibration["step_time_ratio"] > 0 and calibration["memory_ratio"] is None  # CPU RSS is not GPU memory
+    measured = [p["measured"]["step_time_s"] / p["predicted"]["step_time_s"] for p in calibration["probes"]]
+    assert min(measured) <= calibration["step_time_ratio"] <= max(measured)
+
+    base = run_trainctl("plan", "recipe=tiny_slurm", "hydra.run.dir=runs/base", cwd=workdir, env=slurm_env)
+    cal = run_trainctl("plan", "recipe=tiny_slurm", "hydra.run.dir=runs/cal",
+                       f"cluster.calibration={workdir / 'runs/tiny_slurm/calibration.json'}", cwd=workdir, env=slurm_env)
+    assert base.returncode == cal.returncode == 0, cal.stderr
+    step = {name: json.loads((workdir / f"runs/{name}/plan.json").read_text())["throughput"]["step_time_s"]
+            for name in ("base", "cal")}
+    assert step["cal"] == pytest.approx(step["base"] * calibration["step_time_ratio"])

@@ -299,6 +299,9 @@ class ClusterConfig:
     """Carbon intensity of the site's electricity, kg CO2 per kWh (0 = not reported)."""
     checkpoint_write_gbps: float = 100.0
     """Aggregate write bandwidth from the job to checkpoint storage, GB/s."""
+    calibration: Optional[str] = None
+    """A calibration.json from `trainctl tune tune.probe=true` on this cluster: measured/predicted step
+    time and memory, applied to every estimate (launch/estimate/calibration.py)."""
     # --- the sbatch script (slurm/job.sbatch.j2) ---
     exclusive: bool = True
     """``#SBATCH --exclusive``: whole nodes (what a multi-GPU training job wants)."""
@@ -408,6 +411,26 @@ class SubmitConfig:
 
 
 @dataclass
+class TuneConfig:
+    """What ``trainctl tune`` searches (launch/tune.py) and how it probes (launch/probe.py)."""
+
+    top_k: int = 5
+    """Layouts printed, and probed with tune.probe=true."""
+    max_micro_batch_size: int = 8
+    """Largest micro batch size tried."""
+    min_tokens_per_cp_rank: int = 4096
+    """Context parallel sizes tried keep at least this many tokens of a sequence on each rank. NVIDIA's
+    tuned H100 layouts keep 4K or more (Llama 3 8B/70B/405B at 8K: cp 2; Meta's 128K: cp 16); below that,
+    ring steps get short and attention blocks small, costs the step-time model does not see."""
+    layout_name: Optional[str] = None
+    """The parallel/ option tune writes for the best layout; None: NAME_tuned."""
+    probe: bool = False
+    """Submit the top K layouts as a job array of short runs and compare measured with predicted."""
+    probe_steps: int = 20
+    """Training steps per probe run (the first logging window is left out of the measurement)."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     """The run's name: job name and run directory (runs/NAME)."""
@@ -421,6 +444,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     pipeline: List[PipelineStage] = field(default_factory=list)
     """Stages run one after another (pretrain -> sft -> dpo), each from its own overrides; each

@@ -35,9 +35,11 @@ NCCL buffers (``nccl_buffers_gib``), the caching allocator's fragmentation
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 
 from launch.config.derive import Derived
+from launch.estimate.calibration import memory_ratio
 from launch.config.schema import Activation, BackendName, Config, Offload, Precision, Recompute
 from launch.estimate.params import (
     StageParams, is_moe, kv_size, largest_module_params, model_vocab_size, query_size, stage_params,
@@ -301,6 +303,20 @@ def peak_in_flight_bytes(chunk_bytes: list[float], pp: int, rank: int, microbatc
     vpp = len(chunk_bytes)
     if pp <= 1:
         return sum(chunk_bytes)  # one micro-batch at a time, forward then backward
+    if len(set(chunk_bytes)) == 1:  # equal chunks (every middle rank): the same play in units of one chunk
+        return chunk_bytes[0] * _equal_chunks_in_flight(pp, rank, vpp, microbatches)
+    return _play_schedule(chunk_bytes, pp, rank, microbatches)
+
+
+@lru_cache(maxsize=4096)
+def _equal_chunks_in_flight(pp: int, rank: int, vpp: int, microbatches: int) -> float:
+    """``peak_in_flight_bytes`` for vpp chunks of one byte each (cached: ``trainctl tune`` asks often)."""
+    return _play_schedule([1.0] * vpp, pp, rank, microbatches)
+
+
+def _play_schedule(chunk_bytes: list[float], pp: int, rank: int, microbatches: int) -> float:
+    """The step-by-step play of ``peak_in_flight_bytes``."""
+    vpp = len(chunk_bytes)
     m = microbatches
     if vpp > 1 and m % pp == 0 and m > 3 * pp:
         m = 3 * pp  # the steady state repeats every pp * vpp steps: three groups reach its peak
@@ -399,13 +415,14 @@ def memory_estimate(cfg: Config, d: Derived) -> tuple[dict, list[float]]:
     stages = stage_memory(cfg, d)
     worst = max(stages, key=lambda s: s.peak)
     hbm = cfg.cluster.gpu.hbm_gib
+    measured = memory_ratio(cfg)  # 1.0 unless cluster.calibration says otherwise
     block = {
-        "per_gpu_peak": worst.peak / GIB,
+        "per_gpu_peak": worst.peak * measured / GIB,
         "weights": worst.states.weights / GIB,
         "grads": worst.states.grads / GIB,
         "optimizer": worst.states.optimizer / GIB,
         "activations": worst.activations / GIB,
         "hbm": hbm,
-        "fits": worst.peak / GIB <= hbm,
+        "fits": worst.peak * measured / GIB <= hbm,
     }
-    return block, [s.peak / GIB for s in stages]
+    return block, [s.peak * measured / GIB for s in stages]

@@ -22,7 +22,8 @@ is a function below, with its formula and source:
   ``dp_comm_exposed_fraction`` exposed;
 - bubble: interleaved 1F1B (Narayanan et al. 2021, sec. 2.2.2).
 
-``estimate.mfu``, when set, replaces the model: step = model FLOPs per step /
+``cluster.calibration`` (probe runs' measured/predicted ratio, launch/estimate/calibration.py)
+scales the modelled step. ``estimate.mfu``, when set, replaces the model: step = model FLOPs per step /
 (world * peak * mfu), the peak being ``estimate.mfu_basis``'s.
 
 Not modelled: pipeline point-to-point sends (overlapped by Megatron-Core's
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 
 from launch.config.derive import Derived
 from launch.config.schema import BackendName, Config, MfuBasis, Precision, Recompute
+from launch.estimate.calibration import step_time_ratio
 from launch.estimate.flops import LayerFlops, layer_recompute_flops, layer_training_flops, logits_training_flops
 from launch.estimate.memory import ACTIVATION_BYTES_BF16, bytes_per_param, local_tokens
 from launch.estimate.params import StageParams, is_moe, kv_size, model_vocab_size, stage_params
@@ -323,15 +325,18 @@ def step_terms(cfg: Config, d: Derived) -> StepTerms:
     e = cfg.estimate
     stages = stage_params(cfg, d)
     last = len(stages) - 1
-    per_rank = []
+    per_rank: dict[tuple, StepTerms] = {}  # ranks with the same layers and parameters take the same time
     for i, stage in enumerate(stages):
+        key = (stage, i == last)
+        if key in per_rank:
+            continue
         compute = compute_seconds(cfg, stage.layers, i == last)
         tp = e.tp_comm_exposed_fraction * tp_comm_seconds(cfg, stage.layers)
         cp = cp_exposed_seconds(cfg, stage.layers)
         ep = e.ep_comm_exposed_fraction * ep_comm_seconds(cfg, d, stage.layers)
         dp = dp_exposed_seconds(cfg, d, stage, compute)
-        per_rank.append(StepTerms(compute, tp, cp, ep, d.grad_accum_steps, bubble_fraction(cfg, d), dp))
-    return max(per_rank, key=lambda t: t.step_s)
+        per_rank[key] = StepTerms(compute, tp, cp, ep, d.grad_accum_steps, bubble_fraction(cfg, d), dp)
+    return max(per_rank.values(), key=lambda t: t.step_s)
 
 
 def step_seconds(cfg: Config, d: Derived, model_flops_per_step: float) -> float:
@@ -339,7 +344,7 @@ def step_seconds(cfg: Config, d: Derived, model_flops_per_step: float) -> float:
     estimate.mfu is set, else the step-time model."""
     if cfg.estimate.mfu is not None:
         return model_flops_per_step / (d.world_size * mfu_peak_flops(cfg) * cfg.estimate.mfu)
-    return step_terms(cfg, d).step_s
+    return step_terms(cfg, d).step_s * step_time_ratio(cfg)  # x1 unless cluster.calibration says otherwise
 
 
 def throughput_estimate(cfg: Config, d: Derived, model_flops_per_step: float) -> dict:

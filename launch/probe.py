@@ -1,0 +1,177 @@
+"""``trainctl tune tune.probe=true``: check the estimator's top layouts with short real runs.
+
+The top ``tune.top_k`` layouts become runs of ``tune.probe_steps`` steps in
+RUN_DIR/probes/1..K (each an ordinary run directory: config.yaml, plan.json,
+job.sbatch), submitted together as one Slurm job array (``launch.submit.submit_array``:
+every probe asks for the same nodes). ``trainctl tune`` with the same overrides
+afterwards finds RUN_DIR/probes/probes.json, reads each probe's metrics.jsonl,
+re-ranks the probes by measured step time, and writes RUN_DIR/calibration.json:
+the measured/predicted ratios of step time and peak memory for this cluster,
+which the estimator applies wherever ``cluster.calibration`` names the file
+(launch/estimate/calibration.py).
+
+Measured step time: the median of a probe's logged windows after the first
+(the first holds start-up: data loader, allocator warm-up, NCCL setup). Measured
+memory: the largest ``peak_memory_gib`` a probe logged, when it is GPU memory
+(``torch.cuda.max_memory_allocated``); a CPU run's peak RSS is shown but is not
+GPU memory, so it calibrates nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import math
+import statistics
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from launch.config.schema import Scheduler
+from launch.errors import UserError
+
+PROBES = "probes"
+RECORD = "probes.json"
+
+
+def probe_dir(run_dir: Path) -> Path:
+    return run_dir / PROBES
+
+
+def check_probeable(cfg) -> None:
+    if cfg.cluster.scheduler != Scheduler.slurm:
+        raise UserError(f"cluster={cfg.cluster.name}, tune.probe=true: probes run as a Slurm job array, and this "
+                        "cluster has no scheduler\n  fix: a Slurm cluster profile (cluster=h100), or tune.probe=false")
+    if cfg.tune.probe_steps < 2:
+        raise UserError(f"tune.probe_steps={cfg.tune.probe_steps}: a probe needs at least 2 steps (the first "
+                        "logging window is start-up and is not measured)\n  fix: tune.probe_steps=20")
+
+
+def probe_config(composed: DictConfig, keys: dict, steps: int, name: str) -> DictConfig:
+    """The user's config with the layout's parallel keys and a short run: ``steps`` steps, logged in
+    windows of a quarter of them, no validation."""
+    probe = copy.deepcopy(composed)  # still typed by the schema: a wrong value fails as it would on the CLI
+    with open_dict(probe):
+        probe.name = name
+        for key, value in keys.items():
+            probe.parallel[key] = value
+        probe.train.steps, probe.train.tokens = steps, None
+        probe.train.rampup_batch_size = None
+        probe.train.log_interval = max(1, steps // 4)
+        probe.train.eval_interval = 0
+        probe.optim.warmup_steps = min(probe.optim.warmup_steps, max(steps // 2, 1))
+        probe.tune.probe = False
+        probe.pipeline = []
+    return probe
+
+
+def submit(composed: DictConfig, found, run_dir: Path) -> None:
+    """Render the top K layouts as probe runs and submit them as one job array."""
+    from launch.plan import make_plan
+    from launch.records import run_files
+    from launch.rundir import dump_json, write_run
+    from launch.submit import check_submittable, submit_array
+    from launch.tune import layout_keys, overrides
+
+    cfg = found.cfg
+    check_probeable(cfg)
+    folder = probe_dir(run_dir)
+    top = found.ranked[:cfg.tune.top_k]
+    planned = []
+    for rank, cand in enumerate(top, start=1):
+        keys = {k: v for k, v in layout_keys(cand, cfg.backend.name).items()}
+        plan = make_plan(probe_config(composed, keys, cfg.tune.probe_steps, f"{cfg.name}_probe{rank}"))
+        check_submittable(plan.cfg, folder / str(rank))
+        planned.append((rank, cand, plan, overrides(cand, cfg.backend.name)))
+    points, record = [], []
+    for rank, cand, plan, keys in planned:
+        directory = folder / str(rank)
+        write_run(directory, run_files(plan, directory, ["trainctl", "tune", *keys], keys, with_job_script=True))
+        points.append((plan, directory, keys))
+        record.append({"rank": rank, "run_dir": str(directory), "overrides": keys,
+                       "predicted": {"step_time_s": cand.step_s, "per_gpu_peak_gib": cand.memory["per_gpu_peak"]}})
+    (folder / RECORD).write_text(dump_json({"submitted": dt.datetime.now().isoformat(timespec="seconds"),
+                                            "steps": cfg.tune.probe_steps, "probes": record}))
+    submit_array(points, folder)
+    print(f"probes: {len(points)} runs of {cfg.tune.probe_steps} steps; when they finish, run the same "
+          f"`trainctl tune` again to compare measured with predicted (progress: trainctl status {folder})")
+
+
+# ---- what they measured ----------------------------------------------------------------------
+
+def measure(run_dir: Path) -> dict | None:
+    """Step time and peak memory a probe logged (module docstring); None before two windows are logged."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written
+        if rec.get("kind") == "train":
+            records.append(rec)
+    if len(records) < 2:
+        return None
+    times = [r["step_time_s"] for r in records[1:]]
+    peak = max(r["peak_memory_gib"] for r in records)
+    return {"step_time_s": statistics.median(times), "windows": len(times), "peak_memory_gib": peak,
+            "memory_kind": records[-1].get("memory_kind")}
+
+
+def collect(run_dir: Path) -> list[dict] | None:
+    """Every probe of RUN_DIR with its prediction and, once it has logged enough, its measurement;
+    None when no probes were submitted from this directory."""
+    path = probe_dir(run_dir) / RECORD
+    if not path.is_file():
+        return None
+    probes = json.loads(path.read_text())["probes"]
+    for p in probes:
+        p["measured"] = measure(Path(p["run_dir"]))
+    return probes
+
+
+def _ratios(probes: list[dict]) -> tuple[float | None, float | None]:
+    done = [p for p in probes if p["measured"]]
+    time = [p["measured"]["step_time_s"] / p["predicted"]["step_time_s"] for p in done]
+    memory = [p["measured"]["peak_memory_gib"] / p["predicted"]["per_gpu_peak_gib"] for p in done
+              if p["measured"]["memory_kind"] == "cuda_max_allocated"]
+    return _geomean(time), _geomean(memory)
+
+
+def _geomean(values: list[float]) -> float | None:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def calibration(cfg, probes: list[dict]) -> dict:
+    """calibration.json: the geometric-mean measured/predicted ratios over the probes that finished."""
+    time, memory = _ratios(probes)
+    return {"cluster": cfg.cluster.name, "gpu": cfg.cluster.gpu.name, "model": cfg.model.name,
+            "step_time_ratio": time, "memory_ratio": memory,
+            "probes": [{"overrides": p["overrides"], "predicted": p["predicted"], "measured": p["measured"]}
+                       for p in probes if p["measured"]],
+            "written": dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def summary(probes: list[dict], cal: dict, path: Path) -> str:
+    """Measured against predicted, probes re-ranked by measured step time."""
+    done = sorted((p for p in probes if p["measured"]), key=lambda p: p["measured"]["step_time_s"])
+    waiting = [p for p in probes if not p["measured"]]
+    lines = [f"probes: {len(done)} of {len(probes)} measured, fastest measured first"]
+    for new_rank, p in enumerate(done, start=1):
+        m, pr = p["measured"], p["predicted"]
+        mem = "GPU" if m["memory_kind"] == "cuda_max_allocated" else "RSS, not GPU"
+        lines.append(f"  {new_rank}. (tune #{p['rank']}) {m['step_time_s']:.3g} s/step measured vs "
+                     f"{pr['step_time_s']:.3g} predicted (x{m['step_time_s'] / pr['step_time_s']:.2f}); "
+                     f"peak {m['peak_memory_gib']:.2f} GiB ({mem}) vs {pr['per_gpu_peak_gib']:.2f} predicted; "
+                     + " ".join(p["overrides"]))
+    for p in waiting:
+        lines.append(f"  tune #{p['rank']}: nothing measured yet ({p['run_dir']}; trainctl status {p['run_dir']})")
+    if cal["step_time_ratio"] is not None:
+        mem = (f"memory x{cal['memory_ratio']:.3f}" if cal["memory_ratio"] is not None
+               else "memory not calibrated (no GPU memory was measured)")
+        lines.append(f"calibration: step time x{cal['step_time_ratio']:.3f}, {mem}; apply it with "
+                     f"cluster.calibration={path} (or set it in your cluster profile)")
+    return "\n".join(lines)

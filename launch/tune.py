@@ -1,0 +1,323 @@
+"""``trainctl tune``: search the parallel layouts of a model on a cluster with the estimator.
+
+Why analytic: picking TP/PP/VPP/CP/EP, micro batch and recompute by grid of real
+jobs costs a queue wait per point; the estimator answers the same question for
+every layout in seconds, and probe jobs (``launch/probe.py``) then check the few
+best on the real cluster.
+
+The search, one layout at a time (``layouts``), each judged like ``trainctl plan``
+judges a config (``judge``):
+
+1. enumerate: tp over the divisors of the GPUs per node; cp over powers of two
+   keeping at least ``tune.min_tokens_per_cp_rank`` tokens per rank; pp over the
+   divisors of world/(tp*cp) up to the layer count; vpp wherever the layers split
+   into pp*vpp chunks, evenly, by counting the embedding and the loss as layers,
+   or with lighter first and last stages (``pipeline_split``); ep over the
+   divisors of the expert count (MoE); micro batch sizes dividing the per-replica
+   batch, up to ``tune.max_micro_batch_size``; recompute none/selective/full;
+   the distributed optimizer on and off (Megatron) or ZeRO stages 0-3 (DeepSpeed);
+2. reject what the validator rejects (the same rules as ``plan``), then what the
+   memory estimate says does not fit in HBM;
+3. rank the rest by predicted step time (the same world and batch, so the same
+   order as tokens/s/GPU and MFU), ties to less memory, then to the smaller
+   model-parallel group.
+
+Everything else in the config (model, cluster, batch, sequence, precision,
+backend) is the user's; only ``parallel.*`` changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from launch.config import Config, Derived, derive
+from launch.config.schema import BackendName, ParallelConfig, Recompute
+from launch.config.validate import _divisors, validate
+from launch.errors import UserError
+from launch.estimate.calibration import step_time_ratio
+from launch.estimate.flops import flops_per_token
+from launch.estimate.memory import memory_estimate
+from launch.estimate.perf import StepTerms, step_terms, throughput_estimate
+
+SPLIT_KEYS = ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split",
+              "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+"""The parallel keys that place layers on pipeline stages (``pipeline_split``)."""
+
+LAYOUT_PROBLEM_KEYS = ("parallel.", "dp", "grad_accum_steps", "world_size")
+"""A validation problem naming one of these keys is the layout's; any other is the config's own."""
+
+
+# ---- the layouts -------------------------------------------------------------------------
+
+def pipeline_split(layers: int, pp: int, vpp: int) -> dict | None:
+    """How ``layers`` go onto pp stages of vpp chunks each, as parallel keys; None if they cannot.
+
+    In order of preference: an even split; counting the embedding and the loss as one
+    layer each (Megatron's ``account_for_*_in_pipeline_split``: 126 + 2 = 128 = 16 x 8
+    for Llama 3 405B), or the loss alone; else explicit first and last stages lighter
+    than the middle ones (``--decoder-first/last-pipeline-num-layers``), which carry
+    the embedding and the output layer.
+    """
+    chunks = pp * vpp
+    if pp == 1:
+        return {} if vpp == 1 else None
+    if layers % chunks == 0:
+        return {}
+    if (layers + 2) % chunks == 0:
+        return {"account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True}
+    if (layers + 1) % chunks == 0:
+        return {"account_for_loss_in_pipeline_split": True}
+    uneven = uneven_first_last(layers, pp, vpp)
+    if uneven is None:
+        return None
+    first, last = uneven
+    return {"num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
+
+
+def uneven_first_last(layers: int, pp: int, vpp: int) -> tuple[int, int] | None:
+    """(first, last): pp-2 middle stages of ceil(layers/pp) layers (rounded up to a multiple of
+    vpp) and the rest shared by the first and last stages, each a positive multiple of vpp
+    no larger than a middle stage; None when no such split exists."""
+    if pp < 3:
+        return None
+    per = -(-layers // pp)
+    per += (-per) % vpp
+    rest = layers - per * (pp - 2)
+    first = rest // 2 - (rest // 2) % vpp
+    last = rest - first
+    if 0 < first <= per and 0 < last <= per and last % vpp == 0:
+        return first, last
+    return None
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    out, k = [], 1
+    while k <= limit:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def layouts(cfg: Config) -> Iterator[ParallelConfig]:
+    """Every layout ``tune`` considers for ``cfg``'s model, cluster and batch (module docstring, step 1).
+
+    Only the structure is enumerated here; whether a layout is legal is the validator's call.
+    """
+    m, c, t, tune = cfg.model, cfg.cluster, cfg.train, cfg.tune
+    world = c.nodes * c.gpus_per_node
+    megatron = cfg.backend.name == BackendName.megatron
+    base = dataclasses.replace(cfg.parallel, sequence_parallel="auto", etp=None, vpp=1, ep=1,
+                               **{k: None if k.startswith("num_") else False for k in SPLIT_KEYS})
+    tps = _divisors(c.gpus_per_node) if megatron else [1]
+    cps = [cp for cp in _powers_of_two(max(m.seq_length // max(tune.min_tokens_per_cp_rank, 1), 1)) if world % cp == 0]
+    eps = _divisors(m.num_experts) if m.num_experts and megatron else [1]
+    recomputes = list(Recompute) if megatron else [Recompute.none, Recompute.full]
+    optimizers = ([{"distributed_optimizer": True}, {"distributed_optimizer": False}] if megatron
+                  else [{"zero_stage": z} for z in (0, 1, 2, 3)])
+    for tp in tps:
+        for cp in cps:
+            if world % (tp * cp):
+                continue
+            pps = [pp for pp in _divisors(world // (tp * cp)) if pp <= m.num_layers] if megatron else [1]
+            for pp in pps:
+                dp = world // (tp * cp * pp)
+                for vpp in range(1, max((m.num_layers + 2) // pp, 1) + 1):  # +2: embedding, loss as layers
+                    split = pipeline_split(m.num_layers, pp, vpp)
+                    if split is None:
+                        continue
+                    for ep in eps:
+                        if world % (ep * tp * pp):
+                            continue
+                        for mbs in _micro_batch_sizes(t.global_batch_size, dp, tune.max_micro_batch_size):
+                            for recompute in recomputes:
+                                for optimizer in optimizers:
+                                    yield dataclasses.replace(base, tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep,
+                                                              micro_batch_size=mbs, recompute=recompute,
+                                                              **optimizer, **split)
+
+
+def _micro_batch_sizes(global_batch: int, dp: int, largest: int) -> list[int]:
+    """Micro batch sizes dividing the per-replica batch; [1] when dp does not divide the
+    global batch (the validator then says so)."""
+    if global_batch % dp:
+        return [1]
+    return [b for b in _divisors(global_batch // dp) if b <= largest] or [1]
+
+
+# ---- judging one layout -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout and what the estimator says of it."""
+
+    parallel: ParallelConfig
+    derived: Derived
+    memory: dict | None = None
+    """plan.json's ``memory_gib`` block; None when the validator rejected the layout."""
+    throughput: dict | None = None
+    """plan.json's ``throughput`` block; None when rejected."""
+    rejected: str | None = None
+    """Why the layout cannot run: the validator's problems, or the memory estimate."""
+
+    @property
+    def step_s(self) -> float:
+        return self.throughput["step_time_s"] if self.throughput else float("inf")
+
+    def sort_key(self) -> tuple:
+        p = self.parallel
+        return (self.step_s, self.memory["per_gpu_peak"] if self.memory else 0.0, p.tp * p.pp * p.cp * p.ep,
+                p.vpp, p.micro_batch_size)
+
+
+def judge(cfg: Config, parallel: ParallelConfig, flops_per_step: float) -> Candidate:
+    """``parallel`` in place of ``cfg.parallel``: validated, then its memory, then its step time."""
+    variant = dataclasses.replace(cfg, parallel=parallel)
+    d = derive(variant)
+    problems = validate(variant, d)
+    if problems:
+        return Candidate(parallel, d, rejected="; ".join(str(p).splitlines()[0] for p in problems))
+    memory, _ = memory_estimate(variant, d)
+    if not memory["fits"]:
+        return Candidate(parallel, d, memory=memory,
+                         rejected=f"memory: needs {memory['per_gpu_peak']:.1f} GiB, the GPU has {memory['hbm']:.1f}")
+    return Candidate(parallel, d, memory=memory, throughput=throughput_estimate(variant, d, flops_per_step))
+
+
+@dataclass(frozen=True)
+class Search:
+    cfg: Config
+    ranked: list[Candidate]
+    """The layouts that fit, fastest first."""
+    rejected: list[Candidate]
+    current: Candidate
+    """The config's own layout, judged the same way."""
+    seconds: float
+
+
+def search(cfg: Config) -> Search:
+    """Judge every layout of ``layouts(cfg)`` and rank those that fit (module docstring)."""
+    _check_searchable(cfg)
+    start = time.perf_counter()
+    flops_per_step = flops_per_token(cfg) * cfg.train.global_batch_size * cfg.model.seq_length
+    seen: dict[tuple, Candidate] = {}
+    for parallel in layouts(cfg):
+        key = _identity(parallel)
+        if key not in seen:
+            seen[key] = judge(cfg, parallel, flops_per_step)
+    current = seen.get(_identity(cfg.parallel)) or judge(cfg, cfg.parallel, flops_per_step)
+    judged = list(seen.values())
+    ranked = sorted((c for c in judged if c.rejected is None), key=Candidate.sort_key)
+    rejected = [c for c in judged if c.rejected is not None]
+    return Search(cfg, ranked, rejected, current, time.perf_counter() - start)
+
+
+def _identity(parallel: ParallelConfig) -> tuple:
+    """Equal layouts, equal tuples (``dataclasses.astuple`` deep-copies: too slow for thousands)."""
+    return tuple(vars(parallel).values())
+
+
+def _check_searchable(cfg: Config) -> None:
+    """Refuse what no layout can mend: problems of the config itself, or a step time that ignores the layout."""
+    if cfg.estimate.mfu is not None:
+        raise UserError(f"estimate.mfu={cfg.estimate.mfu}: tune ranks layouts by the step-time model, and a "
+                        "fixed MFU gives every layout the same step time\n  fix: remove estimate.mfu (or set "
+                        "estimate.mfu=null)")
+    own = [p for p in validate(cfg, derive(cfg))
+           if not any(key.startswith(LAYOUT_PROBLEM_KEYS) for key in p.keys)]
+    if own:
+        raise UserError(["this config has problems no parallel layout can mend:"] + [str(p) for p in own])
+
+
+# ---- why the best wins ----------------------------------------------------------------------
+
+TERMS = ("compute", "TP/SP communication", "CP communication", "EP communication", "pipeline bubble",
+         "DP communication")
+
+
+def step_parts(terms: StepTerms) -> dict[str, float]:
+    """One step's seconds by cause; they add up to the step time (perf.py's model)."""
+    m = terms.microbatches
+    return dict(zip(TERMS, (m * terms.compute_s, m * terms.tp_s, m * terms.cp_s, m * terms.ep_s,
+                            m * terms.microbatch_s * terms.bubble, terms.dp_s)))
+
+
+def layout_keys(c: Candidate, backend: BackendName) -> dict[str, object]:
+    """What a user sets to get this layout: every parallel key tune chooses, as ``parallel.KEY`` values."""
+    p = c.parallel
+    keys: dict[str, object] = {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "cp": p.cp, "ep": p.ep,
+                               "micro_batch_size": p.micro_batch_size, "recompute": p.recompute.name}
+    if backend == BackendName.megatron:
+        keys["distributed_optimizer"] = p.distributed_optimizer
+    else:
+        keys["zero_stage"] = p.zero_stage
+    for key in SPLIT_KEYS:
+        if getattr(p, key):
+            keys[key] = getattr(p, key)
+    return keys
+
+
+def overrides(c: Candidate, backend: BackendName) -> list[str]:
+    return [f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in layout_keys(c, backend).items()]
+
+
+def why_best(cfg: Config, best: Candidate, other: Candidate) -> list[str]:
+    """Why ``best`` is faster than ``other``: the keys they differ in, and the parts of the
+    step (``step_parts``) that differ most, in seconds per step."""
+    backend = cfg.backend.name
+    a, b = layout_keys(best, backend), layout_keys(other, backend)
+    differ = [f"{k} {a.get(k, '-')} vs {b.get(k, '-')}" for k in {**a, **b} if a.get(k) != b.get(k)]
+    gap = other.step_s - best.step_s
+    if gap <= 1e-9 * other.step_s:
+        lines = ["the same predicted step time as the runner-up, which differs in " + ", ".join(differ)
+                 + "; ranked first for " + ("less memory" if best.memory["per_gpu_peak"] < other.memory["per_gpu_peak"]
+                                             else "the smaller model-parallel group or fewer chunks")]
+    else:
+        lines = [f"{gap:.3g} s/step ({100 * gap / other.step_s:.1f}%) faster than the runner-up, which differs in "
+                 + ", ".join(differ)]
+    ratio = step_time_ratio(cfg)  # the calibration the ranking's step times include
+    parts_a = {k: v * ratio for k, v in step_parts(step_terms(dataclasses.replace(cfg, parallel=best.parallel),
+                                                               best.derived)).items()}
+    parts_b = {k: v * ratio for k, v in step_parts(step_terms(dataclasses.replace(cfg, parallel=other.parallel),
+                                                               other.derived)).items()}
+    deltas = sorted(TERMS, key=lambda t: -abs(parts_b[t] - parts_a[t]))
+    for term in deltas[:3]:
+        delta = parts_b[term] - parts_a[term]
+        if abs(delta) >= 0.005 * best.step_s:
+            lines.append(f"{term}: {parts_a[term]:.3g} s vs {parts_b[term]:.3g} s per step "
+                         f"({'saves' if delta > 0 else 'costs'} {abs(delta):.3g} s)")
+    mem = other.memory["per_gpu_peak"] - best.memory["per_gpu_peak"]
+    if abs(mem) >= 0.1:
+        lines.append(f"memory: {best.memory['per_gpu_peak']:.1f} vs {other.memory['per_gpu_peak']:.1f} GiB per GPU")
+    return lines
+
+
+# ---- records ----------------------------------------------------------------------------------
+
+def candidate_record(c: Candidate, cfg: Config, rank: int | None) -> dict:
+    """One entry of tune.json's ``candidates``: blocks shaped like plan.json's."""
+    d, p, backend = c.derived, c.parallel, cfg.backend.name
+    parallel = {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep, "vpp": p.vpp, "dp": d.dp,
+                "micro_batch_size": p.micro_batch_size, "grad_accum_steps": d.grad_accum_steps,
+                "global_batch_size": cfg.train.global_batch_size}
+    parallel.update({k: v for k, v in layout_keys(c, backend).items() if k not in parallel})
+    return {"rank": rank, "parallel": parallel, "overrides": overrides(c, backend), "memory_gib": c.memory,
+            "throughput": c.throughput, "rejected": c.rejected}
+
+
+def tune_record(s: Search) -> dict:
+    """tune.json: what was searched, the best layout and why, and every candidate."""
+    cfg, backend = s.cfg, s.cfg.backend.name
+    ranks = {id(c): i + 1 for i, c in enumerate(s.ranked)}
+    return {
+        "model": cfg.model.name, "backend": backend.name, "world_size": cfg.cluster.nodes * cfg.cluster.gpus_per_node,
+        "nodes": cfg.cluster.nodes, "gpus_per_node": cfg.cluster.gpus_per_node, "gpu": cfg.cluster.gpu.name,
+        "seq_length": cfg.model.seq_length, "global_batch_size": cfg.train.global_batch_size,
+        "searched": len(s.ranked) + len(s.rejected), "fit": len(s.ranked), "seconds": s.seconds,
+        "best": candidate_record(s.ranked[0], cfg, 1) if s.ranked else None,
+        "why_best": why_best(cfg, s.ranked[0], s.ranked[1]) if len(s.ranked) > 1 else [],
+        "current": candidate_record(s.current, cfg, ranks.get(id(s.current))),
+        "candidates": [candidate_record(c, cfg, ranks.get(id(c))) for c in s.ranked + s.rejected],
+    }
