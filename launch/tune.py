@@ -233,14 +233,14 @@ def _check_searchable(cfg: Config) -> None:
 
 # ---- why the best wins ----------------------------------------------------------------------
 
-TERMS = ("compute", "TP/SP communication", "CP communication", "EP communication", "pipeline bubble",
-         "DP communication")
+TERMS = ("compute", "TP/SP communication", "CP communication", "EP communication", "pipeline sends",
+         "pipeline bubble", "DP communication")
 
 
 def step_parts(terms: StepTerms) -> dict[str, float]:
     """One step's seconds by cause; they add up to the step time (perf.py's model)."""
     m = terms.microbatches
-    return dict(zip(TERMS, (m * terms.compute_s, m * terms.tp_s, m * terms.cp_s, m * terms.ep_s,
+    return dict(zip(TERMS, (m * terms.compute_s, m * terms.tp_s, m * terms.cp_s, m * terms.ep_s, m * terms.pp_s,
                             m * terms.microbatch_s * terms.bubble, terms.dp_s)))
 
 
@@ -294,6 +294,24 @@ def why_best(cfg: Config, best: Candidate, other: Candidate) -> list[str]:
     return lines
 
 
+NEAR_TIE = 0.02
+"""Step times within 2% of each other are a tie as far as the estimate can tell (its published cases are
+off by up to 15%, tests/test_estimate.py)."""
+
+
+def roomier(s: Search) -> Candidate | None:
+    """The layout within ``NEAR_TIE`` of the best step time that needs the least memory, when it needs at
+    least a tenth of the GPU's memory less than the best: a 1% difference the model cannot vouch for is a
+    poorer reason to choose than headroom (allocator fragmentation, a longer sequence, a bigger batch)."""
+    if not s.ranked:
+        return None
+    best = s.ranked[0]
+    near = [c for c in s.ranked if c.step_s <= best.step_s * (1 + NEAR_TIE)]
+    lightest = min(near, key=lambda c: c.memory["per_gpu_peak"])
+    saved = best.memory["per_gpu_peak"] - lightest.memory["per_gpu_peak"]
+    return lightest if saved >= 0.1 * best.memory["hbm"] else None
+
+
 # ---- records ----------------------------------------------------------------------------------
 
 def candidate_record(c: Candidate, cfg: Config, rank: int | None) -> dict:
@@ -318,6 +336,11 @@ def tune_record(s: Search) -> dict:
         "searched": len(s.ranked) + len(s.rejected), "fit": len(s.ranked), "seconds": s.seconds,
         "best": candidate_record(s.ranked[0], cfg, 1) if s.ranked else None,
         "why_best": why_best(cfg, s.ranked[0], s.ranked[1]) if len(s.ranked) > 1 else [],
-        "current": candidate_record(s.current, cfg, ranks.get(id(s.current))),
+        "roomier": _maybe_record(roomier(s), cfg, ranks),
+        "current": _maybe_record(s.current, cfg, ranks),
         "candidates": [candidate_record(c, cfg, ranks.get(id(c))) for c in s.ranked + s.rejected],
     }
+
+
+def _maybe_record(c: Candidate | None, cfg: Config, ranks: dict) -> dict | None:
+    return None if c is None else candidate_record(c, cfg, ranks.get(id(c)))

@@ -26,7 +26,7 @@ from launch.errors import UserError
 from launch.fmt import si
 from launch.plan import typed_config
 from launch.rundir import dump_json
-from launch.tune import Candidate, Search, layout_keys, overrides, search, tune_record, why_best
+from launch.tune import NEAR_TIE, Candidate, Search, layout_keys, overrides, roomier, search, tune_record, why_best
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -139,6 +139,12 @@ def _verdict(found: Search) -> list[str]:
         why = why_best(cfg, best, found.ranked[1])
         lines.append(f"why #1: {why[0]}")
         lines += [f"  {line}" for line in why[1:]]
+    alt = roomier(found)
+    if alt is not None:
+        lines.append(f"near tie: #{_rank(found, alt)} is within {100 * (alt.step_s / best.step_s - 1):.1f}% of #1 "
+                     f"(under {100 * NEAR_TIE:.0f}%, closer than the estimate can tell) and needs "
+                     f"{alt.memory['per_gpu_peak']:.1f} instead of {best.memory['per_gpu_peak']:.1f} GiB per GPU; "
+                     "for the headroom: " + " ".join(overrides(alt, cfg.backend.name)))
     cur = found.current
     if cur is best:
         lines.append("your layout is the best one found")

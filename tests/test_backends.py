@@ -428,3 +428,15 @@ def test_translators_import_no_training_packages():
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_gradient_reduction_dtype_reaches_every_backend_file(fp32):
+    """train.grad_reduce_in_fp32: the same choice in megatron.yaml, megatron_args.txt (whose Megatron-LM
+    default is the bf16 buffer) and ds_config.json."""
+    flag = f"train.grad_reduce_in_fp32={str(fp32).lower()}"
+    cfg, d = typed("recipe=llama3_70b_pretrain_h100", flag)
+    assert to_megatron(cfg, d)["ddp_config"]["grad_reduce_in_fp32"] is fp32
+    assert ("--accumulate-allreduce-grads-in-fp32" in to_megatron_lm_args(cfg, d, save_interval=None)) is fp32
+    cfg, d = typed("recipe=llama3_8b_sft_h100", flag)
+    assert to_deepspeed(cfg, d)["communication_data_type"] == ("fp32" if fp32 else "bf16")

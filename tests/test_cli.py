@@ -227,9 +227,9 @@ def test_user_recipes_and_cluster_profiles_join_through_the_search_path(workdir:
         assert config["cluster"]["gpu"]["hbm_gib"] == 79.6 and config["model"]["num_layers"] == 32
 
 
-@pytest.mark.parametrize("verb,allowed", [("plan", ()), ("render", ("numpy", "matplotlib"))])
+@pytest.mark.parametrize("verb,allowed", [("plan", ()), ("tune", ()), ("render", ("numpy", "matplotlib"))])
 def test_cli_path_imports_no_training_packages(workdir: Path, verb, allowed):
-    """plan imports none of HEAVY; render only matplotlib (and its numpy) for plan.png."""
+    """plan and tune import none of HEAVY; render only matplotlib (and its numpy) for plan.png."""
     code = (f"import sys; from launch.cli import main; rc = main(['{verb}', 'recipe=llama3_405b_pretrain_h100']);"
             f"heavy = [m for m in {HEAVY!r} if m in sys.modules and m not in {allowed!r}];"
             "print(heavy); sys.exit(rc or bool(heavy))")

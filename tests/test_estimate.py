@@ -539,6 +539,11 @@ runs is expected to be optimistic for it."""
 H100_FP8 = ("cluster=h100", "train.precision=fp8", "parallel.recompute=none", "train.steps=1", "train.tokens=null")
 MLM_LLAMA = "Megatron-LM examples/llama/README.md, FP8 table (H100)"
 NEMO_2407 = "NeMo docs/source/performance/performance_summary.md, NeMo 24.07, FP8, DGX-H100"
+DGXC = "NVIDIA/dgxc-benchmarking v25.04.02 (NeMo 25.02.01), BF16, DGX-H100"
+"""Its READMEs give the whole job's tokens/s; the figures below divide by the GPUs. NVIDIA's recipes there
+run without recompute and reduce gradients in bf16 (NeMo's pretrain_performance_optimizations)."""
+H100_BF16 = ("cluster=h100", "train.precision=bf16", "train.grad_reduce_in_fp32=false", "parallel.recompute=none",
+             "train.steps=1", "train.tokens=null")
 
 PUBLISHED = {
     # Llama Team 2024, "The Llama 3 Herd of Models", table 4 (TP 8, CP 1, PP 16, seq 8,192, 16M tokens/step).
@@ -588,7 +593,46 @@ PUBLISHED = {
     "gpt3_175b_fp8_128": Published(NEMO_2407, ("recipe=gpt3_175b_pretrain_h100", "cluster.nodes=16",
                                                "parallel.tp=4", "parallel.vpp=6", "train.global_batch_size=256",
                                                *H100_FP8), 726, "tokens"),
+    # NVIDIA's H100 BF16 measurements of its tuned Megatron-Core layouts (llama3.1/README.md,
+    # nemo_megatron/README_175b.md of that repository): the layouts `trainctl tune` is checked against.
+    "llama31_405b_bf16": Published(DGXC + ", llama3.1", ("recipe=llama3_405b_pretrain_h100", "cluster.nodes=128",
+                                                        "parallel.pp=8", "parallel.cp=2", "parallel.vpp=8",
+                                                        "train.global_batch_size=512", *H100_BF16), 211406 / 1024,
+                                   "tokens"),
+    "llama3_70b_bf16": Published(DGXC + ", llama3.1", ("model=llama3_70b", "cluster.nodes=8", "parallel.tp=4",
+                                                      "parallel.pp=4", "parallel.cp=2", "parallel.vpp=5",
+                                                      "train.global_batch_size=128", *H100_BF16), 71526 / 64,
+                                 "tokens"),
+    "llama3_8b_bf16": Published(DGXC + ", llama3.1", ("model=llama3_8b", "cluster.nodes=1", "parallel.cp=2",
+                                                     "train.global_batch_size=128", *H100_BF16), 85459 / 8, "tokens"),
+    "gpt3_175b_bf16": Published("NVIDIA/dgxc-benchmarking v25.01.1 (NeMo 24.09), BF16, DGX-H100, README_175b",
+                                ("recipe=gpt3_175b_pretrain_h100", "cluster.nodes=16", "parallel.tp=4",
+                                 "parallel.vpp=12", "train.global_batch_size=256", *H100_BF16), 58843 / 128,
+                                "tokens"),
 }
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLISHED if n.endswith("_bf16")])
+def test_nvidias_bf16_layouts_fit_as_nvidia_ran_them(name):
+    """NVIDIA ran these without recompute on 80 GB; with its bf16 gradient reduction the estimate agrees,
+    with fp32 gradients (4 + 2 more bytes per parameter) the 405B and 8B layouts would not fit."""
+    assert plan(*PUBLISHED[name].overrides)["memory_gib"]["fits"]
+    if name in ("llama31_405b_bf16", "llama3_8b_bf16"):
+        assert not plan(*PUBLISHED[name].overrides, "train.grad_reduce_in_fp32=true")["memory_gib"]["fits"]
+
+
+def test_bf16_gradients_change_the_bytes_per_parameter_as_megatron_documents():
+    """Megatron-Core's distributed optimizer guide: bf16 params with fp32 grads 6 + 12/d bytes, with 16-bit
+    grads 4 + 16/d (the optimizer keeps an fp32 copy of its gradient shard); 18 and 20 without sharding."""
+    from launch.estimate.memory import megatron_state_bytes
+
+    for reduce_fp32, sharded, unsharded in ((True, (6, 12), 18), (False, (4, 16), 20)):
+        flag = f"train.grad_reduce_in_fp32={str(reduce_fp32).lower()}"
+        cfg, _ = composed("recipe=llama3_70b_pretrain_h100", flag)
+        states = megatron_state_bytes(cfg, 1.0, 8)
+        assert states.weights + states.grads == sharded[0] and states.optimizer == sharded[1] / 8
+        cfg, _ = composed("recipe=llama3_70b_pretrain_h100", flag, "parallel.distributed_optimizer=false")
+        assert megatron_state_bytes(cfg, 1.0, 8).total == unsharded
 
 
 def predicted_and_published_tokens(case: Published) -> tuple[float, float]:

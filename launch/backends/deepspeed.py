@@ -116,8 +116,9 @@ def _precision(cfg: Config) -> dict:
         return {"bf16": {"enabled": False}}
     return {
         "bf16": {"enabled": True},
-        # Reduce-scatter gradients in FP32, as Llama 3 does (sec. 3.3.4) and Megatron does under bf16.
-        "communication_data_type": "fp32",
+        # Reduce-scatter gradients in FP32, as Llama 3 does (sec. 3.3.4) and Megatron does under bf16,
+        # unless train.grad_reduce_in_fp32=false.
+        "communication_data_type": "fp32" if cfg.train.grad_reduce_in_fp32 else "bf16",
     }
 
 

@@ -186,8 +186,8 @@ def _ddp_config(cfg: Config) -> dict:
     p = cfg.parallel
     gpu = uses_transformer_engine(cfg)
     return {
-        # Accumulate and reduce gradients in FP32: Megatron-LM's choice under bf16 (Llama 3, sec. 3.3.4).
-        "grad_reduce_in_fp32": cfg.train.precision != Precision.fp32,
+        # Accumulate and reduce gradients in FP32 under bf16 (Llama 3, sec. 3.3.4), unless the config says not.
+        "grad_reduce_in_fp32": cfg.train.precision != Precision.fp32 and cfg.train.grad_reduce_in_fp32,
         "use_distributed_optimizer": p.distributed_optimizer,
         # Hide the data-parallel reduce-scatter (and the distributed optimizer's all-gather) behind
         # compute on GPUs; CPU runs (gloo) keep the plain path.

@@ -109,6 +109,8 @@ def _model(cfg: Config, flag) -> None:
         flag("--fp8-amax-compute-algo", "max")
     elif cfg.train.precision == Precision.bf16:
         flag("--bf16")
+    if cfg.train.precision != Precision.fp32 and cfg.train.grad_reduce_in_fp32:
+        flag("--accumulate-allreduce-grads-in-fp32")  # Megatron-LM's default is the bf16 buffer
 
 
 def _parallel(cfg: Config, d: Derived, flag) -> None:

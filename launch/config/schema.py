@@ -336,6 +336,14 @@ class TrainConfig:
     """[START, INCREMENT, SAMPLES]: grow the global batch from START by INCREMENT over the first
     SAMPLES sequences, as Megatron-LM's --rampup-batch-size (launch/config/rampup.py)."""
     precision: Precision = Precision.bf16
+    grad_reduce_in_fp32: bool = True
+    """Under bf16/fp8, accumulate and reduce gradients in FP32 (Megatron-LM's choice and Llama 3's, sec.
+    3.3.4): Megatron keeps a 4 B/param fp32 gradient buffer, 6 + 12/dp B per parameter in all with the
+    distributed optimizer. false: bf16 gradients, half the data-parallel traffic, 4 + 16/dp B (the
+    distributed optimizer keeps an fp32 copy of its gradient shard), as NVIDIA's tuned H100 recipes run
+    (NeMo and Megatron-Bridge performance configs; it is what fits Llama 3.1 405B at TP 8 PP 8 CP 2
+    without recompute). DeepSpeed: the dtype of the gradient reduction (communication_data_type).
+    No effect at precision=fp32."""
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 1000
@@ -369,6 +377,11 @@ class EstimateConfig:
     """Share of tensor/sequence-parallel collectives not hidden behind compute."""
     ep_comm_exposed_fraction: float = 0.5
     """Share of the MoE all-to-all not hidden behind compute."""
+    pp_comm_exposed_fraction: float = 0.1
+    """Share of the pipeline's point-to-point sends not hidden behind compute. Megatron-Core overlaps
+    them with the next chunk's work under interleaving (overlap_p2p_comm); what shows is the warm-up,
+    the cool-down and the waits for a late peer. 0.1 is an assumption, chosen as the largest share
+    with which `trainctl tune` still picks NVIDIA's published H100 layouts (tests/test_tune.py)."""
     cuda_context_gib: float = 0.5
     nccl_buffers_gib: float = 1.0
     allocator_fragmentation: float = 0.07

@@ -7,7 +7,10 @@ Model states (weights, gradients, optimizer) follow the backend's bookkeeping:
   bf16), fp32 master weights + Adam m + v 12 B: 18 B per parameter, or
   ``6 + 12/dp`` with the distributed optimizer, which shards the 12 B over the
   data-parallel ranks (megatron/training/theoretical_memory_usage.py,
-  ``compute_weight_and_optimizer_memory``).
+  ``compute_weight_and_optimizer_memory``). With ``train.grad_reduce_in_fp32=false``
+  the gradient buffer is bf16 (2 B) and the optimizer keeps an fp32 copy of its
+  gradients (4 B more): 20 B, or ``4 + 16/dp`` (Megatron-Core's
+  docs/source/api-guide/dist_optimizer.md, the table of bytes per parameter).
 - DeepSpeed (mixed precision): 2 + 2 + 12 = 16 B per parameter; ZeRO stage 1
   shards the optimizer over dp, stage 2 also the gradients, stage 3 also the
   weights (Rajbhandari et al. 2020, "ZeRO", sec. 5 and fig. 1:
@@ -81,7 +84,9 @@ def bytes_per_param(cfg: Config) -> StateBytes:
     if cfg.train.precision == Precision.fp32:
         return StateBytes(weights=4, grads=4, optimizer=8)
     if cfg.backend.name == BackendName.megatron:
-        return StateBytes(weights=2, grads=4, optimizer=12)
+        if cfg.train.grad_reduce_in_fp32:
+            return StateBytes(weights=2, grads=4, optimizer=12)
+        return StateBytes(weights=2, grads=2, optimizer=16)
     return StateBytes(weights=2, grads=2, optimizer=12)
 
 
@@ -90,7 +95,8 @@ def _on_gpu(where: Offload) -> bool:
 
 
 def megatron_state_bytes(cfg: Config, params: float, dp: int) -> StateBytes:
-    """Megatron: 2 + 4 + 12 B, the 12 divided by dp with the distributed optimizer."""
+    """Megatron: 2 + 4 + 12 B (2 + 2 + 16 with bf16 gradients), the optimizer's part divided by dp with
+    the distributed optimizer."""
     b = bytes_per_param(cfg)
     shard = dp if cfg.parallel.distributed_optimizer else 1
     return StateBytes(b.weights, b.grads, b.optimizer / shard).scaled(params)

@@ -1,7 +1,7 @@
 """Step time, throughput and MFU: one optimizer step on the slowest pipeline rank.
 
     step  = m * t_mb * (1 + bubble) + exposed DP comm
-    t_mb  = compute + exposed TP/SP comm + exposed CP comm + exposed EP comm
+    t_mb  = compute + exposed TP/SP, CP, EP and pipeline comm
     bubble = (pp - 1) / (m * vpp)
 
 m is the number of micro-batches per step (grad-accum steps); t_mb is one
@@ -17,6 +17,9 @@ is a function below, with its formula and source:
 - CP: ring attention passes K/V around the context-parallel group, hidden behind
   the attention kernel while the kernel is the longer of the two;
 - EP: the MoE all-to-all (dispatch and combine), ``ep_comm_exposed_fraction`` exposed;
+- PP: each model chunk's activation sent on and its gradient sent back, once
+  per chunk and micro-batch, ``pp_comm_exposed_fraction`` exposed (what makes
+  many one-layer virtual stages cost more than the bubble they save);
 - DP: gradient reduce-scatter and parameter all-gather over InfiniBand across
   nodes, overlapped with one micro-batch's compute, at least
   ``dp_comm_exposed_fraction`` exposed;
@@ -26,8 +29,7 @@ is a function below, with its formula and source:
 scales the modelled step. ``estimate.mfu``, when set, replaces the model: step = model FLOPs per step /
 (world * peak * mfu), the peak being ``estimate.mfu_basis``'s.
 
-Not modelled: pipeline point-to-point sends (overlapped by Megatron-Core's
-interleaved schedule), the optimizer step, kernel launch gaps, load imbalance
+Not modelled: the optimizer step, kernel launch gaps, load imbalance
 between MoE experts, stragglers, data loading, checkpoint stalls, CPU offload
 traffic; the step-to-step variance real runs show.
 """
@@ -234,12 +236,31 @@ def ep_comm_seconds(cfg: Config, d: Derived, layers: int) -> float:
 
 # ---- data parallelism -------------------------------------------------------------------------
 
+def pp_comm_seconds(cfg: Config, d: Derived) -> float:
+    """Pipeline point-to-point traffic of one micro-batch on one GPU.
+
+    Each of a rank's vpp model chunks receives its input and sends its output in
+    the forward, and the matching gradients in the backward (Megatron-Core's
+    ``p2p_communication``): 2 * vpp transfers of one micro-batch's activation,
+    s/cp * b * h bf16 values, of which each GPU sends its 1/tp share under
+    sequence parallelism. Sends and receives run at once on a full-duplex link.
+    Megatron-Core puts pp outermost in the rank order, so neighbours are world/pp
+    ranks apart and some pair crosses a node boundary unless the whole job fits in
+    one node: NVLink then, else InfiniBand.
+    """
+    p = cfg.parallel
+    if p.pp <= 1:
+        return 0.0
+    message = ACTIVATION_BYTES * local_tokens(cfg) * cfg.model.hidden_size / (p.tp if d.sequence_parallel else 1)
+    return 2 * max(p.vpp, 1) * message / (_ring_gbps(cfg, d.world_size) * GB)
+
+
 def dp_comm_seconds(cfg: Config, d: Derived, stage: StageParams) -> float:
     """Data-parallel traffic of one GPU's parameters for one step, over InfiniBand across nodes.
 
-    Megatron: reduce-scatter of the fp32 gradients and all-gather of the bf16
-    weights with the distributed optimizer, else an all-reduce of the fp32
-    gradients (two rings); dense parameters over dp*cp ranks tp*cp apart, experts
+    Megatron: reduce-scatter of the gradients (fp32, or bf16 with
+    train.grad_reduce_in_fp32=false) and all-gather of the bf16 weights with the
+    distributed optimizer, else an all-reduce of the gradients (two rings); dense parameters over dp*cp ranks tp*cp apart, experts
     over expert_dp ranks ep*etp apart. DeepSpeed: ZeRO-0 all-reduces the gradients,
     ZeRO-1/2 reduce-scatter them and all-gather the updated weights, once per step;
     ZeRO-3 gathers the weights for the forward and again for the backward and
@@ -247,7 +268,7 @@ def dp_comm_seconds(cfg: Config, d: Derived, stage: StageParams) -> float:
     """
     b, p = bytes_per_param(cfg), cfg.parallel
     if cfg.backend.name == BackendName.deepspeed:
-        grads = b.weights  # DeepSpeed reduces in the training dtype
+        grads = 4 if cfg.train.grad_reduce_in_fp32 else b.weights  # communication_data_type
         if p.zero_stage >= 3:
             per_param = (2 * b.weights + grads) * d.grad_accum_steps
         elif p.zero_stage >= 1:
@@ -306,6 +327,8 @@ class StepTerms:
     """Exposed context-parallel communication, one micro-batch."""
     ep_s: float
     """Exposed expert-parallel communication, one micro-batch."""
+    pp_s: float
+    """Exposed pipeline point-to-point communication, one micro-batch."""
     microbatches: int
     bubble: float
     dp_s: float
@@ -313,7 +336,7 @@ class StepTerms:
 
     @property
     def microbatch_s(self) -> float:
-        return self.compute_s + self.tp_s + self.cp_s + self.ep_s
+        return self.compute_s + self.tp_s + self.cp_s + self.ep_s + self.pp_s
 
     @property
     def step_s(self) -> float:
@@ -334,8 +357,9 @@ def step_terms(cfg: Config, d: Derived) -> StepTerms:
         tp = e.tp_comm_exposed_fraction * tp_comm_seconds(cfg, stage.layers)
         cp = cp_exposed_seconds(cfg, stage.layers)
         ep = e.ep_comm_exposed_fraction * ep_comm_seconds(cfg, d, stage.layers)
+        pp = e.pp_comm_exposed_fraction * pp_comm_seconds(cfg, d)
         dp = dp_exposed_seconds(cfg, d, stage, compute)
-        per_rank[key] = StepTerms(compute, tp, cp, ep, d.grad_accum_steps, bubble_fraction(cfg, d), dp)
+        per_rank[key] = StepTerms(compute, tp, cp, ep, pp, d.grad_accum_steps, bubble_fraction(cfg, d), dp)
     return max(per_rank.values(), key=lambda t: t.step_s)
 
 
