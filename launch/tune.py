@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
 from launch.config import Config, Derived, derive
 from launch.config.schema import BackendName, ParallelConfig, Recompute
-from launch.config.validate import _divisors, validate
+from launch.config.validate import divisors, validate
 from launch.errors import UserError
 from launch.estimate.calibration import step_time_ratio
 from launch.estimate.flops import flops_per_token
@@ -111,9 +112,9 @@ def layouts(cfg: Config) -> Iterator[ParallelConfig]:
     megatron = cfg.backend.name == BackendName.megatron
     base = dataclasses.replace(cfg.parallel, sequence_parallel="auto", etp=None, vpp=1, ep=1,
                                **{k: None if k.startswith("num_") else False for k in SPLIT_KEYS})
-    tps = _divisors(c.gpus_per_node) if megatron else [1]
+    tps = divisors(c.gpus_per_node) if megatron else [1]
     cps = [cp for cp in _powers_of_two(max(m.seq_length // max(tune.min_tokens_per_cp_rank, 1), 1)) if world % cp == 0]
-    eps = _divisors(m.num_experts) if m.num_experts and megatron else [1]
+    eps = divisors(m.num_experts) if m.num_experts and megatron else [1]
     recomputes = list(Recompute) if megatron else [Recompute.none, Recompute.full]
     optimizers = ([{"distributed_optimizer": True}, {"distributed_optimizer": False}] if megatron
                   else [{"zero_stage": z} for z in (0, 1, 2, 3)])
@@ -121,7 +122,7 @@ def layouts(cfg: Config) -> Iterator[ParallelConfig]:
         for cp in cps:
             if world % (tp * cp):
                 continue
-            pps = [pp for pp in _divisors(world // (tp * cp)) if pp <= m.num_layers] if megatron else [1]
+            pps = [pp for pp in divisors(world // (tp * cp)) if pp <= m.num_layers] if megatron else [1]
             for pp in pps:
                 dp = world // (tp * cp * pp)
                 for vpp in range(1, max((m.num_layers + 2) // pp, 1) + 1):  # +2: embedding, loss as layers
@@ -144,7 +145,7 @@ def _micro_batch_sizes(global_batch: int, dp: int, largest: int) -> list[int]:
     global batch (the validator then says so)."""
     if global_batch % dp:
         return [1]
-    return [b for b in _divisors(global_batch // dp) if b <= largest] or [1]
+    return [b for b in divisors(global_batch // dp) if b <= largest] or [1]
 
 
 # ---- judging one layout -------------------------------------------------------------------
@@ -229,6 +230,19 @@ def _check_searchable(cfg: Config) -> None:
            if not any(key.startswith(LAYOUT_PROBLEM_KEYS) for key in p.keys)]
     if own:
         raise UserError(["this config has problems no parallel layout can mend:"] + [str(p) for p in own])
+
+
+def rejected_by(s: Search) -> dict[str, int]:
+    """How many layouts each cause rejected, commonest first: ``memory``, or the keys that the
+    validator's first problem names (``parallel.vpp, parallel.pp, grad_accum_steps``)."""
+    return dict(Counter(_cause(c.rejected) for c in s.rejected).most_common())
+
+
+def _cause(reason: str) -> str:
+    if reason.startswith("memory:"):
+        return "memory"
+    head = reason.split(";")[0].split(": ")[0]  # "train.global_batch_size=2048, parallel.micro_batch_size=1, dp=4096"
+    return ", ".join(part.split("=")[0].strip() for part in head.split(","))
 
 
 # ---- why the best wins ----------------------------------------------------------------------
@@ -334,6 +348,7 @@ def tune_record(s: Search) -> dict:
         "nodes": cfg.cluster.nodes, "gpus_per_node": cfg.cluster.gpus_per_node, "gpu": cfg.cluster.gpu.name,
         "seq_length": cfg.model.seq_length, "global_batch_size": cfg.train.global_batch_size,
         "searched": len(s.ranked) + len(s.rejected), "fit": len(s.ranked), "seconds": s.seconds,
+        "rejected_by": rejected_by(s),
         "best": candidate_record(s.ranked[0], cfg, 1) if s.ranked else None,
         "why_best": why_best(cfg, s.ranked[0], s.ranked[1]) if len(s.ranked) > 1 else [],
         "roomier": _maybe_record(roomier(s), cfg, ranks),

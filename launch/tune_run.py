@@ -26,7 +26,8 @@ from launch.errors import UserError
 from launch.fmt import si
 from launch.plan import typed_config
 from launch.rundir import dump_json
-from launch.tune import NEAR_TIE, Candidate, Search, layout_keys, overrides, roomier, search, tune_record, why_best
+from launch.tune import (NEAR_TIE, Candidate, Search, layout_keys, overrides, rejected_by, roomier, search,
+                         tune_record, why_best)
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -134,7 +135,9 @@ def _row(cfg, label: str, c: Candidate) -> list[str]:
 
 def _verdict(found: Search) -> list[str]:
     cfg, best = found.cfg, found.ranked[0]
-    lines = []
+    causes = list(rejected_by(found).items())
+    lines = [f"rejected {len(found.rejected):,}: " + "; ".join(f"{key} {n:,}" for key, n in causes[:4])
+             + ("; ..." if len(causes) > 4 else "")] if causes else []
     if len(found.ranked) > 1:
         why = why_best(cfg, best, found.ranked[1])
         lines.append(f"why #1: {why[0]}")

@@ -254,6 +254,7 @@ def test_tune_probes_the_top_layouts_and_calibrates_from_what_they_measured(work
     cal = run_trainctl("plan", "recipe=tiny_slurm", "hydra.run.dir=runs/cal",
                        f"cluster.calibration={workdir / 'runs/tiny_slurm/calibration.json'}", cwd=workdir, env=slurm_env)
     assert base.returncode == cal.returncode == 0, cal.stderr
+    assert "by cluster.calibration" in " ".join(cal.stdout.split()) and "calibration" not in base.stdout
     step = {name: json.loads((workdir / f"runs/{name}/plan.json").read_text())["throughput"]["step_time_s"]
             for name in ("base", "cal")}
     assert step["cal"] == pytest.approx(step["base"] * calibration["step_time_ratio"])

@@ -179,6 +179,8 @@ def test_tune_writes_tune_json_and_a_parallel_option_plan_can_select(workdir: Pa
         assert BLOCK_KEYS[block] <= set(record["best"][block])
     rejected = [c for c in record["candidates"] if c["rejected"]]
     assert rejected and all(c["rank"] is None and c["throughput"] is None for c in rejected)
+    assert sum(record["rejected_by"].values()) == len(rejected) and "memory" in record["rejected_by"]
+    assert f"rejected {len(rejected):,}: " in out.stdout
     ranked = [c for c in record["candidates"] if c["rank"]]
     assert [c["rank"] for c in ranked] == list(range(1, len(ranked) + 1))
 

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from launch.config.derive import Derived
 from launch.config.schema import Config, Offload, Precision, Recompute, Schedule, Scheduler, StageKind
-from launch.config.validate import Problem, _divisors, _megatron, _split_evenly, rule
+from launch.config.validate import Problem, divisors, _megatron, _split_evenly, rule
 
 @rule
 def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
@@ -111,7 +111,7 @@ def deepspeed_ulysses(cfg: Config, d: Derived) -> Iterator[Problem]:
     yield from _split_evenly("model.num_attention_heads", m.num_attention_heads, "heads", "parallel.cp", p.cp)
     kv = m.num_query_groups or m.num_attention_heads
     if kv % p.cp and p.cp % kv:
-        fits = [c for c in _divisors(m.num_attention_heads) if not kv % c or not c % kv]
+        fits = [c for c in divisors(m.num_attention_heads) if not kv % c or not c % kv]
         yield Problem({"model.num_query_groups": kv, "parallel.cp": p.cp},
                       f"Ulysses needs the {kv} KV heads to divide by cp={p.cp}, or cp by them (it replicates them)",
                       f"choose parallel.cp from {fits}")

@@ -53,7 +53,7 @@ def validate(cfg: Config, d: Derived) -> list[Problem]:
     return [problem for check in RULES for problem in check(cfg, d)]
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     small = [k for k in range(1, int(n**0.5) + 1) if n % k == 0]
     return sorted(set(small + [n // k for k in small]))
 
@@ -63,7 +63,7 @@ def _split_evenly(count_key: str, count: int, what: str, size_key: str, size: in
     if size > 0 and count % size:
         name = size_key.split(".")[-1]
         yield Problem({count_key: count, size_key: size}, f"{count} {what} cannot be split evenly over {name}={size}",
-                      f"choose {size_key} from {_divisors(count)}")
+                      f"choose {size_key} from {divisors(count)}")
 
 
 def _megatron(cfg: Config) -> bool:
@@ -147,7 +147,7 @@ def world_divisible_by_model_parallel(cfg: Config, d: Derived) -> Iterator[Probl
              "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.cp": p.cp},
             f"world size {d.world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {mp}",
             f"make nodes*gpus_per_node a multiple of {mp}, or choose tp*pp*cp from the "
-            f"divisors of {d.world_size}: {_divisors(d.world_size)}",
+            f"divisors of {d.world_size}: {divisors(d.world_size)}",
         )
 
 
@@ -201,7 +201,7 @@ def query_groups_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
     if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
         yield Problem({"model.num_attention_heads": m.num_attention_heads, "model.num_query_groups": m.num_query_groups},
                       "attention heads must be a multiple of the KV groups",
-                      f"choose model.num_query_groups from {_divisors(m.num_attention_heads)}")
+                      f"choose model.num_query_groups from {divisors(m.num_attention_heads)}")
 
 
 @rule
@@ -295,7 +295,7 @@ def _propose_split(layers: int, pp: int, vpp: int) -> str:
         if 0 < lo <= per and 0 < hi <= per and hi % vpp == 0:
             return (f"parallel.num_layers_in_first_pipeline_stage={lo} "
                     f"parallel.num_layers_in_last_pipeline_stage={hi} ({pp - 2} middle stages of {per})")
-    good = [k for k in _divisors(layers) if k <= 64]
+    good = [k for k in divisors(layers) if k <= 64]
     return f"choose parallel.pp*parallel.vpp from the divisors of {layers}: {good}"
 
 
