@@ -53,6 +53,19 @@ def write_run(run_dir: Path, files: dict[str, str | bytes]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def write_file(path: Path, text: str) -> None:
+    """One file written whole: a temporary file beside it, renamed into place, with the permissions a
+    plain open() would give (mkstemp's are 0600, which locks out the rest of a shared project)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def dump_json(data: object) -> str:
     return json.dumps(data, indent=2, sort_keys=False) + "\n"
 

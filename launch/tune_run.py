@@ -14,18 +14,18 @@ With ``tune.probe=true`` the top K also go to the cluster as short runs (launch/
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
-import tempfile
+import shlex
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from launch.paths import asset_dir
 from launch.errors import UserError
 from launch.fmt import si
 from launch.plan import typed_config
-from launch.rundir import dump_json
+from launch.rundir import dump_json, write_file
 from launch.tune import (NEAR_TIE, Candidate, Search, layout_keys, overrides, rejected_by, roomier, search,
                          tune_record, why_best)
 
@@ -36,18 +36,18 @@ def run_tune(composed, run_dir: Path, command: list[str]) -> None:
     from launch import probe
 
     cfg = typed_config(composed)
-    name = cfg.tune.layout_name or f"{cfg.name}_tuned"
-    if not _SAFE.match(name):
-        raise UserError(f"tune.layout_name={name}: becomes a file name and a parallel= option; letters, digits, "
-                        "'.', '_' or '-'\n  fix: tune.layout_name=my_layout")
-    if cfg.tune.top_k < 1:
-        raise UserError(f"tune.top_k={cfg.tune.top_k}: must be at least 1\n  fix: tune.top_k=5")
+    name = _layout_name(cfg)
+    for key, value, least, default in (("top_k", cfg.tune.top_k, 1, 5),
+                                       ("max_micro_batch_size", cfg.tune.max_micro_batch_size, 1, 8),
+                                       ("min_tokens_per_cp_rank", cfg.tune.min_tokens_per_cp_rank, 1, 4096)):
+        if value < least:
+            raise UserError(f"tune.{key}={value}: must be at least {least}\n  fix: tune.{key}={default}")
     if cfg.tune.probe:
         probe.check_probeable(cfg)
     found = search(cfg)
     if not found.ranked:
         raise UserError(_nothing_fits(found))
-    measured = probe.collect(run_dir)
+    measured = probe.collect(run_dir, cfg)
     console = Console()
     console.print(top_table(found))
     for line in _verdict(found):
@@ -63,15 +63,32 @@ def run_tune(composed, run_dir: Path, command: list[str]) -> None:
         console.print(probe.summary(measured, calibration, run_dir / "calibration.json"), highlight=False, soft_wrap=True)
     _write_files(run_dir, files)
     console.print(f"wrote {run_dir}/: {', '.join(files)}", highlight=False, soft_wrap=True)
-    console.print(f"use it: TRAINCTL_CONFIG_PATH={_shown(run_dir / 'conf')} trainctl plan "
-                  f"{' '.join(_user_overrides(command))} parallel={name}".replace("  ", " "), highlight=False,
+    console.print(f"use it: TRAINCTL_CONFIG_PATH={shlex.quote(_shown(run_dir / 'conf'))} trainctl plan "
+                  + " ".join(map(shlex.quote, [*_user_overrides(), f"parallel={name}"])), highlight=False,
                   soft_wrap=True)
     if cfg.tune.probe and not measured:
         probe.submit(composed, found, run_dir)
 
 
-def _user_overrides(command: list[str]) -> list[str]:
-    return [a for a in command[2:] if not a.startswith(("tune.", "parallel", "hydra.", "-"))]
+def _layout_name(cfg) -> str:
+    """tune.layout_name, or NAME_tuned; it becomes a file name and a parallel= option."""
+    key, value = ("tune.layout_name", cfg.tune.layout_name) if cfg.tune.layout_name else ("name", cfg.name)
+    name = cfg.tune.layout_name or f"{cfg.name}_tuned"
+    if not _SAFE.match(name):
+        raise UserError(f"{key}={value}: tune writes the best layout as parallel/{name}.yaml, a file name and a "
+                        "parallel= option: letters, digits, '.', '_' or '-'\n  fix: tune.layout_name=my_layout")
+    if (asset_dir("conf") / "parallel" / f"{name}.yaml").exists():
+        raise UserError(f"{key}={value}: parallel={name} is a shipped option, which the tuned layout would hide "
+                        "wherever it is on the search path\n  fix: tune.layout_name=my_layout")
+    return name
+
+
+def _user_overrides() -> list[str]:
+    """This run's (this sweep point's) overrides, less the ones the tuned layout replaces."""
+    from hydra.core.hydra_config import HydraConfig
+
+    task = list(HydraConfig.get().overrides.task)
+    return [a for a in task if not a.lstrip("+~").startswith(("tune.", "parallel", "hydra."))]
 
 
 def _shown(path: Path) -> str:
@@ -156,7 +173,9 @@ def _verdict(found: Search) -> list[str]:
     else:
         slower = cur.step_s / best.step_s - 1
         rank = _rank(found, cur)
-        lines.append(f"your layout ranks #{rank}: {100 * slower:.1f}% slower per step than #1 "
+        place = (f"ranks #{rank}" if rank is not None else  # a key tune does not vary (etp, sequence_parallel, ...)
+                 f"(outside the searched set) would rank #{sum(c.step_s < cur.step_s for c in found.ranked) + 1}")
+        lines.append(f"your layout {place}: {100 * slower:.1f}% slower per step than #1 "
                      f"({si(cur.throughput['tokens_per_s_per_gpu'])} vs {si(best.throughput['tokens_per_s_per_gpu'])}"
                      " tokens/s/GPU)")
     lines.append("best layout: " + " ".join(overrides(best, cfg.backend.name)))
@@ -164,14 +183,17 @@ def _verdict(found: Search) -> list[str]:
 
 
 def _nothing_fits(found: Search) -> list[str]:
+    """No layout fits: what rejected them (by cause, then the commonest exact reasons) and what to change."""
     from collections import Counter
 
+    causes = "; ".join(f"{key} {n:,}" for key, n in list(rejected_by(found).items())[:4])
     reasons = Counter(c.rejected.split(";")[0] for c in found.rejected)
-    top = "\n".join(f"    {n} x {reason}" for reason, n in reasons.most_common(5))
+    top = "\n".join(f"    {n} x {reason}" for reason, n in reasons.most_common(3))
     c = found.cfg.cluster
     return [f"cluster.nodes={c.nodes}: none of the {len(found.rejected):,} layouts of {found.cfg.model.name} on "
-            f"{c.nodes} x {c.gpus_per_node} GPUs is valid and fits; the commonest reasons:\n{top}\n  fix: more "
-            "nodes (cluster.nodes=...), a shorter model.seq_length, or a global batch that more layouts divide"]
+            f"{c.nodes} x {c.gpus_per_node} GPUs is valid and fits; rejected by {causes}; for example:\n{top}\n"
+            "  fix: by memory: more nodes (cluster.nodes=...) or a shorter model.seq_length; by the batch "
+            "arithmetic: a train.global_batch_size that more data-parallel sizes divide (or fewer nodes)"]
 
 
 # ---- what is written ---------------------------------------------------------------------------
@@ -203,11 +225,6 @@ def _yaml_value(value) -> str:
 
 
 def _write_files(run_dir: Path, files: dict[str, str]) -> None:
-    """Each file written whole (a temporary file renamed into place); other files in RUN_DIR are left alone."""
+    """Each file written whole; other files in RUN_DIR (a plan's records) are left alone."""
     for rel, text in files.items():
-        path = run_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_file(run_dir / rel, text)

@@ -244,6 +244,8 @@ def test_tune_probes_the_top_layouts_and_calibrates_from_what_they_measured(work
     assert again.returncode == 0, again.stderr
     assert "probes: 2 of 2 measured" in again.stdout and "measured vs" in again.stdout
     assert "submitted job array" not in again.stdout  # measured probes are not submitted again
+    for p in record:  # a probe keeps no checkpoint (train.save_final=false)
+        assert not [c for c in ("latest", "final") if (Path(p["run_dir"]) / "checkpoints" / c).exists()]
     calibration = json.loads((workdir / "runs/tiny_slurm/calibration.json").read_text())
     assert calibration["cluster"] == "slurm_local" and len(calibration["probes"]) == 2
     assert calibration["step_time_ratio"] > 0 and calibration["memory_ratio"] is None  # CPU RSS is not GPU memory

@@ -160,6 +160,7 @@ CASES = {
         [(["estimate.achievable_fraction_dense=0"], "estimate.achievable_fraction_dense=0.0: a share of the peak"),
          (["estimate.achievable_fraction_fp8=1.2"], "estimate.achievable_fraction_fp8=0.4 (the default)"),
          (["estimate.tp_comm_exposed_fraction=-0.1"], "left exposed must be in [0, 1]"),
+         (["estimate.pp_comm_exposed_fraction=-50"], "estimate.pp_comm_exposed_fraction=0.1 (the default)"),
          (["estimate.mfu=0"], "estimate.mfu=0.0: MFU is a share of the peak"),
          (["estimate.mfu=55"], "estimate.mfu=null"),
          (["estimate.nccl_buffers_gib=-1"], "estimate.nccl_buffers_gib=-1.0: a memory overhead cannot be negative"),

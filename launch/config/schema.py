@@ -352,6 +352,9 @@ class TrainConfig:
     """Steps between checkpoints; None lets the estimator choose (Young/Daly)."""
     checkpoint_dir: Optional[str] = None
     """None means RUN_DIR/checkpoints."""
+    save_final: bool = True
+    """Save a checkpoint (and the Hugging Face export) when the run ends. false: a measurement run
+    (``trainctl tune``'s probes) that keeps nothing."""
     rank_check_s: float = 0.0
     """> 0: the job trains nothing; every rank joins the process group and all-reduces for this
     many seconds, then exits (checks an allocation, the rendezvous and the stop signals)."""

@@ -481,7 +481,8 @@ def estimate_settings(cfg: Config, d: Derived) -> Iterator[Problem]:
         if not 0 < value <= 1:
             yield Problem({f"estimate.{name}": value}, "a share of the peak must be in (0, 1]",
                           f"estimate.{name}={getattr(defaults, name)} (the default)")
-    for name in ("dp_comm_exposed_fraction", "tp_comm_exposed_fraction", "ep_comm_exposed_fraction"):
+    for name in ("dp_comm_exposed_fraction", "tp_comm_exposed_fraction", "ep_comm_exposed_fraction",
+                 "pp_comm_exposed_fraction"):
         value = getattr(e, name)
         if not 0 <= value <= 1:
             yield Problem({f"estimate.{name}": value},

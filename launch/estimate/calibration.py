@@ -39,19 +39,29 @@ def _ratios(cfg: Config) -> tuple[float, float]:
     return data.get("step_time_ratio") or 1.0, data.get("memory_ratio") or 1.0
 
 
+RATIO_RANGE = (0.001, 1000.0)
+"""Ratios outside it are a broken file, not a measurement. Wide on purpose: a CPU cluster profile
+(slurm_local) is ~30x slower than its nominal peak says."""
+
+
 @lru_cache(maxsize=8)
 def _read(path: str) -> dict:
+    fix = "  fix: the calibration.json `trainctl tune` wrote after its probes, or cluster.calibration=null"
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise UserError(f"cluster.calibration={path}: cannot be read ({exc.strerror})\n  fix: the calibration.json "
-                        "`trainctl tune` wrote after its probes, or cluster.calibration=null") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"cluster.calibration={path}: not JSON ({exc})\n  fix: the calibration.json `trainctl tune` "
-                        "wrote, or cluster.calibration=null") from None
+        raise UserError(f"cluster.calibration={path}: cannot be read ({exc.strerror})\n{fix}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError; so are Infinity's overflows
+        raise UserError(f"cluster.calibration={path}: not JSON ({exc})\n{fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"cluster.calibration={path}: holds a {type(data).__name__}, not the object trainctl "
+                        f"writes\n{fix}")
+    low, high = RATIO_RANGE
     for key in ("step_time_ratio", "memory_ratio"):
         value = data.get(key)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            raise UserError(f"cluster.calibration={path}: {key}={value} must be a positive number or null\n"
-                            "  fix: rerun `trainctl tune` on the probes' run directory")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise UserError(f"cluster.calibration={path}: {key}={value} must be a number from {low} to {high} "
+                            "or null\n  fix: rerun `trainctl tune` on the probes' run directory")
     return data

@@ -391,11 +391,13 @@ class StageMemory:
     """Allocator overhead as a share of the tensors (estimate.allocator_fragmentation)."""
     fixed: float
     """CUDA context and NCCL buffers, bytes (estimate.cuda_context_gib + nccl_buffers_gib)."""
+    measured: float = 1.0
+    """Measured/predicted tensor bytes from cluster.calibration (launch/estimate/calibration.py)."""
 
     @property
     def peak(self) -> float:
-        """Tensors plus allocator fragmentation, plus the CUDA context and NCCL buffers."""
-        return (self.states.total + self.activations) * (1 + self.fragmentation) + self.fixed
+        """Tensors (as calibrated) plus allocator fragmentation, plus the CUDA context and NCCL buffers."""
+        return (self.states.total + self.activations) * self.measured * (1 + self.fragmentation) + self.fixed
 
     def breakdown_gib(self) -> dict[str, float]:
         """GiB by kind (the parts of plan.png's bars); ``overhead`` is fragmentation plus the fixed buffers."""
@@ -409,9 +411,10 @@ def stage_memory(cfg: Config, d: Derived) -> list[StageMemory]:
     """Memory per GPU on each pipeline stage, first to last."""
     e = cfg.estimate
     fixed = (e.cuda_context_gib + e.nccl_buffers_gib) * GIB
+    measured = memory_ratio(cfg)  # 1.0 unless cluster.calibration says otherwise
     return [
         StageMemory(stage_state_bytes(cfg, d, params), stage_activation_bytes(cfg, d, i),
-                    e.allocator_fragmentation, fixed)
+                    e.allocator_fragmentation, fixed, measured)
         for i, params in enumerate(stage_params(cfg, d))
     ]
 
@@ -421,14 +424,13 @@ def memory_estimate(cfg: Config, d: Derived) -> tuple[dict, list[float]]:
     stages = stage_memory(cfg, d)
     worst = max(stages, key=lambda s: s.peak)
     hbm = cfg.cluster.gpu.hbm_gib
-    measured = memory_ratio(cfg)  # 1.0 unless cluster.calibration says otherwise
     block = {
-        "per_gpu_peak": worst.peak * measured / GIB,
+        "per_gpu_peak": worst.peak / GIB,
         "weights": worst.states.weights / GIB,
         "grads": worst.states.grads / GIB,
         "optimizer": worst.states.optimizer / GIB,
         "activations": worst.activations / GIB,
         "hbm": hbm,
-        "fits": worst.peak * measured / GIB <= hbm,
+        "fits": worst.peak / GIB <= hbm,
     }
-    return block, [s.peak * measured / GIB for s in stages]
+    return block, [s.peak / GIB for s in stages]

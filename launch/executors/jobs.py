@@ -11,12 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from launch.errors import UserError
+from launch.rundir import write_file
 
 JOB_RECORD = "job.json"
 SWEEP_RECORD = "sweep.json"
@@ -33,11 +32,7 @@ def read(path: Path) -> dict | None:
 
 
 def write(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_file(path, json.dumps(data, indent=2) + "\n")
 
 
 def record_submission(run_dir: Path, job_id: str, script: Path, *, scheduler: str = "slurm",

@@ -66,6 +66,9 @@ class StepLoop:
                 return 0
         if self.data.valid is not None and eval_every:
             self.evaluate()
+        if not self.cfg.train.save_final:
+            r.event(f"done: {self.step} steps; nothing saved (train.save_final=false)")
+            return 0
         if saved_at != self.step:
             self.save()
         r.event(f"done: {self.step} steps; {self.finish()}")
