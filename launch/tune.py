@@ -286,8 +286,7 @@ def why_best(cfg: Config, best: Candidate, other: Candidate) -> list[str]:
     gap = other.step_s - best.step_s
     if gap <= 1e-9 * other.step_s:
         lines = ["the same predicted step time as the runner-up, which differs in " + ", ".join(differ)
-                 + "; ranked first for " + ("less memory" if best.memory["per_gpu_peak"] < other.memory["per_gpu_peak"]
-                                             else "the smaller model-parallel group or fewer chunks")]
+                 + "; ranked first for " + _tiebreak(best, other)]
     else:
         lines = [f"{gap:.3g} s/step ({100 * gap / other.step_s:.1f}%) faster than the runner-up, which differs in "
                  + ", ".join(differ)]
@@ -324,6 +323,15 @@ def roomier(s: Search) -> Candidate | None:
     lightest = min(near, key=lambda c: c.memory["per_gpu_peak"])
     saved = best.memory["per_gpu_peak"] - lightest.memory["per_gpu_peak"]
     return lightest if saved >= 0.1 * best.memory["hbm"] else None
+
+
+def _tiebreak(best: Candidate, other: Candidate) -> str:
+    """Which part of ``Candidate.sort_key`` after the step time put ``best`` first."""
+    reasons = ("less memory", "a smaller model-parallel group", "fewer virtual stages", "a smaller micro batch")
+    for reason, a, b in zip(reasons, best.sort_key()[1:], other.sort_key()[1:]):
+        if a != b:
+            return reason
+    return "the search's order (nothing the estimate sees tells them apart)"
 
 
 # ---- records ----------------------------------------------------------------------------------

@@ -350,3 +350,13 @@ def test_probes_of_another_search_are_refused(tmp_path: Path):
     (probe_dir(tmp_path) / RECORD).write_text('{"probes": [')
     with pytest.raises(UserError, match="not a probe record"):
         collect(tmp_path, cfg)
+
+
+def test_a_tie_says_what_broke_it():
+    """tiny_local: ZeRO-1 and ZeRO-2 take the same predicted time; ZeRO-2 shards the gradients too."""
+    from launch.tune import why_best
+
+    found = search(compose_config(["recipe=tiny_local"]))
+    best, second = found.ranked[:2]
+    assert best.step_s == second.step_s
+    assert why_best(found.cfg, best, second)[0].endswith("ranked first for less memory")
