@@ -38,8 +38,7 @@ def main() -> None:
         start = time.perf_counter()
         found = search(cfg)
         times.append(time.perf_counter() - start)
-    world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    print(f"{' '.join(overrides)}: {world:,} GPUs, {len(found.ranked) + len(found.rejected):,} layouts, "
+    print(f"{' '.join(overrides)}: {found.current.derived.world_size:,} GPUs, {len(found.ranked) + len(found.rejected):,} layouts, "
           f"{len(found.ranked):,} fit")
     print(f"  search, in-process (median of {args.runs})  {statistics.median(times):6.2f} s")
 

@@ -91,11 +91,12 @@ def uncalibrated(cfg, cand) -> dict:
     first pipeline stage, what rank 0's ``torch.cuda.max_memory_allocated`` measures."""
     import dataclasses
 
-    from launch.estimate.calibration import step_time_ratio
     from launch.estimate.memory import GIB, stage_memory
+    from launch.estimate.perf import step_terms
 
-    first = stage_memory(dataclasses.replace(cfg, parallel=cand.parallel), cand.derived)[0]
-    return {"step_time_s": cand.step_s / step_time_ratio(cfg),
+    variant = dataclasses.replace(cfg, parallel=cand.parallel)
+    first = stage_memory(variant, cand.derived)[0]  # states and activations before any calibration
+    return {"step_time_s": step_terms(variant, cand.derived).step_s,  # the model's, before cluster.calibration
             "first_stage_tensors_gib": (first.states.total + first.activations) / GIB,
             "per_gpu_peak_gib": cand.memory["per_gpu_peak"]}
 

@@ -102,13 +102,11 @@ def _powers_of_two(limit: int) -> list[int]:
     return out
 
 
-def layouts(cfg: Config) -> Iterator[ParallelConfig]:
-    """Every layout ``tune`` considers for ``cfg``'s model, cluster and batch (module docstring, step 1).
-
-    Only the structure is enumerated here; whether a layout is legal is the validator's call.
+def layouts(cfg: Config, world: int) -> Iterator[ParallelConfig]:
+    """Every layout ``tune`` considers for ``cfg``'s model, cluster and batch on ``world`` GPUs (module
+    docstring, step 1). Only the structure is enumerated here; whether a layout is legal is the validator's call.
     """
     m, c, t, tune = cfg.model, cfg.cluster, cfg.train, cfg.tune
-    world = c.nodes * c.gpus_per_node
     megatron = cfg.backend.name == BackendName.megatron
     base = dataclasses.replace(cfg.parallel, sequence_parallel="auto", etp=None, vpp=1, ep=1,
                                **{k: None if k.startswith("num_") else False for k in SPLIT_KEYS})
@@ -200,11 +198,12 @@ class Search:
 
 def search(cfg: Config) -> Search:
     """Judge every layout of ``layouts(cfg)`` and rank those that fit (module docstring)."""
-    _check_searchable(cfg)
+    d = derive(cfg)
+    _check_searchable(cfg, d)
     start = time.perf_counter()
-    flops_per_step = flops_per_token(cfg) * cfg.train.global_batch_size * cfg.model.seq_length
+    flops_per_step = flops_per_token(cfg) * d.tokens_per_step  # as the plan's flops block counts it
     seen: dict[tuple, Candidate] = {}
-    for parallel in layouts(cfg):
+    for parallel in layouts(cfg, d.world_size):
         key = _identity(parallel)
         if key not in seen:
             seen[key] = judge(cfg, parallel, flops_per_step)
@@ -220,13 +219,13 @@ def _identity(parallel: ParallelConfig) -> tuple:
     return tuple(vars(parallel).values())
 
 
-def _check_searchable(cfg: Config) -> None:
+def _check_searchable(cfg: Config, d: Derived) -> None:
     """Refuse what no layout can mend: problems of the config itself, or a step time that ignores the layout."""
     if cfg.estimate.mfu is not None:
         raise UserError(f"estimate.mfu={cfg.estimate.mfu}: tune ranks layouts by the step-time model, and a "
                         "fixed MFU gives every layout the same step time\n  fix: remove estimate.mfu (or set "
                         "estimate.mfu=null)")
-    own = [p for p in validate(cfg, derive(cfg))
+    own = [p for p in validate(cfg, d)
            if not any(key.startswith(LAYOUT_PROBLEM_KEYS) for key in p.keys)]
     if own:
         raise UserError(["this config has problems no parallel layout can mend:"] + [str(p) for p in own])
@@ -290,11 +289,7 @@ def why_best(cfg: Config, best: Candidate, other: Candidate) -> list[str]:
     else:
         lines = [f"{gap:.3g} s/step ({100 * gap / other.step_s:.1f}%) faster than the runner-up, which differs in "
                  + ", ".join(differ)]
-    ratio = step_time_ratio(cfg)  # the calibration the ranking's step times include
-    parts_a = {k: v * ratio for k, v in step_parts(step_terms(dataclasses.replace(cfg, parallel=best.parallel),
-                                                               best.derived)).items()}
-    parts_b = {k: v * ratio for k, v in step_parts(step_terms(dataclasses.replace(cfg, parallel=other.parallel),
-                                                               other.derived)).items()}
+    parts_a, parts_b = _parts(cfg, best), _parts(cfg, other)
     deltas = sorted(TERMS, key=lambda t: -abs(parts_b[t] - parts_a[t]))
     for term in deltas[:3]:
         delta = parts_b[term] - parts_a[term]
@@ -305,6 +300,13 @@ def why_best(cfg: Config, best: Candidate, other: Candidate) -> list[str]:
     if abs(mem) >= 0.1:
         lines.append(f"memory: {best.memory['per_gpu_peak']:.1f} vs {other.memory['per_gpu_peak']:.1f} GiB per GPU")
     return lines
+
+
+def _parts(cfg: Config, c: Candidate) -> dict[str, float]:
+    """``step_parts`` of a candidate, scaled by the calibration its ranked step time includes."""
+    ratio = step_time_ratio(cfg)
+    terms = step_terms(dataclasses.replace(cfg, parallel=c.parallel), c.derived)
+    return {k: v * ratio for k, v in step_parts(terms).items()}
 
 
 NEAR_TIE = 0.02
@@ -352,7 +354,7 @@ def tune_record(s: Search) -> dict:
     cfg, backend = s.cfg, s.cfg.backend.name
     ranks = {id(c): i + 1 for i, c in enumerate(s.ranked)}
     return {
-        "model": cfg.model.name, "backend": backend.name, "world_size": cfg.cluster.nodes * cfg.cluster.gpus_per_node,
+        "model": cfg.model.name, "backend": backend.name, "world_size": s.current.derived.world_size,
         "nodes": cfg.cluster.nodes, "gpus_per_node": cfg.cluster.gpus_per_node, "gpu": cfg.cluster.gpu.name,
         "seq_length": cfg.model.seq_length, "global_batch_size": cfg.train.global_batch_size,
         "searched": len(s.ranked) + len(s.rejected), "fit": len(s.ranked), "seconds": s.seconds,

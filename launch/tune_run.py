@@ -18,6 +18,7 @@ import re
 import shlex
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
@@ -200,8 +201,6 @@ def _nothing_fits(found: Search) -> list[str]:
 
 def layout_yaml(found: Search, name: str) -> str:
     """The best layout as a complete parallel/ option: every key, so nothing comes from another option."""
-    from dataclasses import fields
-
     cfg, best = found.cfg, found.ranked[0]
     t, c = best.throughput, cfg.cluster
     lines = [f"# {name}: found by `trainctl tune` on {dt.date.today().isoformat()} for {cfg.model.name} on "
@@ -210,18 +209,7 @@ def layout_yaml(found: Search, name: str) -> str:
              f"Predicted: {best.memory['per_gpu_peak']:.1f} GiB per GPU,",
              f"# {t['step_time_s']:.3g} s/step, {t['tflops_per_gpu']:.0f} TFLOP/s/GPU, MFU {100 * t['mfu']:.1f}% "
              "(tune.json beside conf/ has the runners-up)."]
-    for f in fields(best.parallel):
-        value = getattr(best.parallel, f.name)
-        lines.append(f"{f.name}: {_yaml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _yaml_value(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return getattr(value, "name", None) or str(value)
+    return "\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.structured(best.parallel))
 
 
 def _write_files(run_dir: Path, files: dict[str, str]) -> None:

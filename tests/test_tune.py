@@ -267,8 +267,8 @@ def test_the_use_it_line_of_a_sweep_point_names_that_points_values(workdir: Path
     out = run_trainctl("tune", "-m", "recipe=tiny_local", "train.global_batch_size=8,16", cwd=workdir)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("use it:")]
-    assert len(lines) == 2 and "8,16" not in out.stdout.replace("global_batch_size=8,16", "")
-    assert [("train.global_batch_size=8" in lines[0]), ("train.global_batch_size=16" in lines[1])] == [True, True]
+    assert [[w for w in line.split() if w.startswith("train.global_batch_size")] for line in lines] == [
+        ["train.global_batch_size=8"], ["train.global_batch_size=16"]]  # the point's value, not the sweep's "8,16"
 
 
 def test_a_layout_outside_the_searched_set_is_placed_among_the_ranked(workdir: Path):
@@ -345,7 +345,7 @@ def test_probes_of_another_search_are_refused(tmp_path: Path):
     probe_dir(tmp_path).mkdir()
     record = {"searched": {**searched(cfg), "nodes": 16}, "probes": []}
     (probe_dir(tmp_path) / RECORD).write_text(json.dumps(record))
-    with pytest.raises(UserError, match="cluster.nodes|nodes 16 then, 8 now"):
+    with pytest.raises(UserError, match="nodes 16 then, 8 now"):
         collect(tmp_path, cfg)
     (probe_dir(tmp_path) / RECORD).write_text('{"probes": [')
     with pytest.raises(UserError, match="not a probe record"):
