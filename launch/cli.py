@@ -272,9 +272,12 @@ def _one_composition(args: list[str]):
     """
     from hydra._internal.hydra import Hydra
 
+    from launch.compat import HYDRA_MODE_PROBE, require
+
     if any(a.startswith("hydra.mode=") for a in args):
         yield
         return
+    require(HYDRA_MODE_PROBE)  # a private Hydra method: checked, with the versions it was tested on
     probe = Hydra.get_mode
     Hydra.get_mode = lambda self, config_name, overrides: None
     try:

@@ -67,6 +67,7 @@ def _remove_if(fresh: bool, directory: Path) -> None:
 
 def run_files(plan, run_dir: Path, command: list[str], overrides: list[str],
               with_job_script: bool) -> dict[str, str | bytes]:
+    from launch.run_record import plan_json
     from launch.rundir import dump_json, meta
 
     files: dict[str, str | bytes] = {
@@ -76,7 +77,7 @@ def run_files(plan, run_dir: Path, command: list[str], overrides: list[str],
     }
     if with_job_script:
         files.update(launch_files(plan, run_dir))
-    files["plan.json"] = dump_json(plan.numbers)
+    files["plan.json"] = plan_json(plan.numbers)
     return files
 
 

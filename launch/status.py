@@ -16,6 +16,7 @@ from pathlib import Path
 
 from launch.errors import UserError
 from launch.executors import jobs, local
+from launch.run_record import PLAN, read_config, read_plan
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def status_main(args: list[str]) -> int:
     for row in rows:
         s = states.get(row.job_id or "")
         step, loss = last_metrics(row.run_dir)
+        total = planned_steps(row.run_dir)
         state = describe(s) if s else "not submitted"
         if row.pipeline and s:
             if row.pipeline in doomed and s.state == "PENDING":
@@ -80,7 +82,7 @@ def status_main(args: list[str]) -> int:
                 doomed.add(row.pipeline)
         cells = [row.label, row.job_id or "-", state, s.elapsed if s else "",
                  str(s.restarts) if s else "", str(crashes(row.run_dir, row.job_id)),
-                 "" if step is None else str(step), "" if loss is None else f"{loss:.4g}", last_log_line(row.run_dir)]
+                 "" if step is None else f"{step}/{total}" if total else str(step), "" if loss is None else f"{loss:.4g}", last_log_line(row.run_dir)]
         table.add_row(*map(escape, cells))  # a run directory may contain [brackets]
     Console(width=200).print(table)
     return 0
@@ -127,6 +129,18 @@ def describe(state) -> str:
     if state.state in FAILED and state.exit_code:
         return f"{state.state} (exit {state.exit_code})"
     return state.state
+
+
+def planned_steps(run_dir: Path) -> int | None:
+    """The run's planned steps, or None where nothing was planned (a prepare job's directory).
+
+    Its records are read through ``launch.run_record``, so a damaged ``config.yaml`` or ``plan.json``
+    is reported here, before the job that would read it is requeued.
+    """
+    if not (run_dir / PLAN).exists():
+        return None
+    read_config(run_dir)
+    return read_plan(run_dir).run.steps
 
 
 def last_metrics(run_dir: Path) -> tuple[int | None, float | None]:

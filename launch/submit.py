@@ -14,6 +14,7 @@ from pathlib import Path
 
 from launch.config.schema import Config, Scheduler
 from launch.errors import UserError
+from launch.train.checkpoint import resume_problem
 
 TRAINING_BUILT: set[tuple[str, str]] = {("deepspeed", "pretrain"), ("megatron", "pretrain"),
                                          ("deepspeed", "sft"), ("megatron", "sft")}
@@ -32,6 +33,10 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
         raise UserError(f"stage={stage}, backend={backend}: training for this stage on this backend is not built "
                         "yet, so a job would start and fail\n  fix: `trainctl plan`/`render` work for it; to check "
                         "an allocation instead, submit with train.rank_check_s=60")
+    if cfg.train.rank_check_s <= 0:
+        refusal = resume_problem(cfg, run_dir)
+        if refusal:
+            raise UserError(refusal)
 
 
 def submit_written(written: list, run_dir: Path, sweep_dir: Path | None) -> None:

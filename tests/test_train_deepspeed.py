@@ -110,13 +110,16 @@ def test_config_diff_names_keys_and_ignores_the_run_length():
 def test_resume_marks_the_records_of_lost_work(tmp_path):
     """A job killed at step 6 after a checkpoint at 4 logged steps 5-6 twice once resumed: the first copies
     stay in the file, marked, and the train curve has each step once."""
+    from launch.plan import plan_numbers
+    from launch.run_record import parse_plan
     from launch.train.metrics import Reporter
     from tests.conftest import typed
 
-    cfg, _ = typed("wandb.mode=disabled")
+    cfg, d = typed("wandb.mode=disabled")
+    plan = parse_plan(plan_numbers(cfg, d))
     lost = [{"kind": "train", "step": s, "loss": 9.0 - s} for s in range(1, 7)] + [{"kind": "eval", "step": 5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lost))
-    report = Reporter(tmp_path, cfg, {}, world=1, enabled=True)
+    report = Reporter(tmp_path, cfg, plan, world=1, enabled=True)
     assert report.rewind(4) == 3
     report.train_step(step=5, loss=3.5, lr=1e-3, grad_norm=1.0, steps=6, step_time_s=1.0, tokens=10,
                       consumed_samples=40)
@@ -226,6 +229,12 @@ def test_resume_with_a_changed_config_is_refused(trained):
     assert out.returncode == 2, out.stderr
     assert "refusing to resume" in out.stderr and "optim.lr: 0.001 -> 0.0005" in out.stderr
     assert "train.seed: 1234 -> 7" in out.stderr
+    # submit says so on the login node, before the job would wait in a queue, and writes nothing
+    before = (run_dir / "config.yaml").read_text()
+    out = run_trainctl("submit", "recipe=tiny_local", f"data.prepared_dir={prepared}", f"train.steps={STEPS}",
+                       "train.checkpoint_interval=4", "train.eval_interval=7", "optim.lr=1e-4", cwd=cwd)
+    assert out.returncode == 2 and "refusing to resume" in out.stderr and "optim.lr: 0.001 -> 0.0001" in out.stderr
+    assert (run_dir / "config.yaml").read_text() == before
 
 
 def test_batch_ramp_up_grows_the_batch_and_the_tags_reach_wandb(tmp_path, prepared):

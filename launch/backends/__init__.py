@@ -53,12 +53,18 @@ def artifacts(cfg: Config, d: Derived, *, run_dir: Path | str | None = None,
 
 def save_interval(cfg: Config, numbers: dict | None) -> int | None:
     """Iterations between checkpoints: train.checkpoint_interval, else the plan's Young/Daly interval in steps."""
-    if cfg.train.checkpoint_interval:
-        return cfg.train.checkpoint_interval
     if not numbers:
-        return None
-    minutes, step_s = numbers["run"]["checkpoint_interval_min"], numbers["throughput"]["step_time_s"]
-    return max(1, int(minutes * 60 // step_s)) if step_s > 0 else None
+        return cfg.train.checkpoint_interval or None
+    return checkpoint_steps(cfg.train.checkpoint_interval, numbers["run"]["checkpoint_interval_min"],
+                            numbers["throughput"]["step_time_s"])
+
+
+def checkpoint_steps(interval: int | None, interval_min: float, step_time_s: float) -> int | None:
+    """``interval`` when set, else ``interval_min`` minutes in whole steps (at least 1): the one rule
+    the translators and the trainers (``launch.run_record.PlanNumbers.save_interval``) share."""
+    if interval:
+        return interval
+    return max(1, int(interval_min * 60 // step_time_s)) if step_time_s > 0 else None
 
 
 def _json(data: dict) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.config.rampup import Rampup, schedule
+from launch.config.rampup import Rampup, micro_batches, schedule
 from launch.config.schema import Config, Precision
 
 
@@ -98,7 +98,7 @@ def derive(cfg: Config) -> Derived:
     sp = p.sequence_parallel
     # auto: on when tp > 1, except fp32 (CPU) runs, whose megatron-core norms cannot do it (backend_rules.py)
     sequence_parallel = (p.tp > 1 and t.precision != Precision.fp32) if sp == "auto" else bool(sp)
-    grad_accum = max(t.global_batch_size // max(p.micro_batch_size * dp, 1), 1)
+    grad_accum = micro_batches(t.global_batch_size, p.micro_batch_size, dp)
     tokens_per_step = t.global_batch_size * m.seq_length
     ramp = Rampup.of(t.rampup_batch_size)
     if t.tokens is not None:

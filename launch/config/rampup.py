@@ -40,6 +40,15 @@ class Rampup:
         return self.samples / self.increments(global_batch)
 
 
+def micro_batches(batch: int, micro_batch_size: int, dp: int) -> int:
+    """Micro-batches per step on each data-parallel replica for a global ``batch``: batch / (mbs x dp).
+
+    The one place this is computed: ``derive`` (the plan's grad_accum_steps) and both
+    trainers (every step of a ramp-up) call it.
+    """
+    return max(batch // max(micro_batch_size * dp, 1), 1)
+
+
 def batch_at(consumed: int, global_batch: int, ramp: Rampup | None) -> int:
     """The global batch of the step that starts after ``consumed`` samples."""
     if ramp is None or consumed > ramp.samples:

@@ -1,25 +1,29 @@
-"""Checkpoints: DeepSpeed's own, committed by a rename, found again through ``latest``.
+"""Checkpoints on disk: committed by a rename, found again through ``latest``, refused when they do not fit.
 
 Layout under ``train.checkpoint_dir`` (default ``RUN_DIR/checkpoints``)::
 
-    step_0000010/          DeepSpeed's files (model, optimizer, scheduler shards of every rank),
-                           rng_rank{R}.pt (each rank's RNG states), trainctl.json (step, consumed
-                           samples, the run's resolved config): trainctl.json marks it complete
+    step_0000010/          the engine's files (DeepSpeed's shards of every rank, or a Megatron-Core
+                           distributed checkpoint), rng_rank{R}.pt (each rank's RNG states),
+                           trainctl.json (step, consumed samples, layout, the run's resolved config,
+                           record version): trainctl.json marks it complete
     step_0000020/
     latest                 "step_0000020"
-    final/                 the consolidated Hugging Face model at the end of training
+    final/                 the end-of-run export (the next stage's stage.init_checkpoint)
 
-A save writes into ``.tmp_step_NNNNNNN`` (every rank its shards), then, after a
-barrier, rank 0 adds trainctl.json, renames the directory to ``step_NNNNNNN`` and
-replaces ``latest`` atomically (temporary file + ``os.replace``); it keeps the last
-``KEEP`` steps. A job killed during a save leaves only a ``.tmp_`` directory, which
-the next save of that step replaces; ``latest`` always names a complete step.
-``checkpoint_dir`` must be a file system every node sees (as RUN_DIR is on SLURM).
+The sequence (``launch.train.loop.Trainer.save``): every rank writes into
+``.tmp_step_NNNNNNN``, then, after a barrier, rank 0 adds trainctl.json, renames the
+directory to ``step_NNNNNNN`` and replaces ``latest`` atomically (temporary file +
+``os.replace``); it keeps the last ``KEEP`` steps. A job killed during a save leaves
+only a ``.tmp_`` directory, which the next save of that step replaces; ``latest``
+always names a complete step. ``checkpoint_dir`` must be a file system every node
+sees (as RUN_DIR is on SLURM).
 
 Resuming with a changed config is refused, naming the keys, except for the keys in
 ``RESUMABLE`` (the run's length, bookkeeping, where things are, how the job is
-scheduled) and the estimator's assumptions. ``latest`` is DeepSpeed's own file name
-and format too, so ``deepspeed``'s ``zero_to_fp32.py`` works on the directory.
+scheduled), the estimator's assumptions, and a backend's ``ALSO_RESUMABLE``. The
+trainer checks on the node, ``submit`` on the login node (``resume_problem``).
+``latest`` is DeepSpeed's own file name and format too, so ``deepspeed``'s
+``zero_to_fp32.py`` works on the directory.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from launch.config.schema import BackendName, Config
+from launch.errors import UserError
+from launch.run_record import RECORD_VERSION
+from launch.rundir import write_file
 
 KEEP = 3
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -50,6 +61,19 @@ optim, backend, train.global_batch_size/precision/seed) must match the checkpoin
 
 NOT_RESUMABLE = ("cluster.nodes", "cluster.gpus_per_node")
 """The world size: ZeRO shards are saved per data-parallel rank and reload only on the same number."""
+
+ALSO_RESUMABLE = {
+    BackendName.megatron: (
+        "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.ep", "parallel.etp",
+        "parallel.micro_batch_size", "parallel.sequence_parallel", "parallel.recompute", "parallel.zero_stage",
+        "parallel.offload_optimizer", "parallel.offload_params", "parallel.allow_tp_across_nodes",
+        "parallel.num_layers_in_first_pipeline_stage", "parallel.num_layers_in_last_pipeline_stage",
+        "parallel.account_for_embedding_in_pipeline_split", "parallel.account_for_loss_in_pipeline_split",
+        "cluster.nodes", "cluster.gpus_per_node",
+    ),
+}
+"""Keys a backend's resume may change besides ``RESUMABLE``. Megatron-Core's distributed checkpoints
+reshard across tp/pp/vpp/dp (and so the world size), and the data order is global: the layout may change."""
 
 
 def step_name(step: int) -> str:
@@ -100,26 +124,21 @@ def config_diff(saved: dict, current: dict, also_resumable: tuple[str, ...] = ()
     return out
 
 
-def load_config(run_dir: Path):
-    """(typed config, plain dict) of RUN_DIR/config.yaml: what both trainers start from."""
-    from omegaconf import OmegaConf
-
-    from launch.config.schema import Config
-
-    raw = OmegaConf.load(run_dir / "config.yaml")
-    typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
-    return typed, OmegaConf.to_container(raw, resolve=True)
-
-
 def checkpoint_dir(cfg, run_dir: Path) -> Path:
     """train.checkpoint_dir, or RUN_DIR/checkpoints."""
     return Path(cfg.train.checkpoint_dir).expanduser().absolute() if cfg.train.checkpoint_dir \
         else run_dir / "checkpoints"
 
 
-def resume_refusal(step_dir: Path, raw: dict, also_resumable: tuple[str, ...] = ()) -> str | None:
-    """Why this run may not resume from ``step_dir`` (its config differs), or None."""
-    diff = config_diff(read_marker(step_dir).get("config", {}), raw, also_resumable)
+def resume_refusal(step_dir: Path, raw: dict, backend: BackendName) -> str | None:
+    """Why this run may not resume from ``step_dir`` (a newer record, or its config differs), or None."""
+    marker = read_marker(step_dir)
+    version = marker.get("record_version", 0)
+    if not isinstance(version, int) or version > RECORD_VERSION:
+        return (f"refusing to resume from {step_dir}: it was saved by a newer trainctl (record version "
+                f"{version}; this one reads up to {RECORD_VERSION})\n  fix: resume with the trainctl that saved it")
+    also_resumable = ALSO_RESUMABLE.get(backend, ())
+    diff = config_diff(marker.get("config", {}), raw, also_resumable)
     if not diff:
         return None
     layout = ", the parallel layout" if also_resumable else ""
@@ -127,6 +146,18 @@ def resume_refusal(step_dir: Path, raw: dict, also_resumable: tuple[str, ...] = 
             "key(s):\n  " + "\n  ".join(diff) +
             f"\nonly the run's length (train.steps, train.tokens), intervals, paths, scheduling{layout} and "
             "logging may change on resume; start a new run (another name or train.checkpoint_dir) to change the rest")
+
+
+def resume_problem(cfg: Config, run_dir: Path) -> str | None:
+    """``submit``'s check, on the login node: why the job would refuse to resume this run's checkpoint, or None.
+
+    The job makes the same check (``launch.train.preflight``), but only after its wait in the queue.
+    """
+    step_dir = find_resume(checkpoint_dir(cfg, run_dir))
+    if step_dir is None:
+        return None
+    raw = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    return resume_refusal(step_dir, raw, cfg.backend.name)
 
 
 def is_complete(path: Path) -> bool:
@@ -146,7 +177,21 @@ def find_resume(checkpoint_dir: Path) -> Path | None:
 
 
 def read_marker(step_dir: Path) -> dict:
-    return json.loads((step_dir / MARKER).read_text())
+    """A step directory's ``trainctl.json``; ``UserError`` naming it when it is damaged."""
+    try:
+        marker = json.loads((step_dir / MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{step_dir / MARKER}: unreadable ({exc})\n  fix: move {step_dir} aside to resume "
+                        "from the checkpoint before it") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        raise UserError(f"{step_dir / MARKER}: no step number in it\n  fix: move {step_dir} aside to resume "
+                        "from the checkpoint before it")
+    return marker
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A marker written whole through a new file (never in place: ``final``'s files may be hard links)."""
+    write_file(path, json.dumps(data, indent=2) + "\n")
 
 
 def commit(checkpoint_dir: Path, tmp_tag: str, step: int, marker: dict, keep: int = KEEP) -> Path:

@@ -1,55 +1,86 @@
-"""The step loop both trainers share: batch ramp-up, logging windows, validation, checkpoints, stop signals.
+"""The trainer skeleton: one loop, one checkpoint sequence, one export sequence, for every engine.
 
-A trainer (``deepspeed_trainer.Trainer``, ``megatron_trainer.Trainer``) subclasses
-``StepLoop`` and supplies the backend's parts as methods:
+``Trainer`` owns what every training run does the same way; the engine behind
+``launch.train.module.TrainModule`` owns only its model, optimizer and step.
 
-- ``start_message()``: the line printed when the run starts or resumes;
-- ``set_batch(batch)``: a batch ramp-up changed the global batch (``launch/config/rampup.py``);
-- ``train_step() -> (window_item, lr, grad_norm)``: one optimizer step;
-- ``window_loss(items) -> float``: the mean loss over a logging window, agreed by all ranks;
-- ``evaluate()``, ``save()``, and ``finish() -> str`` (the end-of-run export; its message).
+- **The loop**: batch ramp-up (``launch.config.rampup``), one optimizer step per
+  iteration, a logging window of ``train.log_interval`` steps (the mean loss and
+  the step time over it), validation every ``train.eval_interval`` steps over
+  ``train.eval_iters`` full global batches (the same ones each time, so the numbers
+  compare), a checkpoint every ``save_every`` steps (``train.checkpoint_interval``,
+  else the plan's Young/Daly interval).
+- **Stop signals**: after every step all ranks agree (``launch.train.stop``); on
+  SIGUSR1/SIGTERM they save a checkpoint (unless this step just saved one) and
+  return 0; the sbatch script requeues the job, which resumes from ``latest``.
+- **Checkpoints** (``launch.train.checkpoint``): every rank writes its shards and
+  its RNG states into ``.tmp_step_NNNNNNN``; after a barrier rank 0 writes the
+  marker and commits (rename, ``latest``, retention). Resume reads the marker,
+  lets the module load its state, restores the data position, and the RNG states
+  when the layout is the one they were saved with.
+- **Export**: the module writes the end-of-run model into ``.tmp_final``; rank 0
+  adds a marker and renames it to ``final`` (the next stage's ``stage.init_checkpoint``).
 
-and the state the loop reads and advances: ``cfg``, ``report``, ``step``, ``steps``,
-``consumed``, ``gbs`` (this step's global batch), ``full_gbs``, ``ramp``, ``seq``,
-``save_every``, ``data``; ``stop_group`` is the process group the stop flag is agreed on.
-
-After every step all ranks agree on stop signals (``launch.train.stop``): on
-SIGUSR1/SIGTERM they save a checkpoint (unless this step just saved one) and exit 0;
-the sbatch script requeues the job, which resumes from ``latest``.
+Data order is a pure function of the consumed samples (``launch.train.data``), so
+resuming needs only that count.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from pathlib import Path
 
-from launch.config.rampup import batch_at
+import torch
+import torch.distributed as dist
+
+from launch.config.rampup import Rampup, batch_at, micro_batches
+from launch.run_record import RECORD_VERSION, PlanNumbers, RunConfig
+from launch.train import checkpoint as ckpt
 from launch.train import stop
+from launch.train.data import build_datasets, micro_batch
+from launch.train.metrics import Reporter
+from launch.train.module import TrainModule
 
 
-class StepLoop:
-    stop_group = None
+class Trainer:
+    def __init__(self, run_dir: Path, record: RunConfig, plan: PlanNumbers, module: TrainModule):
+        cfg = record.cfg
+        self.run_dir, self.cfg, self.raw, self.module = run_dir, cfg, record.raw, module
+        self.ckpt_dir = ckpt.checkpoint_dir(cfg, run_dir)
+        self.steps = record.derived.steps
+        self.save_every = plan.save_interval(cfg.train.checkpoint_interval) or 0
+        self.full_gbs = self.gbs = cfg.train.global_batch_size  # gbs: this step's, smaller during a ramp-up
+        self.ramp = Rampup.of(cfg.train.rampup_batch_size)
+        self.seq = cfg.model.seq_length
+        self.report = Reporter(run_dir, cfg, plan, world=module.world, enabled=module.rank == 0)
+        self.data = build_datasets(cfg, train_samples=record.derived.samples,
+                                   valid_samples=cfg.train.eval_iters * self.full_gbs,
+                                   cache_dir=run_dir / "data_cache")
+        self.step, self.consumed = 0, 0
+
+    # --- the loop ------------------------------------------------------------------------------
 
     def train(self) -> int:
-        r = self.report
-        r.event(self.start_message() + (
-            f"; batch ramp-up {self.ramp.start} + {self.ramp.increment} over {self.ramp.samples} samples"
-            if self.ramp else ""))
+        m, r = self.module, self.report
+        r.event(self._start_message())
         window_time, window_steps, window = 0.0, 0, []
-        log_every = max(1, int(self.cfg.train.log_interval))
-        eval_every = int(self.cfg.train.eval_interval or 0)
+        log_every = max(1, self.cfg.train.log_interval)
+        eval_every = self.cfg.train.eval_interval or 0
         saved_at = self.step if self.step else None
         while self.step < self.steps:
             t0 = time.perf_counter()
-            self.set_batch(batch_at(self.consumed, self.full_gbs, self.ramp))
-            item, lr, grad_norm = self.train_step()
-            stopping = stop.agree(self.stop_group)  # every rank, every step: timed with the step, part of its cost
+            self._set_batch(batch_at(self.consumed, self.full_gbs, self.ramp))
+            item, lr, grad_norm = m.train_step(self.step, self._batches(self.data.train, self.consumed,
+                                                                        m.micro_batches))
+            stopping = stop.agree(m.stop_group)  # every rank, every step: timed with the step, part of its cost
             window_time += time.perf_counter() - t0
             window_steps += 1
             window.append(item)
             self.step += 1
             self.consumed += self.gbs
             if self.step % log_every == 0 or self.step == self.steps:
-                r.train_step(step=self.step, loss=self.window_loss(window), lr=lr, grad_norm=grad_norm,
+                r.train_step(step=self.step, loss=m.mean_loss(window), lr=lr, grad_norm=grad_norm,
                              steps=self.steps, step_time_s=window_time / window_steps, tokens=self.gbs * self.seq,
                              consumed_samples=self.consumed, global_batch_size=self.gbs)
                 window_time, window_steps, window = 0.0, 0, []
@@ -71,5 +102,103 @@ class StepLoop:
             return 0
         if saved_at != self.step:
             self.save()
-        r.event(f"done: {self.step} steps; {self.finish()}")
+        final = self.export()
+        r.event(f"done: {self.step} steps; final checkpoint {self.ckpt_dir / ckpt.step_name(self.step)}, "
+                f"{m.export_kind} {final} (the next stage's stage.init_checkpoint)")
         return 0
+
+    def _start_message(self) -> str:
+        kind = "resuming" if self.step else "starting"
+        m = self.module
+        ramp = (f"; batch ramp-up {self.ramp.start} + {self.ramp.increment} over {self.ramp.samples} samples"
+                if self.ramp else "")
+        return (f"{kind} {self.cfg.name} at step {self.step}/{self.steps}: {m.n_params / 1e6:.2f}M parameters, "
+                f"{m.describe()}; micro {m.mbs} x {m.micro_batches} micro-batches x dp {m.dp} = {self.gbs} "
+                f"sequences of {self.seq} tokens; checkpoint every {self.save_every or 'never'} step(s) to "
+                f"{self.ckpt_dir}{ramp}")
+
+    def _set_batch(self, batch: int) -> None:
+        if batch != self.gbs or self.module.micro_batches != micro_batches(batch, self.module.mbs, self.module.dp):
+            self.gbs = batch
+            self.module.set_batch(micro_batches(batch, self.module.mbs, self.module.dp))
+
+    def _batches(self, dataset, first_sample: int, count: int) -> list:
+        """This data-parallel rank's ``count`` micro-batches of the global batch starting at ``first_sample``."""
+        m = self.module
+        return [tuple(t.to(m.device) for t in micro_batch(
+            dataset, first_sample=first_sample, micro=i, micro_batch_size=m.mbs, dp_rank=m.dp_rank, dp=m.dp))
+            for i in range(count)]
+
+    def evaluate(self) -> None:
+        """Validation over ``train.eval_iters`` full global batches (the same ones each time: the numbers compare)."""
+        m = self.module
+        full = micro_batches(self.full_gbs, m.mbs, m.dp)
+        with m.evaluating():
+            items = [m.eval_step(self._batches(self.data.valid, it * self.full_gbs, full))
+                     for it in range(self.cfg.train.eval_iters)]
+        self.report.eval(step=self.step, loss=m.mean_loss(items), iters=self.cfg.train.eval_iters)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        m = self.module
+        tmp = self.ckpt_dir / f".tmp_{ckpt.step_name(self.step)}"
+        if m.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that a kill interrupted
+            tmp.mkdir()
+        dist.barrier()
+        t0 = time.perf_counter()
+        m.save_shards(tmp, {"step": self.step, "consumed_samples": self.consumed})
+        torch.save(ckpt.rng_state(), tmp / f"rng_rank{m.rank}.pt")
+        dist.barrier()
+        final = self.ckpt_dir / ckpt.step_name(self.step)
+        if m.rank == 0:
+            ckpt.commit(self.ckpt_dir, tmp.name, self.step, {
+                "step": self.step, "consumed_samples": self.consumed, "world_size": m.world,
+                "layout": m.layout(), "config": self.raw, "record_version": RECORD_VERSION, "time": time.time()})
+            self.report.event(f"checkpoint {final} ({time.perf_counter() - t0:.1f} s)")
+        dist.barrier()
+        return final
+
+    def resume(self, step_dir: Path) -> None:
+        """Continue from ``step_dir``: the module's state, the data position, the RNG states if the layout holds."""
+        m = self.module
+        marker = ckpt.read_marker(step_dir)
+        step = int(marker["step"])
+        m.load(step_dir, marker, step)
+        self.step, self.consumed = step, int(marker["consumed_samples"])
+        saved_layout = marker.get("layout") or {"world": marker.get("world_size")}
+        rng = step_dir / f"rng_rank{m.rank}.pt"
+        if saved_layout == m.layout() and rng.is_file():  # rank r is the same rank only then
+            ckpt.set_rng_state(torch.load(rng, weights_only=False))
+        self.report.event(f"resumed from {step_dir}: step {self.step}, {self.consumed} samples consumed "
+                          f"(saved with layout {saved_layout})")
+        self.report.rewind(self.step)
+
+    def init_from(self, path: Path) -> None:
+        """``stage.init_checkpoint``'s weights, for an engine that loads them after building."""
+        if self.module.init_from(path):
+            self.report.event(f"initialised from {path} (weights only)")
+
+    def export(self) -> Path:
+        """``{checkpoint_dir}/final``: the module's export, marked and renamed into place by rank 0."""
+        m = self.module
+        final, tmp = self.ckpt_dir / "final", self.ckpt_dir / ".tmp_final"
+        if m.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        m.export(tmp, self.ckpt_dir / ckpt.step_name(self.step))
+        dist.barrier()
+        if m.rank == 0:
+            ckpt.write_json(tmp / ckpt.MARKER, {"step": self.step, "config": self.raw,
+                                                "record_version": RECORD_VERSION, "time": time.time()})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        dist.barrier()
+        return final
+
+    def close(self) -> None:
+        self.report.close()
+        self.module.close()

@@ -29,6 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from launch.run_record import read_overrides
+
 GIB = 1024 ** 3
 
 
@@ -49,34 +53,30 @@ def wandb_name_and_tags(cfg, run_dir: Path) -> tuple[str, list[str]]:
         return str(getattr(value, "name", value))
 
     tags = [f"stage={plain(cfg.stage.kind)}", f"backend={plain(cfg.backend.name)}", *map(str, cfg.wandb.tags)]
-    overrides = run_dir / "overrides.yaml"
-    if overrides.is_file():
-        from omegaconf import OmegaConf
-
-        tags += [str(o) for o in OmegaConf.load(overrides) or [] if "=" in str(o)]
+    tags += [o for o in read_overrides(run_dir) if "=" in o]
     return name, [t[:64] for t in dict.fromkeys(tags)]  # wandb caps a tag at 64 characters
 
 
 class Reporter:
     """Rank 0's metrics: stdout, metrics.jsonl, wandb. Other ranks get a Reporter that does nothing."""
 
-    def __init__(self, run_dir: Path, cfg, plan: dict, *, world: int, enabled: bool):
+    def __init__(self, run_dir: Path, cfg, plan, *, world: int, enabled: bool):
+        """``plan``: the run's ``launch.run_record.PlanNumbers`` (the predictions logged beside the measurements)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.world = world
         self.plan = plan
-        flops = plan.get("flops", {})
-        self.flops_per_token = float(flops.get("per_token") or 0.0)
+        self.flops_per_token = plan.flops.per_token
         basis = getattr(cfg.estimate.mfu_basis, "name", str(cfg.estimate.mfu_basis))
         gpu = cfg.cluster.gpu
         self.peak_tflops = float(gpu.peak_fp8_tflops if basis == "fp8" else gpu.peak_bf16_tflops)
-        thr, mem = plan.get("throughput", {}), plan.get("memory_gib", {})
+        thr = plan.throughput
         self.predicted = {
-            "plan_step_time_s": thr.get("step_time_s"),
-            "plan_tokens_per_s_per_gpu": thr.get("tokens_per_s_per_gpu"),
-            "plan_tflops_per_gpu": thr.get("tflops_per_gpu"),
-            "plan_mfu": thr.get("mfu"),
-            "plan_peak_memory_gib": mem.get("per_gpu_peak"),
+            "plan_step_time_s": thr.step_time_s,
+            "plan_tokens_per_s_per_gpu": thr.tokens_per_s_per_gpu,
+            "plan_tflops_per_gpu": thr.tflops_per_gpu,
+            "plan_mfu": thr.mfu,
+            "plan_peak_memory_gib": plan.memory_gib.per_gpu_peak,
         }
         self.wandb = None
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
@@ -103,13 +103,11 @@ class Reporter:
         else:
             run_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
             id_file.write_text(run_id + "\n")
-        from omegaconf import OmegaConf
-
         name, tags = wandb_name_and_tags(cfg, self.run_dir)
         self.wandb = wandb.init(
             project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group or str(cfg.name),
             name=name, tags=tags, id=run_id, resume="allow", dir=str(self.run_dir),
-            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True),
         )
         self.wandb.define_metric("trainer/step")
         self.wandb.define_metric("train/*", step_metric="trainer/step")

@@ -19,6 +19,8 @@ num_query_groups -> num_key_value_heads, rotary_base -> rope_theta, ...).
 
 from __future__ import annotations
 
+from launch.train.preflight import init_checkpoint
+
 
 class ModelError(Exception):
     """The model preset cannot be expressed as a Hugging Face model."""
@@ -69,9 +71,8 @@ def build(cfg, ds_config: dict, *, eod: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    init = cfg.stage.init_checkpoint
-    kind = cfg.stage.kind.name if hasattr(cfg.stage.kind, "name") else str(cfg.stage.kind)
-    if init and not (kind == "pretrain" and cfg.stage.from_scratch):
+    init = init_checkpoint(cfg)
+    if init:
         model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True, dtype=torch.float32)
         model.config.use_cache = False
         return model
@@ -80,7 +81,10 @@ def build(cfg, ds_config: dict, *, eod: int | None = None):
     if not zero3:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     import deepspeed
+    import torch._dynamo  # noqa: F401 - see below
 
+    # transformers imports torch._dynamo lazily, on the first model built; inside zero.Init, which replaces
+    # torch.Tensor.__new__, that import fails (dynamo checks the signature of Tensor.__new__). So: before.
     with deepspeed.zero.Init(config_dict_or_path=ds_config):  # its dtype follows the config (bf16 or fp32)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_partitioned(model)

@@ -9,26 +9,28 @@ the rendezvous, the collective backend, the signal path of the sbatch script.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
-from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from launch.config.schema import Config
+from launch.run_record import PlanNumbers
 from launch.train import stop
+from launch.train.preflight import cpu_devices
 
 
-def rank_check(run_dir: Path, seconds: float) -> int:
-    import torch
-    import torch.distributed as dist
-
+def rank_check(cfg: Config, plan: PlanNumbers) -> int:
+    seconds = cfg.train.rank_check_s
     stop.install()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "gloo" if cpu_devices(cfg) else "nccl"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    expected = json.loads((run_dir / "plan.json").read_text())["world_size"]
+    expected = plan.world_size
     if world != expected:
         print(f"trainctl: rank check: world size {world} but the plan expects {expected}", flush=True)
         dist.destroy_process_group()

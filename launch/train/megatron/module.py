@@ -1,0 +1,188 @@
+"""The Megatron-Core engine behind the trainer skeleton (``launch.train.loop``): ``MegatronModule``.
+
+Reads ``megatron.yaml`` (one mapping of constructor arguments per megatron-core
+object, written by ``launch.backends.megatron``) beside the run record; builds
+the model (``build.py``), runs megatron-core's pipeline schedule for a step, and
+saves, loads and exports distributed checkpoints (``state.py``). The export is the
+last step's distributed checkpoint, hard-linked (the next stage's
+``stage.init_checkpoint``, weights only).
+
+On a CPU cluster profile (``cluster.gpu.name: cpu``) ``launch.train.cuda_on_cpu``
+redirects megatron-core's CUDA calls to the CPU (a test mode; real runs need GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launch.backends import megatron as mb
+from launch.errors import UserError
+from launch.run_record import PlanNumbers, RunConfig
+from launch.train.module import TrainModule
+from launch.train.preflight import cpu_devices
+
+
+class MegatronModule(TrainModule):
+    export_kind = "Megatron-Core distributed checkpoint"
+
+    def __init__(self, run_dir: Path, record: RunConfig, plan: PlanNumbers):
+        cuda = not cpu_devices(record.cfg)
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            from launch.train import cuda_on_cpu
+
+            cuda_on_cpu.install()
+        from launch.train.megatron import build, state  # after cuda_on_cpu: megatron-core reads torch.cuda
+
+        self._state = state
+        dist.init_process_group("nccl" if cuda else "gloo")
+        self.device = torch.device("cuda") if cuda else torch.device("cpu")
+        # Stop flags are CPU tensors: over gloo on GPU nodes too.
+        self.stop_group = dist.new_group(backend="gloo") if cuda else None
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+        self.doc = mb.load(run_dir / "megatron.yaml")
+        t = self.doc["training"]
+        self.mbs, self.seq = int(t["micro_batch_size"]), int(t["seq_length"])
+        self.micro_batches = int(t["num_microbatches"])
+        self.built = build.build(self.doc, self.device)
+        self.ps = build.ps
+        self.dp, self.dp_rank = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
+        self.last_stage_reporter = self.ps.is_pipeline_last_stage() and self.ps.get_tensor_model_parallel_rank() == 0
+        self.position_ids = torch.arange(self.seq, device=self.device).unsqueeze(0).expand(self.mbs, -1)
+        # Parameters counted once: every rank's local count over the tp x pp x ep ranks of one dp replica.
+        n = torch.tensor([self.built.n_params_local if self.dp_rank == 0 else 0], dtype=torch.float64,
+                         device=self.device)
+        dist.all_reduce(n)
+        self.n_params = int(n.item())
+
+    def describe(self) -> str:
+        mp = self.doc["model_parallel"]
+        return (f"{self.world} rank(s) = tp {mp['tensor_model_parallel_size']} x pp "
+                f"{mp['pipeline_model_parallel_size']} (vpp {self.built.vpp}) x cp {mp['context_parallel_size']} "
+                f"x dp {self.dp}")
+
+    def layout(self) -> dict:
+        mp = self.doc["model_parallel"]
+        return {"tp": mp["tensor_model_parallel_size"], "pp": mp["pipeline_model_parallel_size"],
+                "vpp": self.built.vpp, "dp": self.dp}
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _run_schedule(self, batches: list, forward_only: bool):
+        """One pass of the pipeline schedule over ``batches``; [loss sum, tokens] on the reporting ranks."""
+        chunks, vpp = self.built.chunks, self.built.vpp
+        iterators = [iter(batches) for _ in chunks] if vpp > 1 else iter(batches)
+        losses = self.built.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=iterators, model=chunks if vpp > 1 else chunks[0],
+            num_microbatches=len(batches), seq_length=self.seq, micro_batch_size=self.mbs,
+            decoder_seq_length=self.seq, forward_only=forward_only)
+        sums = torch.zeros(2, dtype=torch.float64)
+        if self.last_stage_reporter:
+            for item in losses:
+                sums += item["lm loss"].detach().to("cpu", torch.float64)
+        return sums
+
+    def _forward_step(self, data_iterator, model):
+        tokens, labels, mask = next(data_iterator)
+        output = model(tokens, self.position_ids, None, labels=labels)
+        return output, partial(_loss_func, mask)
+
+    def train_step(self, step: int, batches: list):
+        """One optimizer step: (loss sums of this rank, the step's learning rate, the global grad norm)."""
+        for chunk in self.built.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        optimizer = self.built.optimizer
+        optimizer.zero_grad()
+        sums = self._run_schedule(batches, forward_only=False)
+        self.built.scheduler.step(increment=1)
+        lr = optimizer.param_groups[0]["lr"]
+        ok, grad_norm, _ = optimizer.step()
+        if not ok:
+            raise RuntimeError(f"step {step + 1}: the optimizer skipped the update (non-finite gradients)")
+        return sums, lr, float(grad_norm) if grad_norm is not None else None
+
+    def eval_step(self, batches: list):
+        return self._run_schedule(batches, forward_only=True)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        with self._params_gathered(), torch.no_grad():
+            for chunk in self.built.chunks:
+                chunk.eval()
+            try:
+                yield
+            finally:
+                for chunk in self.built.chunks:
+                    chunk.train()
+
+    def mean_loss(self, items: list) -> float:
+        """Token-weighted mean loss over the items, from the last pipeline stage's tp-rank-0 ranks."""
+        total = torch.stack(items).sum(0).to(self.device)
+        dist.all_reduce(total)
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    @contextlib.contextmanager
+    def _params_gathered(self):
+        """With overlapped parameter all-gathers, finish them and pause the hooks (Megatron-LM's
+        ``disable_forward_pre_hook`` around evaluation and saving)."""
+        if not self.built.overlap_param_gather:
+            yield
+            return
+        for chunk in self.built.chunks:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.built.chunks:
+                chunk.enable_forward_pre_hook()
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_shards(self, directory: Path, client_state: dict) -> None:
+        with self._params_gathered():
+            self._state.save(self.built.chunks, self.built.optimizer, directory, client_state)
+
+    def load(self, step_dir: Path, marker: dict, step: int) -> None:
+        """Resume from ``step_dir``, saved with any layout if its optimizer is fully reshardable."""
+        sharding = self._state.saved_sharding(step_dir)
+        if sharding != self._state.OPTIMIZER_SHARDING and marker.get("layout") != self.layout():
+            raise UserError(f"{step_dir} saved its optimizer {sharding}, which loads only into the layout it was "
+                            f"saved with ({marker.get('layout')}); this run is {self.layout()}\n  fix: resume with "
+                            "that layout")
+        self._state.load(self.built.chunks, self.built.optimizer, step_dir, weights_only=False, sharding=sharding)
+        self.built.scheduler.step(increment=step)
+
+    def init_from(self, path: Path) -> bool:
+        """``stage.init_checkpoint``: the weights only (any layout)."""
+        sharding = self._state.saved_sharding(path)
+        self._state.load(self.built.chunks, self.built.optimizer, path, weights_only=True, sharding=sharding)
+        return True
+
+    def export(self, directory: Path, last_step: Path) -> None:
+        """The last step's distributed checkpoint, hard-linked (rank 0), out of reach of the retention of step_*."""
+        if self.rank == 0:
+            self._state.publish(last_step, directory)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            self.ps.destroy_model_parallel()
+            dist.destroy_process_group()
+
+
+def _loss_func(mask, output):
+    """Megatron's per-micro-batch loss: (sum over unmasked tokens, their count, what to report)."""
+    losses = output.float().reshape(-1)
+    weights = mask.reshape(-1).float()
+    loss = torch.sum(losses * weights)
+    tokens = weights.sum().detach().to(torch.int)
+    return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.float()])}

@@ -1,0 +1,96 @@
+"""The seam between the trainer skeleton and an engine: ``TrainModule``.
+
+The skeleton (``launch.train.loop.Trainer``) owns the loop, the data, the batch
+ramp-up, logging, validation cadence, stop signals, and the checkpoint and export
+*sequences* (temporary directory, barriers, RNG states, the commit marker,
+``latest``, resume). An engine owns its model, optimizer and step behind these
+methods and nothing else (OLMo-core's ``TrainModule``, STYLE.md 11):
+
+=======================  ==========================================================
+``describe()``           the layout, for the line printed when a run starts
+``set_batch(micro)``     a batch ramp-up changed the micro-batches per step
+``train_step(batches)``  one optimizer step over this rank's micro-batches
+``eval_step(batches)``   the loss over this rank's micro-batches, no update
+``evaluating()``         a context for evaluation (eval mode, no grad)
+``mean_loss(items)``     the mean over a window of steps and every rank
+``save_shards(dir, s)``  this rank's part of a checkpoint, into ``dir``
+``load(dir, marker)``    resume this module's state from a step directory
+``export(dir, step)``    the end-of-run model the next stage starts from
+=======================  ==========================================================
+
+A module is built in its constructor (process group, model, optimizer) from the
+run record; it sets ``rank``, ``world``, ``dp``, ``dp_rank``, ``device``, ``mbs``
+and ``micro_batches``. Nothing here imports torch: a module's own file does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+
+class TrainModule(ABC):
+    rank: int
+    world: int
+    dp: int
+    """Data-parallel replicas: the ranks that read different samples."""
+    dp_rank: int
+    device: object
+    mbs: int
+    """Sequences per micro-batch."""
+    micro_batches: int
+    """Micro-batches per step on each replica (smaller during a batch ramp-up)."""
+    n_params: int
+    stop_group = None
+    """The process group stop flags are agreed on (None: the default group)."""
+    export_kind = "model"
+    """What ``export`` writes, for the closing line ("Hugging Face model", ...)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The layout and engine settings, e.g. "2 rank(s), ZeRO 3"."""
+
+    def layout(self) -> dict:
+        """The parallel layout a checkpoint records; a resume onto another layout restores no RNG states."""
+        return {"world": self.world}
+
+    def set_batch(self, micro_batches: int) -> None:
+        """A batch ramp-up changed the micro-batches per step (the engine may need telling)."""
+        self.micro_batches = micro_batches
+
+    @abstractmethod
+    def train_step(self, step: int, batches: list) -> tuple[object, float, float | None]:
+        """Optimizer step ``step`` (0-based) over ``batches``: (a window item, its learning rate, the grad norm)."""
+
+    @abstractmethod
+    def eval_step(self, batches: list) -> object:
+        """The loss over ``batches`` as a window item (``mean_loss`` reduces a list of them)."""
+
+    def evaluating(self):
+        """A context in which ``eval_step`` runs (eval mode, no gradients)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def mean_loss(self, items: list) -> float:
+        """The mean loss over ``items`` (from ``train_step`` or ``eval_step``) and every rank."""
+
+    @abstractmethod
+    def save_shards(self, directory: Path, client_state: dict) -> None:
+        """Write this rank's part of a checkpoint into ``directory`` (exists; every rank calls this)."""
+
+    @abstractmethod
+    def load(self, step_dir: Path, marker: dict, step: int) -> None:
+        """Restore model and optimizer from ``step_dir`` (marker: its trainctl.json) to continue at ``step``."""
+
+    def init_from(self, path: Path) -> bool:
+        """Load only the weights of ``stage.init_checkpoint`` after building; False if the build did it."""
+        return False
+
+    @abstractmethod
+    def export(self, directory: Path, last_step: Path) -> None:
+        """Write the end-of-run model into ``directory`` (empty, created on rank 0; every rank calls this);
+        ``last_step`` is the committed step directory of the last step."""
+
+    def close(self) -> None:
+        """Leave the process group."""

@@ -1,0 +1,120 @@
+"""What a training job checks before it builds anything: the engine, the stage, the data, the devices, the resume.
+
+Everything here but ``device_problem`` runs without torch, so a job with a bad
+input stops in a second, with exit code 2 (a user error found on the node) or 3
+(not built), and one line saying what is wrong and how to fix it.
+
+``ENGINES`` names each backend's ``TrainModule`` and what differs between engines
+before training: what a ``stage.init_checkpoint`` must contain, which keys a
+resume may change besides ``launch.train.checkpoint.RESUMABLE``, and settings the
+engine cannot train yet.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from launch.config.schema import BackendName, Config
+from launch.errors import UserError
+from launch.run_record import RunConfig
+from launch.submit import TRAINING_BUILT
+from launch.train import checkpoint as ckpt
+from launch.train.data import MissingData, check_data
+
+EXIT_USER = 2
+"""A user error found on the node (missing data, a changed config on resume, a damaged record)."""
+EXIT_NOT_BUILT = 3
+"""The stage or setting has no trainer yet."""
+EXIT_NO_DEVICE = 4
+"""A GPU profile on a node where torch sees no GPU."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    module: str
+    """``module:Class`` of its ``TrainModule``."""
+    init_file: str
+    """The file a usable ``stage.init_checkpoint`` directory holds."""
+    init_kind: str
+    unsupported: Callable[[Config], str | None] = lambda cfg: None
+
+    def build(self, run_dir: Path, record: RunConfig, plan):
+        module, cls = self.module.split(":")
+        return getattr(importlib.import_module(module), cls)(run_dir, record, plan)
+
+
+def _deepspeed_unsupported(cfg: Config) -> str | None:
+    if cfg.parallel.cp > 1:
+        return (f"parallel.cp={cfg.parallel.cp}: Ulysses sequence parallelism is not wired into the DeepSpeed "
+                "trainer yet; use parallel.cp=1")
+    return None
+
+
+ENGINES = {
+    BackendName.deepspeed: Engine("launch.train.deepspeed_trainer:DeepSpeedModule", "config.json",
+                                  "Hugging Face model", unsupported=_deepspeed_unsupported),
+    BackendName.megatron: Engine("launch.train.megatron.module:MegatronModule", "metadata.json",
+                                 "Megatron-Core distributed checkpoint"),
+}
+
+
+def init_checkpoint(cfg: Config) -> str | None:
+    """The checkpoint whose weights start this run (``stage.init_checkpoint``), or None (from scratch)."""
+    if cfg.stage.from_scratch:
+        return None
+    return cfg.stage.init_checkpoint or None
+
+
+def preflight(run_dir: Path, record: RunConfig, engine: Engine) -> tuple[str | None, int, Path | None]:
+    """(problem, its exit code; or None, 0, the step directory to resume from or None). No torch."""
+    cfg = record.cfg
+    backend, stage = cfg.backend.name.name, cfg.stage.kind.name
+    if (backend, stage) not in TRAINING_BUILT:
+        return f"stage.kind={stage}: the {backend} trainer trains pretrain and sft only so far", EXIT_NOT_BUILT, None
+    problem = engine.unsupported(cfg)
+    if problem:
+        return problem, EXIT_NOT_BUILT, None
+    try:
+        check_data(cfg)  # the prepared shards; for sft, the chat JSONL files
+    except MissingData as exc:
+        return str(exc), EXIT_USER, None
+    init = init_checkpoint(cfg)
+    if init and not Path(init, engine.init_file).is_file():
+        return (f"stage.init_checkpoint={init}: no {engine.init_kind} there ({engine.init_file}); it is the "
+                "previous stage's {checkpoint_dir}/final"), EXIT_USER, None
+    resume = ckpt.find_resume(ckpt.checkpoint_dir(cfg, run_dir))
+    try:
+        refusal = resume and ckpt.resume_refusal(resume, record.raw, cfg.backend.name)
+    except UserError as exc:
+        refusal = "\n".join(exc.problems)
+    if refusal:
+        return refusal, EXIT_USER, None
+    return None, 0, resume
+
+
+def cpu_devices(cfg: Config) -> bool:
+    """The cluster profile declares CPU processes, not GPUs (``cluster.gpu.name: cpu``: local, slurm_local).
+
+    Only then does a trainer fall back to gloo and (Megatron-Core) redirect torch.cuda to the CPU.
+    """
+    return cfg.cluster.gpu.name.strip().lower() == "cpu"
+
+
+def device_problem(cfg: Config) -> str | None:
+    """Why this GPU profile cannot train on this node (torch sees no CUDA device), or None."""
+    import torch
+
+    if cpu_devices(cfg) or torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build of torch)"
+    return (f"cluster.gpu.name={cfg.cluster.gpu.name}: this job asks for GPUs, but torch {torch.__version__} "
+            f"({built}) sees no CUDA device on {socket.gethostname()}"
+            f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; nothing was trained\n"
+            "  fix: check the node's driver (nvidia-smi) and that this virtualenv has a CUDA build of torch; "
+            "to train on CPU processes, use cluster=local or cluster=slurm_local")

@@ -1,0 +1,138 @@
+"""The run record (launch/run_record.py): typed reads, versions, damaged files, and what the nodes refuse.
+
+Every record here is written by the real CLI (`trainctl render`); damage is done to it by hand, as a
+user or a failing disk would. The trainer is the real entry point (`python -m launch.train RUN_DIR`);
+what is checked is what it says before it would build anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from launch.compat import CompatError, Patch, require, version_tuple
+from launch.config.schema import BackendName, Recompute
+from launch.run_record import RECORD_VERSION, RecordError, read_config, read_plan
+from tests.conftest import PYTHONPATH, run_trainctl
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("record")
+    out = run_trainctl("render", "recipe=tiny_local", "parallel.recompute=full", cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return cwd / "runs/tiny_local"
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / run_dir.name
+    copy.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
+    return copy
+
+
+def _trainer(run_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "RANK": "0"}
+    return subprocess.run([sys.executable, "-m", "launch.train", str(run_dir)], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_record_reads_back_typed(rendered):
+    record, plan = read_config(rendered), read_plan(rendered)
+    assert record.cfg.parallel.recompute is Recompute.full  # an enum, not the string "full"
+    assert record.cfg.backend.name is BackendName.deepspeed
+    assert record.derived.world_size == plan.world_size == 2
+    assert plan.parallel.dp == record.derived.dp and plan.run.steps == record.derived.steps
+    assert plan.record_version == RECORD_VERSION and plan.memory_gib.fits is True
+
+
+def test_a_record_from_before_versions_still_reads(rendered, tmp_path):
+    """A job requeued after an upgrade reads what the older trainctl wrote (no record_version: version 0)."""
+    run_dir = _copy(rendered, tmp_path)
+    data = json.loads((run_dir / "plan.json").read_text())
+    del data["record_version"]
+    (run_dir / "plan.json").write_text(json.dumps(data))
+    assert read_plan(run_dir).record_version == 0
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda d: d.pop("throughput"), "key throughput is missing"),
+    (lambda d: d["parallel"].update(dp="two"), "key parallel.dp: expected int, found 'two'"),
+    (lambda d: d.update(record_version=RECORD_VERSION + 1), "written by a newer trainctl"),
+])
+def test_a_damaged_plan_names_the_file_the_key_and_the_command(rendered, tmp_path, damage, says):
+    run_dir = _copy(rendered, tmp_path)
+    data = json.loads((run_dir / "plan.json").read_text())
+    damage(data)
+    (run_dir / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(RecordError) as exc:
+        read_plan(run_dir)
+    text = str(exc.value)
+    assert f"{run_dir}/plan.json" in text and says in text
+    assert "fix: write the run's records again: trainctl render recipe=tiny_local parallel.recompute=full" in text
+
+
+@pytest.mark.parametrize("file, text, says", [
+    ("plan.json", '{"world_size": 2,', "not valid JSON"),
+    ("config.yaml", "train: [unclosed\n", "not valid YAML"),
+    ("config.yaml", None, "key parallel.recompute"),
+])
+def test_status_and_the_trainer_say_one_line_for_a_damaged_record(rendered, tmp_path, file, text, says):
+    run_dir = _copy(rendered, tmp_path)
+    if text is None:  # a hand edit to a value the schema does not have
+        text = (run_dir / file).read_text().replace("recompute: full", "recompute: sometimes")
+    (run_dir / file).write_text(text)
+    (run_dir / "job.json").write_text(json.dumps({"jobs": [{"job_id": "local:1", "scheduler": "local"}]}))
+    status = run_trainctl("status", str(run_dir), cwd=tmp_path)
+    trainer = _trainer(run_dir)
+    for out in (status, trainer):
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and f"{run_dir}/{file}" in out.stderr and says in out.stderr
+
+
+def test_submit_writes_a_damaged_record_again(rendered, tmp_path):
+    """`submit` (like `render`) is the command that re-creates the records: it replaces the damaged ones."""
+    run_dir = _copy(rendered, tmp_path)
+    (run_dir / "plan.json").write_text("{")
+    out = run_trainctl("submit", "recipe=tiny_local", "parallel.recompute=full", "train.rank_check_s=1",
+                       cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert read_plan(run_dir).world_size == 2
+
+
+def test_a_gpu_profile_without_cuda_stops_at_once(tmp_path):
+    """cluster=h100 on this CPU machine: no silent training on the CPU, a message with the host and torch."""
+    out = run_trainctl("render", "recipe=tiny_local", "cluster=h100", "cluster.nodes=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    trainer = _trainer(tmp_path / "runs/tiny_local")
+    assert trainer.returncode == 4, trainer.stderr
+    assert "cluster.gpu.name=H100-SXM-80GB" in trainer.stderr and "sees no CUDA device on" in trainer.stderr
+    assert "Traceback" not in trainer.stderr and not (tmp_path / "runs/tiny_local/checkpoints").exists()
+
+
+# --- launch/compat.py: private APIs, checked against the installed packages ---------------------
+
+def test_a_missing_private_attribute_stops_with_the_package_and_version():
+    gone = Patch("hydra-core", ("1.3", "1.4"), "hydra._internal.hydra", "Hydra.no_such_method", why="a test")
+    with pytest.raises(CompatError, match=r"hydra-core 1\.3\.\d+: hydra\._internal\.hydra\.Hydra\.no_such_method "
+                                          r"is missing"):
+        require(gone)
+    changed = Patch("hydra-core", ("1.3", "1.4"), "hydra._internal.hydra", "Hydra.get_mode", ("no_such_arg",))
+    with pytest.raises(CompatError, match="no longer takes"):
+        require(changed)
+
+
+def test_an_untested_version_whose_features_check_out_only_warns():
+    old_range = Patch("hydra-core", ("1.1", "1.2"), "hydra._internal.hydra", "Hydra.get_mode",
+                      ("config_name", "overrides"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert callable(require(old_range))
+    assert any("outside the versions" in str(w.message) for w in caught)
+    assert version_tuple("0.16.1rc2+cu12") == (0, 16, 1) and version_tuple("2.13.0+cpu") == (2, 13, 0)
