@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch.config.derive import mfu_peak_tflops
+
 GIB = 1024 ** 3
 
 
@@ -45,10 +47,7 @@ def wandb_name_and_tags(cfg, run_dir: Path) -> tuple[str, list[str]]:
     name = str(cfg.name)
     if run_dir.parent.name == name:
         name = f"{name}/{run_dir.name}"
-    def plain(value) -> str:  # an enum's name, a string as is
-        return str(getattr(value, "name", value))
-
-    tags = [f"stage={plain(cfg.stage.kind)}", f"backend={plain(cfg.backend.name)}", *map(str, cfg.wandb.tags)]
+    tags = [f"stage={cfg.stage.kind.name}", f"backend={cfg.backend.name.name}", *map(str, cfg.wandb.tags)]
     overrides = run_dir / "overrides.yaml"
     if overrides.is_file():
         from omegaconf import OmegaConf
@@ -67,9 +66,7 @@ class Reporter:
         self.plan = plan
         flops = plan.get("flops", {})
         self.flops_per_token = float(flops.get("per_token") or 0.0)
-        basis = getattr(cfg.estimate.mfu_basis, "name", str(cfg.estimate.mfu_basis))
-        gpu = cfg.cluster.gpu
-        self.peak_tflops = float(gpu.peak_fp8_tflops if basis == "fp8" else gpu.peak_bf16_tflops)
+        self.peak_tflops = mfu_peak_tflops(cfg)
         thr, mem = plan.get("throughput", {}), plan.get("memory_gib", {})
         self.predicted = {
             "plan_step_time_s": thr.get("step_time_s"),
