@@ -108,7 +108,7 @@ def _size(composed, run_dir: Path, command: list[str]) -> None:
 
 
 def _prepare(composed, run_dir: Path, command: list[str]) -> None:
-    from launch.data.prepare import run_prepare
+    from launch.data.command import run_prepare
 
     run_prepare(composed, run_dir, command)
 

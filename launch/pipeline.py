@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from launch.errors import UserError
+from launch.config.hydra_errors import explain
 
 FINAL_CHECKPOINT = "final"
 """The trainer exports a stage's last weights to CHECKPOINT_DIR/final (consolidated, HF format)."""
@@ -39,7 +40,6 @@ def units(composed: DictConfig, run_dir: Path, overrides: list[str]) -> list[Uni
         return [Unit(None, composed, run_dir, overrides)]
     from hydra import compose
 
-    from launch.config.hydra_errors import explain
 
     common = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _NOT_PASSED_ON]
     result: list[Unit] = []

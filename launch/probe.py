@@ -36,6 +36,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launch.config.schema import Scheduler
 from launch.errors import UserError
+from launch.estimate.memory import GIB, stage_memory
+from launch.estimate.perf import step_terms
+from launch.plan import make_plan
+from launch.records import run_files
+from launch.rundir import dump_json, write_file, write_run
+from launch.submit import check_submittable, submit_array
+from launch.tune import overrides
 
 PROBES = "probes"
 RECORD = "probes.json"
@@ -91,9 +98,6 @@ def uncalibrated(cfg, cand) -> dict:
     first pipeline stage, what rank 0's ``torch.cuda.max_memory_allocated`` measures."""
     import dataclasses
 
-    from launch.estimate.memory import GIB, stage_memory
-    from launch.estimate.perf import step_terms
-
     variant = dataclasses.replace(cfg, parallel=cand.parallel)
     first = stage_memory(variant, cand.derived)[0]  # states and activations before any calibration
     return {"step_time_s": step_terms(variant, cand.derived).step_s,  # the model's, before cluster.calibration
@@ -103,12 +107,6 @@ def uncalibrated(cfg, cand) -> dict:
 
 def submit(composed: DictConfig, found, run_dir: Path) -> None:
     """Render the top K layouts as probe runs and submit them as one job array; record them once queued."""
-    from launch.plan import make_plan
-    from launch.records import run_files
-    from launch.rundir import dump_json, write_file, write_run
-    from launch.submit import check_submittable, submit_array
-    from launch.tune import overrides
-
     cfg = found.cfg
     check_probeable(cfg)
     folder = probe_dir(run_dir)

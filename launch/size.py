@@ -31,6 +31,8 @@ from launch.fmt import si
 from launch.estimate.run import Facility, run_costs
 from launch.estimate.scaling import FITS, inference_optimal, kaplan_optimal, lifetime_flops
 from launch.size_schema import SizeConfig
+from launch.config.hydra_errors import extra_keys
+from launch.rundir import dump_json, meta, write_run
 
 CHECKPOINT_BYTES_PER_PARAM = 14
 """bf16 weights (2) + fp32 master weights, Adam m and v (12): launch.estimate.run.checkpoint_bytes for bf16."""
@@ -253,7 +255,6 @@ def make_size(composed) -> tuple[SizeConfig, dict]:
     """(typed config, size.json numbers) for a composed ``conf/size.yaml``; raises UserError."""
     from omegaconf import OmegaConf
 
-    from launch.config.hydra_errors import extra_keys
 
     extra = extra_keys(composed, SizeConfig)
     if extra:
@@ -275,7 +276,6 @@ def run_size(composed, run_dir: Path, command: list[str]) -> None:
     from omegaconf import OmegaConf
     from rich.console import Console
 
-    from launch.rundir import dump_json, meta, write_run
 
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
     try:

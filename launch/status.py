@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.errors import UserError
-from launch.executors import jobs, local
+from launch.executors import jobs
 from launch.run_record import PLAN, read_config, read_plan
 
 
@@ -95,7 +95,7 @@ def cancel_main(args: list[str]) -> int:
         raise UserError("cancel needs a run, sweep or pipeline directory\n  fix: trainctl cancel runs/NAME")
     rows = runs_of(args)
     states = _states(rows)
-    if any(local.is_local(r.job_id) and states[r.job_id].active for r in rows):
+    if any(jobs.is_local(r.job_id) and states[r.job_id].active for r in rows):
         raise UserError("a local run is running in the foreground of another terminal\n"
                         "  fix: press Ctrl-C there")
     active = [r for r in rows if r.job_id and states.get(r.job_id) and states[r.job_id].active]
@@ -116,8 +116,8 @@ def _states(rows: list[Row]) -> dict:
     """job id -> JobState: local runs from their records, the rest from Slurm (one query)."""
     from launch.executors import slurm
 
-    found = {r.job_id: local.state(r.run_dir) for r in rows if local.is_local(r.job_id)}
-    found.update(slurm.states([r.job_id for r in rows if r.job_id and not local.is_local(r.job_id)]))
+    found = {r.job_id: jobs.local_state(r.run_dir) for r in rows if jobs.is_local(r.job_id)}
+    found.update(slurm.states([r.job_id for r in rows if r.job_id and not jobs.is_local(r.job_id)]))
     return found
 
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from launch.config.schema import Config, Scheduler
+from launch.config.stages import trains
 from launch.errors import UserError
+from launch.executors import jobs, local, slurm
+from launch.executors.sbatch import render_array, resources
 from launch.train.checkpoint import resume_problem
-
-TRAINING_BUILT: set[tuple[str, str]] = {("deepspeed", "pretrain"), ("megatron", "pretrain"),
-                                         ("deepspeed", "sft"), ("megatron", "sft")}
-"""(backend, stage) pairs whose trainer exists (launch/train). DPO and RLHF are not built yet."""
 
 ARRAY: list | None = None
 """While the job-array launcher runs a sweep (plugins/hydra_plugins), the points
@@ -29,7 +28,7 @@ one array, by ``submit_array`` instead of one sbatch each."""
 def check_submittable(cfg: Config, run_dir: Path) -> None:
     """Every reason this run cannot be submitted, before anything is written."""
     backend, stage = cfg.backend.name.name, cfg.stage.kind.name
-    if cfg.train.rank_check_s <= 0 and (backend, stage) not in TRAINING_BUILT:
+    if cfg.train.rank_check_s <= 0 and not trains(cfg.stage.kind, cfg.backend.name):
         raise UserError(f"stage={stage}, backend={backend}: training for this stage on this backend is not built "
                         "yet, so a job would start and fail\n  fix: `trainctl plan`/`render` work for it; to check "
                         "an allocation instead, submit with train.rank_check_s=60")
@@ -41,8 +40,6 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
 
 def submit_written(written: list, run_dir: Path, sweep_dir: Path | None) -> None:
     """Submit what ``records.write_records`` wrote: one run, or a pipeline's stages chained by afterok."""
-    from launch.executors import jobs
-
     if len(written) == 1 and written[0][0].stage is None:
         unit, plan = written[0]
         submit_rendered(plan, unit.run_dir, sweep_dir, unit.overrides)
@@ -66,14 +63,10 @@ def submit_written(written: list, run_dir: Path, sweep_dir: Path | None) -> None
 def submit_rendered(plan, run_dir: Path, sweep_dir: Path | None, overrides: list[str], *,
                     dependency: str | None = None) -> str | None:
     """sbatch the run's job.sbatch (already written); the job id, or None for a preflight."""
-    from launch.executors import jobs, slurm
-
     if plan.cfg.cluster.scheduler == Scheduler.local:
         if plan.cfg.submit.preflight:
             print("preflight: cluster=local runs on this machine; there is no scheduler to ask")
             return None
-        from launch.executors import local
-
         return local.submit(run_dir)
     script = run_dir / "job.sbatch"
     if ARRAY is not None:
@@ -109,9 +102,6 @@ def submit_array(points: list, sweep_dir: Path) -> str | None:
     The array's script (SWEEP_DIR/array.sbatch) maps SLURM_ARRAY_TASK_ID to a
     point's run directory; each run's job.json records ``ARRAYID_INDEX``.
     """
-    from launch.executors import jobs, slurm
-    from launch.executors.sbatch import render_array, resources
-
     first = resources(points[0][0].cfg)
     for plan, run_dir, overrides in points[1:]:
         if resources(plan.cfg) != first:

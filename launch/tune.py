@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from launch.config import Config, Derived, derive
+from launch.config.derive import pipeline_split, uneven_first_last
 from launch.config.schema import BackendName, ParallelConfig, Recompute
 from launch.config.validate import divisors, validate
 from launch.errors import UserError
@@ -52,47 +53,6 @@ LAYOUT_PROBLEM_KEYS = ("parallel.", "dp", "grad_accum_steps", "world_size")
 
 
 # ---- the layouts -------------------------------------------------------------------------
-
-def pipeline_split(layers: int, pp: int, vpp: int) -> dict | None:
-    """How ``layers`` go onto pp stages of vpp chunks each, as parallel keys; None if they cannot.
-
-    In order of preference: an even split; counting the embedding and the loss as one
-    layer each (Megatron's ``account_for_*_in_pipeline_split``: 126 + 2 = 128 = 16 x 8
-    for Llama 3 405B), or the loss alone; else explicit first and last stages lighter
-    than the middle ones (``--decoder-first/last-pipeline-num-layers``), which carry
-    the embedding and the output layer.
-    """
-    chunks = pp * vpp
-    if pp == 1:
-        return {} if vpp == 1 else None
-    if layers % chunks == 0:
-        return {}
-    if (layers + 2) % chunks == 0:
-        return {"account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True}
-    if (layers + 1) % chunks == 0:
-        return {"account_for_loss_in_pipeline_split": True}
-    uneven = uneven_first_last(layers, pp, vpp)
-    if uneven is None:
-        return None
-    first, last = uneven
-    return {"num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
-
-
-def uneven_first_last(layers: int, pp: int, vpp: int) -> tuple[int, int] | None:
-    """(first, last): pp-2 middle stages of ceil(layers/pp) layers (rounded up to a multiple of
-    vpp) and the rest shared by the first and last stages, each a positive multiple of vpp
-    no larger than a middle stage; None when no such split exists."""
-    if pp < 3:
-        return None
-    per = -(-layers // pp)
-    per += (-per) % vpp
-    rest = layers - per * (pp - 2)
-    first = rest // 2 - (rest // 2) % vpp
-    last = rest - first
-    if 0 < first <= per and 0 < last <= per and last % vpp == 0:
-        return first, last
-    return None
-
 
 def _powers_of_two(limit: int) -> list[int]:
     out, k = [], 1

@@ -29,13 +29,12 @@ from launch.plan import typed_config
 from launch.rundir import dump_json, write_file
 from launch.tune import (NEAR_TIE, Candidate, Search, layout_keys, overrides, rejected_by, roomier, search,
                          tune_record, why_best)
+from launch import probe
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def run_tune(composed, run_dir: Path, command: list[str]) -> None:
-    from launch import probe
-
     cfg = typed_config(composed)
     name = _layout_name(cfg)
     for key, value, least, default in (("top_k", cfg.tune.top_k, 1, 5),

@@ -18,7 +18,8 @@ import pytest
 
 from launch.config import derive
 from launch.config.compose import compose, compose_config
-from launch.data.prepare import MAX_EPOCHS, PROCS_ENV, REPORT, mixture_figures, run_prepare
+from launch.data.command import run_prepare
+from launch.data.prepare import MAX_EPOCHS, PROCS_ENV, REPORT, mixture_figures
 from launch.data.shard import paths
 from launch.errors import UserError
 from tests.conftest import ROOT, run_trainctl
@@ -333,7 +334,7 @@ def test_mixture_figures_normalise_weights():
 # ---- the login path -----------------------------------------------------------------------
 
 def test_importing_prepare_imports_nothing_heavy():
-    code = ("import sys, launch.data, launch.data.prepare, launch.data.shard, launch.data.sources, "
+    code = ("import sys, launch.data, launch.data.prepare, launch.data.command, launch.data.array, launch.data.shard, launch.data.sources, "
             "launch.data.tokenizer; heavy = [m for m in ('torch', 'megatron', 'datasets', 'tokenizers', 'numpy') "
             "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -13,7 +13,8 @@ from launch.config.compose import compose_config
 from launch.config.validate import validate
 from launch.estimate import estimate
 from launch.estimate.memory import memory_estimate
-from launch.tune import NEAR_TIE, overrides, pipeline_split, roomier, search, tune_record, uneven_first_last
+from launch.config.derive import pipeline_split, uneven_first_last
+from launch.tune import NEAR_TIE, overrides, roomier, search, tune_record
 from tests.conftest import run_trainctl
 from tests.test_cli import BLOCK_KEYS
 from tests.test_estimate import PUBLISHED, palm_flops_per_token

@@ -7,6 +7,7 @@ import shlex
 import pytest
 
 from launch.config import backend_rules as b
+from launch.config import rules as r
 from launch.config import validate as v
 from tests.conftest import RECIPES, typed
 
@@ -14,49 +15,49 @@ G8 = "cluster.gpus_per_node=8"
 
 # rule -> (accepted overrides, [(rejected overrides, words the message must contain)])
 CASES = {
-    v.name_is_a_path_component: (["name=my_run-2.b"], [(["name=a/b"], "name=a/b")]),
-    v.sizes_are_positive: (["parallel.tp=1"], [
+    r.name_is_a_path_component: (["name=my_run-2.b"], [(["name=a/b"], "name=a/b")]),
+    r.sizes_are_positive: (["parallel.tp=1"], [
         (["parallel.pp=0"], "parallel.pp=0: must be at least 1"),
         (["model.num_layers=0"], "model.num_layers=0: must be at least 1"),
         (["model.num_attention_heads=0"], "model.num_attention_heads=0"),
         (["cluster.gpu.mtbf_hours=0"], "cluster.gpu.mtbf_hours=0.0: must be positive"),
         (["cluster.gpu.peak_bf16_tflops=-1"], "cluster.gpu.peak_bf16_tflops=-1.0")]),
-    v.tokens_or_steps: (
+    r.tokens_or_steps: (
         ["train.tokens=1000000", "train.steps=null"],
         [(["train.tokens=1000"], "exactly one of train.tokens and train.steps"),
          (["train.steps=0"], "at least one step")]),
-    v.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a positive SLURM time limit"),
+    r.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a positive SLURM time limit"),
                                                               (["cluster.time_limit=00:00:00"], "not a positive")]),
-    v.world_divisible_by_model_parallel: (
+    r.world_divisible_by_model_parallel: (
         [G8, "parallel.tp=2", "parallel.pp=2"],
         [(["cluster.gpus_per_node=6", "parallel.tp=4"], "world size 6 is not divisible by tp*pp*cp = 4*1*1 = 4")]),
-    v.expert_layout_divides_world: (
+    r.expert_layout_divides_world: (
         ["model=mixtral_8x7b", G8, "parallel.ep=8"],
         [(["model=mixtral_8x7b", "cluster.gpus_per_node=6", "parallel.ep=4"], "ep*etp*pp = 4*1*1 = 4")]),
-    v.experts_divisible_by_ep: (
+    r.experts_divisible_by_ep: (
         ["model=mixtral_8x7b", G8, "parallel.ep=4"],
         [(["model=mixtral_8x7b", G8, "parallel.ep=3"], "8 experts cannot be split evenly over ep=3"),
          ([G8, "parallel.ep=2"], "needs an MoE model")]),
-    v.tp_within_node: (
+    r.tp_within_node: (
         ["model=llama3_8b", "cluster.nodes=2", "cluster.gpus_per_node=4", "parallel.tp=8",
          "parallel.allow_tp_across_nodes=true"],
         [(["model=llama3_8b", "cluster.nodes=2", "cluster.gpus_per_node=4", "parallel.tp=8"],
           "parallel.allow_tp_across_nodes=true")]),
-    v.heads_divisible_by_tp: (
+    r.heads_divisible_by_tp: (
         ["model=llama3_8b", G8, "parallel.tp=8"],
         [(["model=llama3_8b", "model.num_attention_heads=20", G8, "parallel.tp=8"],
           "20 heads cannot be split evenly over tp=8")]),
-    v.query_groups_divisible_by_tp: (
+    r.query_groups_divisible_by_tp: (
         ["model=llama3_8b", G8, "parallel.tp=8"],
         [(["cluster.gpus_per_node=4", "parallel.tp=4"], "2 KV groups cannot be split evenly over tp=4"),
          (["model.num_query_groups=3"], "multiple of the KV groups")]),
-    v.head_dim_is_whole: (
+    r.head_dim_is_whole: (
         ["model.num_attention_heads=3", "model.num_query_groups=null", "model.kv_channels=64"],
         [(["model.num_attention_heads=3", "model.num_query_groups=null"], "not divisible by num_attention_heads")]),
-    v.vpp_needs_pp: (
+    r.vpp_needs_pp: (
         ["parallel.pp=2", "parallel.vpp=2", "cluster.gpus_per_node=2"],
         [(["parallel.vpp=2"], "at least 2 stages")]),
-    v.pipeline_split: (
+    r.pipeline_split: (
         ["recipe=llama3_405b_pretrain_h100"],
         [(["recipe=llama3_405b_pretrain_h100", "parallel.account_for_embedding_in_pipeline_split=false",
            "parallel.account_for_loss_in_pipeline_split=false"],
@@ -66,14 +67,14 @@ CASES = {
           "remaining 59 layers cannot be split evenly over 4 middle stages"),
          (["recipe=llama3_405b_pretrain_h100", "parallel.num_layers_in_first_pipeline_stage=6"],
           "cannot be combined")]),
-    v.context_parallel_sequence: (
+    r.context_parallel_sequence: (
         ["parallel.cp=2", "cluster.gpus_per_node=2"],
         [(["parallel.cp=2", "cluster.gpus_per_node=2", "model.seq_length=254"], "divisible by 2*cp = 4")]),
-    v.sequence_fits_positions: (["model.seq_length=128"], [(["model.seq_length=512"], "longer than the model's positions")]),
-    v.batch_divisible: (
+    r.sequence_fits_positions: (["model.seq_length=128"], [(["model.seq_length=512"], "longer than the model's positions")]),
+    r.batch_divisible: (
         ["cluster.gpus_per_node=4"],
         [(["cluster.gpus_per_node=3"], "global batch 8 is not divisible by micro_batch_size*dp = 1*3 = 3")]),
-    v.sequence_parallel_setting: (
+    r.sequence_parallel_setting: (
         ["parallel.sequence_parallel=true", "parallel.tp=2", "cluster.gpus_per_node=2"],
         [(["parallel.sequence_parallel=true"], "needs tp > 1"),
          (["parallel.sequence_parallel=maybe"], "must be auto, true or false")]),
@@ -86,29 +87,29 @@ CASES = {
          (["backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=cpu"], "needs ZeRO stage 3"),
          (["backend=deepspeed", "parallel.zero_stage=0", "parallel.offload_optimizer=cpu"], "ZeRO stage 1 or higher"),
          (["backend=deepspeed", "cluster=h100", "train.precision=fp8"], "TransformerEngine")]),
-    v.sequence_parallel_splits_sequence: (
+    r.sequence_parallel_splits_sequence: (
         ["parallel.tp=2", "cluster.gpus_per_node=2"],
         [(["parallel.tp=2", "cluster.gpus_per_node=2", "model.seq_length=255"], "seq_length/cp = 255 must be divisible by tp")]),
-    v.moe_settings: (
+    r.moe_settings: (
         ["recipe=mixtral_8x7b_pretrain_h100", "parallel.tp=2"],
         [(["recipe=mixtral_8x7b_pretrain_h100", "parallel.tp=2", "parallel.sequence_parallel=false"],
           "requires sequence parallelism for MoE"),
          (["model=mixtral_8x7b", "model.moe_router_topk=9"], "more experts than there are")]),
-    v.interleaved_schedule_microbatches: (
+    r.interleaved_schedule_microbatches: (
         ["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=128"],
         [(["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=64"], "needs a multiple of pp = 8 micro-batches"),
          (["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=192"], "this layout has 12")]),
-    v.no_secrets_in_files: (
+    r.no_secrets_in_files: (
         ["+cluster.env.NCCL_IB_HCA=mlx5"],
         [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN")]),
-    v.env_names: (["+cluster.env.NCCL_IB_HCA=mlx5"], [(["+cluster.env.NCCL-IB=mlx5"], "cluster.env.NCCL-IB")]),
+    r.env_names: (["+cluster.env.NCCL_IB_HCA=mlx5"], [(["+cluster.env.NCCL-IB=mlx5"], "cluster.env.NCCL-IB")]),
     b.local_cluster_precision: (["cluster=h100", "train.precision=fp8"], [(["train.precision=fp8"], "FP8 needs H100")]),
-    v.mixture_weights: (
+    r.mixture_weights: (
         ["data.sources.code.weight=0.01"],
         [(["data.sources.code.weight=0"], "data.sources.code.weight=0"),
          (["~data.sources.code", "~data.sources.prose"], "no sources")]),
-    v.data_split: (["data.split=[1,0,0]"], [(["data.split=[0.5,0.5]"], "three non-negative fractions")]),
-    v.stage_needs_init: (
+    r.data_split: (["data.split=[1,0,0]"], [(["data.split=[0.5,0.5]"], "three non-negative fractions")]),
+    r.stage_needs_init: (
         ["stage=sft", "stage.init_checkpoint=/ckpt/sft"],
         [(["stage=dpo"], "stage.from_scratch=true"),
          (["stage=rlhf", "stage.init_checkpoint=/ckpt/sft"], "needs a reward model")]),
@@ -148,13 +149,13 @@ CASES = {
         [(["stage=sft", "stage.from_scratch=true"], 'under the key "messages"'),
          (["stage=sft", "stage.from_scratch=true", "data=chat_sft", "stage.mask_prompt=false"],
           "always masks the prompt tokens")]),
-    v.batch_rampup: (
+    r.batch_rampup: (
         ["cluster.gpus_per_node=2", "train.rampup_batch_size=[2,2,16]"],
         [(["train.rampup_batch_size=[2,2]"], "three positive numbers"),
          (["train.rampup_batch_size=[8,2,16]"], "the ramp must start below the global batch"),
          (["train.rampup_batch_size=[2,4,16]"], "the ramp from 2 by 4 does not reach 8"),
          (["cluster.gpus_per_node=2", "train.rampup_batch_size=[2,3,16]"], "multiple of micro_batch_size*dp = 2")]),
-    v.estimate_settings: (
+    r.estimate_settings: (
         ["estimate.mfu=1.0", "estimate.achievable_fraction_dense=1.0", "estimate.dp_comm_exposed_fraction=0",
          "estimate.allocator_fragmentation=0", "estimate.cuda_context_gib=0"],
         [(["estimate.achievable_fraction_dense=0"], "estimate.achievable_fraction_dense=0.0: a share of the peak"),
@@ -170,6 +171,16 @@ CASES = {
 
 def test_every_rule_has_cases():
     assert set(CASES) == set(v.RULES)
+
+
+def test_every_rule_function_is_listed_once():
+    """A rule written into rules.py or backend_rules.py but not listed in validate.RULES would never run."""
+    import inspect
+
+    written = {fn for module in (r, b) for name, fn in inspect.getmembers(module, inspect.isfunction)
+               if fn.__module__ == module.__name__ and not name.startswith("_")}
+    assert written == set(v.RULES)
+    assert len(v.RULES) == len(set(v.RULES))
 
 
 @pytest.mark.parametrize("rule", list(CASES), ids=lambda r: r.__name__)
@@ -203,13 +214,13 @@ def test_proposed_pipeline_split_is_accepted(layers, pp, vpp):
     base = ["model=llama3_70b", f"model.num_layers={layers}", G8, f"cluster.nodes={pp}", f"parallel.pp={pp}",
             f"parallel.vpp={vpp}", "train.global_batch_size=64"]
     cfg, d = typed(*base)
-    (problem,) = v.pipeline_split(cfg, d)
+    (problem,) = r.pipeline_split(cfg, d)
     proposed = [w for w in problem.fix.replace("(", " ").split() if w.startswith("parallel.") and "=" in w]
     if not proposed:
         assert "divisors" in problem.fix
         return
     cfg, d = typed(*base, *proposed)
-    assert list(v.pipeline_split(cfg, d)) == [], shlex.join(proposed)
+    assert list(r.pipeline_split(cfg, d)) == [], shlex.join(proposed)
     assert sum(d.stage_layers) == layers
 
 

@@ -23,6 +23,9 @@ from pathlib import Path
 
 from launch.config.derive import Derived
 from launch.config.schema import BackendName, Config, StageKind
+from launch.backends.deepspeed import to_deepspeed, to_deepspeed_reference
+from launch.backends.megatron import to_megatron_yaml
+from launch.backends.megatron_lm import to_megatron_lm_args
 
 FILES = ("ds_config.json", "ds_reference_config.json", "megatron.yaml", "megatron_args.txt")
 """Every file a translator writes into a run directory (for rundir.ARTIFACTS)."""
@@ -37,15 +40,10 @@ def artifacts(cfg: Config, d: Derived, *, run_dir: Path | str | None = None,
     checkpoint interval when ``train.checkpoint_interval`` is not set.
     """
     if cfg.backend.name == BackendName.deepspeed:
-        from launch.backends.deepspeed import to_deepspeed, to_deepspeed_reference
-
         files = {"ds_config.json": _json(to_deepspeed(cfg, d))}
         if cfg.stage.kind == StageKind.dpo:
             files["ds_reference_config.json"] = _json(to_deepspeed_reference(cfg, d))
         return files
-    from launch.backends.megatron import to_megatron_yaml
-    from launch.backends.megatron_lm import to_megatron_lm_args
-
     lines = to_megatron_lm_args(cfg, d, run_dir=str(run_dir) if run_dir else None,
                                 save_interval=save_interval(cfg, numbers))
     return {"megatron.yaml": to_megatron_yaml(cfg, d), "megatron_args.txt": "\n".join(lines) + "\n"}

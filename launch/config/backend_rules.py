@@ -1,7 +1,6 @@
 """Validation rules scoped to one backend: what DeepSpeed or Megatron-Core accepts, and which stages each trains.
 
-Registered into ``launch.config.validate.RULES`` when that module loads (it
-imports this one at its end), so ``validate`` runs them with the others.
+``launch.config.validate.RULES`` lists them after the general rules in ``rules``.
 """
 
 from __future__ import annotations
@@ -10,12 +9,12 @@ from typing import Iterator
 
 from launch.config.derive import Derived
 from launch.config.schema import Config, Offload, Precision, Recompute, Schedule, Scheduler, StageKind
-from launch.config.validate import Problem, divisors, _megatron, _split_evenly, rule
+from launch.config.problem import Problem, divisors, is_megatron, split_evenly
 
-@rule
+
 def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
     """The DeepSpeed backend trains Hugging Face models with ZeRO data parallelism."""
-    if _megatron(cfg):
+    if is_megatron(cfg):
         return
     p = cfg.parallel
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep)):  # cp: deepspeed_ulysses
@@ -41,29 +40,26 @@ def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "train.precision=bf16, or backend=megatron")
 
 
-@rule
 def z_loss_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
     """optim.z_loss is added by trainctl's DeepSpeed trainer; Megatron-Core has a z-loss for MoE routers only."""
     if cfg.optim.z_loss < 0:
         yield Problem({"optim.z_loss": cfg.optim.z_loss}, "a loss weight cannot be negative", "optim.z_loss=1e-4")
-    elif cfg.optim.z_loss > 0 and _megatron(cfg):
+    elif cfg.optim.z_loss > 0 and is_megatron(cfg):
         yield Problem({"optim.z_loss": cfg.optim.z_loss, "backend": cfg.backend.name},
                       "Megatron-Core has no output-softmax z-loss (only the MoE router's, moe_z_loss_coeff)",
                       "optim.z_loss=0 on this backend, or backend=deepspeed")
 
 
-@rule
 def local_cluster_precision(cfg: Config, d: Derived) -> Iterator[Problem]:
     if cfg.cluster.scheduler == Scheduler.local and cfg.train.precision == Precision.fp8:
         yield Problem({"cluster": cfg.cluster.name, "train.precision": cfg.train.precision},
                       "FP8 needs H100-class GPUs", "train.precision=fp32 (CPU) or bf16")
 
 
-@rule
 def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
     """Which alignment stages each backend's translation covers (launch/backends)."""
     kind, keys = cfg.stage.kind, {"backend": cfg.backend.name, "stage": cfg.stage.kind}
-    if kind == StageKind.dpo and _megatron(cfg):
+    if kind == StageKind.dpo and is_megatron(cfg):
         yield Problem(keys, "DPO needs a frozen reference model and a preference loss: megatron-core ships neither, "
                       "and Megatron-LM's pretrain_gpt.py has no DPO",
                       "backend=deepspeed (ZeRO-3 with a frozen reference engine; tp, pp and cp 1)")
@@ -73,7 +69,6 @@ def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "stage=dpo backend=deepspeed (learns from the same preference comparisons, no reward model)")
 
 
-@rule
 def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:
     """The schedule decays from the peak LR (Derived.lr) down to optim.min_lr."""
     o = cfg.optim
@@ -86,15 +81,14 @@ def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:
         yield Problem({"optim.warmup_steps": o.warmup_steps, "steps": d.steps},
                       "the warmup is as long as the run: the LR would never decay (Megatron's scheduler refuses it)",
                       f"optim.warmup_steps={max(d.steps // 10, 1)}")
-    if not _megatron(cfg) and o.schedule == Schedule.cosine and o.warmup_steps < 1:
+    if not is_megatron(cfg) and o.schedule == Schedule.cosine and o.warmup_steps < 1:
         yield Problem({"optim.warmup_steps": o.warmup_steps, "backend": "deepspeed"},
                       "DeepSpeed's WarmupCosineLR needs at least one warmup step", "optim.warmup_steps=1")
 
 
-@rule
 def deepspeed_nvme_offload(cfg: Config, d: Derived) -> Iterator[Problem]:
     """ZeRO-Infinity's NVMe offload writes to each node's local NVMe drive."""
-    if _megatron(cfg):
+    if is_megatron(cfg):
         return
     for key in ("offload_optimizer", "offload_params"):
         if getattr(cfg.parallel, key) == Offload.nvme:
@@ -102,13 +96,12 @@ def deepspeed_nvme_offload(cfg: Config, d: Derived) -> Iterator[Problem]:
                           "drive, and trainctl has no key for it yet", f"parallel.{key}=cpu")
 
 
-@rule
 def deepspeed_ulysses(cfg: Config, d: Derived) -> Iterator[Problem]:
     """parallel.cp > 1 on DeepSpeed is Ulysses: an all-to-all trades sequence shards for attention heads."""
     p, m = cfg.parallel, cfg.model
-    if _megatron(cfg) or p.cp < 2:
+    if is_megatron(cfg) or p.cp < 2:
         return
-    yield from _split_evenly("model.num_attention_heads", m.num_attention_heads, "heads", "parallel.cp", p.cp)
+    yield from split_evenly("model.num_attention_heads", m.num_attention_heads, "heads", "parallel.cp", p.cp)
     kv = m.num_query_groups or m.num_attention_heads
     if kv % p.cp and p.cp % kv:
         fits = [c for c in divisors(m.num_attention_heads) if not kv % c or not c % kv]
@@ -121,11 +114,10 @@ def deepspeed_ulysses(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "translates Ulysses for token-level losses (pretrain, SFT) only", "parallel.cp=1")
 
 
-@rule
 def megatron_parallel_needs_transformer_engine(cfg: Config, d: Derived) -> Iterator[Problem]:
     """CPU runs (train.precision=fp32) build megatron-core's own layers, not TransformerEngine's."""
     p = cfg.parallel
-    if not _megatron(cfg) or cfg.train.precision != Precision.fp32:
+    if not is_megatron(cfg) or cfg.train.precision != Precision.fp32:
         return
     if d.sequence_parallel:
         yield Problem({"parallel.sequence_parallel": p.sequence_parallel, "parallel.tp": p.tp,
@@ -139,10 +131,9 @@ def megatron_parallel_needs_transformer_engine(cfg: Config, d: Derived) -> Itera
                       "parallel.cp=1, or train.precision=bf16 on GPUs")
 
 
-@rule
 def megatron_sft_data(cfg: Config, d: Derived) -> Iterator[Problem]:
     """Megatron-LM's SFT dataset reads JSONL lines holding a "messages" list and trains on the replies only."""
-    if not _megatron(cfg) or cfg.stage.kind != StageKind.sft:
+    if not is_megatron(cfg) or cfg.stage.kind != StageKind.sft:
         return
     for name, source in cfg.data.sources.items():
         if not source.path.endswith(".jsonl") or source.text_key != "messages":

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launch.config.rampup import Rampup, micro_batches, schedule
-from launch.config.schema import Config, Precision
+from launch.config.schema import Config, MfuBasis, Precision
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,67 @@ def _even_split(n: int, parts: int) -> list[int]:
     for i in order[:rem]:
         out[i] += 1
     return out
+
+
+def mfu_peak_tflops(cfg: Config) -> float:
+    """The per-GPU peak MFU is quoted against, in TFLOP/s: dense BF16 (the convention, Chowdhery
+    et al. 2022, appendix B), or dense FP8 with estimate.mfu_basis=fp8.
+
+    The plan's MFU (``estimate.perf``) and the trainer's measured MFU (``train.metrics``)
+    both divide by this number, so the two are comparable.
+    """
+    gpu = cfg.cluster.gpu
+    return float(gpu.peak_fp8_tflops if cfg.estimate.mfu_basis == MfuBasis.fp8 else gpu.peak_bf16_tflops)
+
+
+def pipeline_split(layers: int, pp: int, vpp: int) -> dict | None:
+    """How ``layers`` go onto pp stages of vpp chunks each, as parallel keys; None if they cannot.
+
+    In order of preference: an even split; counting the embedding and the loss as one
+    layer each (Megatron's ``account_for_*_in_pipeline_split``: 126 + 2 = 128 = 16 x 8
+    for Llama 3 405B), or the loss alone; else explicit first and last stages lighter
+    than the middle ones (``--decoder-first/last-pipeline-num-layers``), which carry
+    the embedding and the output layer.
+    """
+    chunks = pp * vpp
+    if pp == 1:
+        return {} if vpp == 1 else None
+    if layers % chunks == 0:
+        return {}
+    return uneven_split(layers, pp, vpp)
+
+
+def uneven_split(layers: int, pp: int, vpp: int) -> dict | None:
+    """The parallel keys of a split Megatron accepts when ``layers`` do not divide into pp*vpp
+    chunks (the same order as ``pipeline_split``), or None. ``tune`` places layers with it and
+    the validator proposes it as the fix of a split that does not add up.
+    """
+    chunks = pp * vpp
+    if (layers + 2) % chunks == 0:
+        return {"account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True}
+    if (layers + 1) % chunks == 0:
+        return {"account_for_loss_in_pipeline_split": True}
+    uneven = uneven_first_last(layers, pp, vpp)
+    if uneven is None:
+        return None
+    first, last = uneven
+    return {"num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
+
+
+def uneven_first_last(layers: int, pp: int, vpp: int) -> tuple[int, int] | None:
+    """(first, last): pp-2 middle stages of ceil(layers/pp) layers (rounded up to a multiple of
+    vpp) and the rest shared by the first and last stages, each a positive multiple of vpp
+    no larger than a middle stage; None when no such split exists."""
+    if pp < 3:
+        return None
+    per = -(-layers // pp)
+    per += (-per) % vpp
+    rest = layers - per * (pp - 2)
+    first = rest // 2 - (rest // 2) % vpp
+    last = rest - first
+    if 0 < first <= per and 0 < last <= per and last % vpp == 0:
+        return first, last
+    return None
 
 
 def derive(cfg: Config) -> Derived:

@@ -21,6 +21,7 @@ from hydra.plugins.config_source import ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 from launch.paths import asset_dir
+from launch.config.schema import register_schemas
 
 RECIPE_GROUP = "recipe"
 USER_PATH_ENV = "TRAINCTL_CONFIG_PATH"
@@ -112,8 +113,6 @@ def register() -> None:
     Registered explicitly by the CLI (not discovered as a plugin), so other
     Hydra apps in the same environment never see trainctl's groups.
     """
-    from launch.config.schema import register_schemas
-
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("asset"):

@@ -1,502 +1,67 @@
-"""Validation rules: each takes the typed config and its derived numbers and
-returns the problems it finds. ``validate`` runs them all, so a user sees every
-problem of a layout at once, before anything is written or queued.
+"""Validation: every rule, listed here in the order it runs, and ``validate`` that runs them.
 
-A problem names the keys with their values, says what is wrong with the numbers
-of the broken equation, and proposes a fix (torchtitan's ParallelDims._validate
-is the model). Rules are scoped: a Megatron-only rule says nothing about a
-DeepSpeed run and vice versa.
+Each rule takes the typed config and its derived numbers and yields the
+problems it finds, so a user sees every problem of a layout at once, before
+anything is written or queued. General rules (``rules``) hold on any backend;
+backend rules (``backend_rules``) say what DeepSpeed or Megatron-Core accepts.
+A rule not named in ``RULES`` does not run.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Callable, Iterator
-
+from launch.config import backend_rules, rules
 from launch.config.derive import Derived
-from launch.config.slurm_time import parse_time_limit
-from launch.config.schema import BackendName, Config, StageKind
+from launch.config.problem import Problem, Rule, divisors
+from launch.config.schema import Config
 
+__all__ = ["BACKEND_RULES", "GENERAL_RULES", "RULES", "Problem", "Rule", "divisors", "validate"]
 
-@dataclass(frozen=True)
-class Problem:
-    keys: dict[str, object]
-    """The offending keys and their values, as the user would type them."""
-    message: str
-    fix: str
+GENERAL_RULES: tuple[Rule, ...] = (
+    rules.name_is_a_path_component,
+    rules.sizes_are_positive,
+    rules.tokens_or_steps,
+    rules.time_limit_format,
+    rules.world_divisible_by_model_parallel,
+    rules.expert_layout_divides_world,
+    rules.experts_divisible_by_ep,
+    rules.tp_within_node,
+    rules.heads_divisible_by_tp,
+    rules.query_groups_divisible_by_tp,
+    rules.head_dim_is_whole,
+    rules.vpp_needs_pp,
+    rules.pipeline_split,
+    rules.context_parallel_sequence,
+    rules.sequence_fits_positions,
+    rules.batch_divisible,
+    rules.batch_rampup,
+    rules.sequence_parallel_setting,
+    rules.sequence_parallel_splits_sequence,
+    rules.moe_settings,
+    rules.interleaved_schedule_microbatches,
+    rules.no_secrets_in_files,
+    rules.env_names,
+    rules.mixture_weights,
+    rules.data_split,
+    rules.stage_needs_init,
+    rules.estimate_settings,
+)
+"""Rules that hold on any backend."""
 
-    def __str__(self) -> str:
-        keys = ", ".join(f"{k}={_show(v)}" for k, v in self.keys.items())
-        return f"{keys}: {self.message}\n  fix: {self.fix}"
+BACKEND_RULES: tuple[Rule, ...] = (
+    backend_rules.deepspeed_layout,
+    backend_rules.z_loss_backend,
+    backend_rules.local_cluster_precision,
+    backend_rules.stage_supported_by_backend,
+    backend_rules.learning_rate_schedule,
+    backend_rules.deepspeed_nvme_offload,
+    backend_rules.deepspeed_ulysses,
+    backend_rules.megatron_parallel_needs_transformer_engine,
+    backend_rules.megatron_sft_data,
+)
+"""Rules scoped to one backend (each returns nothing for the other)."""
 
-
-def _show(value: object) -> str:
-    name = getattr(value, "name", None)
-    if name is not None and not isinstance(value, str):
-        return str(name)  # enums as the user types them
-    if isinstance(value, bool):
-        return str(value).lower()
-    return "null" if value is None else str(value)
-
-
-Rule = Callable[[Config, Derived], Iterator[Problem]]
-RULES: list[Rule] = []
-
-
-def rule(fn: Rule) -> Rule:
-    RULES.append(fn)
-    return fn
+RULES: tuple[Rule, ...] = GENERAL_RULES + BACKEND_RULES
 
 
 def validate(cfg: Config, d: Derived) -> list[Problem]:
     return [problem for check in RULES for problem in check(cfg, d)]
-
-
-def divisors(n: int) -> list[int]:
-    small = [k for k in range(1, int(n**0.5) + 1) if n % k == 0]
-    return sorted(set(small + [n // k for k in small]))
-
-
-def _split_evenly(count_key: str, count: int, what: str, size_key: str, size: int) -> Iterator[Problem]:
-    """``count`` things (heads, experts) must divide evenly over a group of ``size``."""
-    if size > 0 and count % size:
-        name = size_key.split(".")[-1]
-        yield Problem({count_key: count, size_key: size}, f"{count} {what} cannot be split evenly over {name}={size}",
-                      f"choose {size_key} from {divisors(count)}")
-
-
-def _megatron(cfg: Config) -> bool:
-    return cfg.backend.name == BackendName.megatron
-
-
-# --- names and sizes ----------------------------------------------------------
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@rule
-def name_is_a_path_component(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """The name becomes a directory and a SLURM job name."""
-    if not _SAFE_NAME.match(cfg.name):
-        yield Problem({"name": cfg.name}, "the run name must be letters, digits, '.', '_' or '-'",
-                      "name=my_run_v2")
-
-
-@rule
-def sizes_are_positive(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Counts and hardware figures the estimator divides by."""
-    p, c, t, m, g = cfg.parallel, cfg.cluster, cfg.train, cfg.model, cfg.cluster.gpu
-    sizes = {
-        "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.vpp": p.vpp, "parallel.cp": p.cp,
-        "parallel.ep": p.ep, "parallel.etp": p.etp, "parallel.micro_batch_size": p.micro_batch_size,
-        "cluster.nodes": c.nodes, "cluster.gpus_per_node": c.gpus_per_node,
-        "train.global_batch_size": t.global_batch_size,
-        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
-        "model.ffn_hidden_size": m.ffn_hidden_size, "model.num_attention_heads": m.num_attention_heads,
-        "model.num_query_groups": m.num_query_groups, "model.kv_channels": m.kv_channels,
-        "model.vocab_size": m.vocab_size, "model.seq_length": m.seq_length,
-        "model.num_experts": m.num_experts, "model.moe_router_topk": m.moe_router_topk,
-    }
-    for key, value in sizes.items():
-        if value is not None and value < 1:
-            yield Problem({key: value}, "must be at least 1", f"{key}=1" if "model" not in key else "a positive value")
-    figures = {f"cluster.gpu.{k}": getattr(g, k) for k in (
-        "peak_bf16_tflops", "peak_fp8_tflops", "hbm_gib", "hbm_bandwidth_tbps", "nvlink_gbps", "ib_gbps",
-        "power_w", "mtbf_hours")}
-    figures["cluster.pue"] = c.pue
-    for key, value in figures.items():
-        if not value > 0:
-            yield Problem({key: value}, "must be positive", f"{key}=<the datasheet figure>")
-    if c.usd_per_gpu_hour < 0:
-        yield Problem({"cluster.usd_per_gpu_hour": c.usd_per_gpu_hour}, "a price cannot be negative",
-                      "cluster.usd_per_gpu_hour=0 when you do not know it")
-
-
-@rule
-def tokens_or_steps(cfg: Config, d: Derived) -> Iterator[Problem]:
-    t = cfg.train
-    keys = {"train.tokens": t.tokens, "train.steps": t.steps}
-    if (t.tokens is None) == (t.steps is None):
-        yield Problem(keys, "set exactly one of train.tokens and train.steps",
-                      "train.tokens=1000000000 train.steps=null, or train.steps=1000 train.tokens=null")
-    elif (t.tokens or t.steps or 0) < 1:
-        yield Problem(keys, "the run must train on at least one step", "train.steps=1000")
-
-
-@rule
-def time_limit_format(cfg: Config, d: Derived) -> Iterator[Problem]:
-    try:
-        seconds = parse_time_limit(cfg.cluster.time_limit)
-    except ValueError:
-        seconds = None
-    if not seconds:
-        yield Problem({"cluster.time_limit": cfg.cluster.time_limit}, "not a positive SLURM time limit",
-                      "cluster.time_limit=04:00:00 (HH:MM:SS) or 2-00:00:00 (D-HH:MM:SS)")
-
-
-# --- the parallel layout ------------------------------------------------------
-
-@rule
-def world_divisible_by_model_parallel(cfg: Config, d: Derived) -> Iterator[Problem]:
-    p = cfg.parallel
-    mp = p.tp * p.pp * p.cp
-    if mp > 0 and d.world_size % mp:
-        yield Problem(
-            {"cluster.nodes": cfg.cluster.nodes, "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
-             "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.cp": p.cp},
-            f"world size {d.world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {mp}",
-            f"make nodes*gpus_per_node a multiple of {mp}, or choose tp*pp*cp from the "
-            f"divisors of {d.world_size}: {divisors(d.world_size)}",
-        )
-
-
-@rule
-def expert_layout_divides_world(cfg: Config, d: Derived) -> Iterator[Problem]:
-    p = cfg.parallel
-    size = p.ep * d.etp * p.pp
-    if cfg.model.num_experts and size > 0 and d.world_size % size:
-        yield Problem(
-            {"parallel.ep": p.ep, "parallel.etp": d.etp, "parallel.pp": p.pp, "world_size": d.world_size},
-            f"expert layers need ep*etp*pp = {p.ep}*{d.etp}*{p.pp} = {size} to divide the world size {d.world_size}",
-            "choose ep so that ep*etp*pp divides nodes*gpus_per_node",
-        )
-
-
-@rule
-def experts_divisible_by_ep(cfg: Config, d: Derived) -> Iterator[Problem]:
-    p, m = cfg.parallel, cfg.model
-    if p.ep > 1 and not m.num_experts:
-        yield Problem({"parallel.ep": p.ep, "model.num_experts": m.num_experts},
-                      "expert parallelism needs an MoE model", "parallel.ep=1, or pick an MoE model (model=mixtral_8x7b)")
-    elif m.num_experts:
-        yield from _split_evenly("model.num_experts", m.num_experts, "experts", "parallel.ep", p.ep)
-
-
-@rule
-def tp_within_node(cfg: Config, d: Derived) -> Iterator[Problem]:
-    p, c = cfg.parallel, cfg.cluster
-    if p.tp > c.gpus_per_node and not p.allow_tp_across_nodes:
-        yield Problem(
-            {"parallel.tp": p.tp, "cluster.gpus_per_node": c.gpus_per_node},
-            f"tp={p.tp} spans more than one node of {c.gpus_per_node} GPUs: every layer's "
-            "all-reduce would cross InfiniBand instead of NVLink",
-            f"parallel.tp={c.gpus_per_node} and raise parallel.pp, or force it with "
-            "parallel.allow_tp_across_nodes=true",
-        )
-
-
-@rule
-def heads_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
-    yield from _split_evenly("model.num_attention_heads", cfg.model.num_attention_heads, "heads",
-                             "parallel.tp", cfg.parallel.tp)
-
-
-@rule
-def query_groups_divisible_by_tp(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Megatron-Core shards KV heads over tp; it does not replicate them."""
-    m, p = cfg.model, cfg.parallel
-    if m.num_query_groups:  # without GQA the heads rule covers it
-        yield from _split_evenly("model.num_query_groups", m.num_query_groups, "KV groups", "parallel.tp", p.tp)
-    if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
-        yield Problem({"model.num_attention_heads": m.num_attention_heads, "model.num_query_groups": m.num_query_groups},
-                      "attention heads must be a multiple of the KV groups",
-                      f"choose model.num_query_groups from {divisors(m.num_attention_heads)}")
-
-
-@rule
-def head_dim_is_whole(cfg: Config, d: Derived) -> Iterator[Problem]:
-    m = cfg.model
-    if m.kv_channels is None and m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
-        yield Problem({"model.hidden_size": m.hidden_size, "model.num_attention_heads": m.num_attention_heads},
-                      "hidden_size is not divisible by num_attention_heads",
-                      "set model.kv_channels (the head dimension) or change the head count")
-
-
-@rule
-def vpp_needs_pp(cfg: Config, d: Derived) -> Iterator[Problem]:
-    p = cfg.parallel
-    if p.vpp > 1 and p.pp < 2:
-        yield Problem({"parallel.vpp": p.vpp, "parallel.pp": p.pp},
-                      "virtual pipeline stages interleave a pipeline of at least 2 stages",
-                      "parallel.vpp=1, or parallel.pp>=2")
-
-
-@rule
-def pipeline_split(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Layers must divide into pp*vpp chunks, or an explicit uneven split must add up.
-
-    Megatron's account_for_embedding/loss flags count the embedding and the
-    loss as one layer each; explicit first/last stage sizes pin those stages and
-    split the rest evenly over the middle stages.
-    """
-    p, L = cfg.parallel, cfg.model.num_layers
-    if p.pp < 1 or p.vpp < 1:
-        return
-    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
-    accounting = p.account_for_embedding_in_pipeline_split or p.account_for_loss_in_pipeline_split
-    explicit = first is not None or last is not None
-    keys: dict[str, object] = {"model.num_layers": L, "parallel.pp": p.pp, "parallel.vpp": p.vpp}
-    if (explicit or accounting) and p.pp < 2:
-        yield Problem(keys, "an uneven pipeline split needs parallel.pp >= 2",
-                      "remove the first/last stage settings, or raise parallel.pp")
-        return
-    if explicit and accounting:
-        yield Problem({**keys, "parallel.num_layers_in_first_pipeline_stage": first,
-                       "parallel.num_layers_in_last_pipeline_stage": last},
-                      "explicit first/last stage sizes and account_for_* flags cannot be combined (Megatron refuses)",
-                      "use either the explicit sizes or the account_for_* flags")
-        return
-    if explicit:
-        yield from _explicit_split(cfg, keys, first, last)
-        return
-    slots = L + int(p.account_for_embedding_in_pipeline_split) + int(p.account_for_loss_in_pipeline_split)
-    chunks = p.pp * p.vpp
-    if slots % chunks:
-        what = f"{L} layers" + (f" (+{slots - L} for embedding/loss = {slots})" if slots != L else "")
-        yield Problem(keys, f"{what} cannot be split evenly into pp*vpp = {p.pp}*{p.vpp} = {chunks} chunks",
-                      _propose_split(L, p.pp, p.vpp))
-
-
-def _explicit_split(cfg: Config, keys: dict, first: int | None, last: int | None) -> Iterator[Problem]:
-    p, L = cfg.parallel, cfg.model.num_layers
-    keys = {**keys, "parallel.num_layers_in_first_pipeline_stage": first,
-            "parallel.num_layers_in_last_pipeline_stage": last}
-    pinned = (first or 0) + (last or 0)
-    middle_stages = p.pp - (first is not None) - (last is not None)
-    rest = L - pinned
-    if rest < 0 or (middle_stages == 0 and rest != 0):
-        yield Problem(keys, f"the stages add up to {pinned} layers, not {L}", _propose_split(L, p.pp, p.vpp))
-        return
-    if middle_stages and rest % (middle_stages * p.vpp):
-        yield Problem(keys, f"the remaining {rest} layers cannot be split evenly over {middle_stages} middle "
-                      f"stages x vpp {p.vpp}", _propose_split(L, p.pp, p.vpp))
-        return
-    for key, n in (("first", first), ("last", last)):
-        if n is not None and (n < 1 or n % p.vpp):
-            yield Problem(keys, f"the {key} stage's {n} layers must be a positive multiple of vpp={p.vpp}",
-                          _propose_split(L, p.pp, p.vpp))
-
-
-def _propose_split(layers: int, pp: int, vpp: int) -> str:
-    """A split Megatron accepts for ``layers`` over ``pp`` stages, as overrides."""
-    if (layers + 2) % (pp * vpp) == 0:
-        return ("count the embedding and the loss as layers: parallel.account_for_embedding_in_pipeline_split=true "
-                f"parallel.account_for_loss_in_pipeline_split=true ({layers}+2 = {pp}x{(layers + 2) // pp})")
-    if (layers + 1) % (pp * vpp) == 0:
-        return (f"count the loss as a layer: parallel.account_for_loss_in_pipeline_split=true "
-                f"({layers}+1 = {pp}x{(layers + 1) // pp})")
-    if pp > 2:
-        per = -(-layers // pp)
-        per += (-per) % vpp  # a multiple of vpp
-        rest = layers - per * (pp - 2)
-        lo = rest // 2 - (rest // 2) % vpp
-        hi = rest - lo
-        if 0 < lo <= per and 0 < hi <= per and hi % vpp == 0:
-            return (f"parallel.num_layers_in_first_pipeline_stage={lo} "
-                    f"parallel.num_layers_in_last_pipeline_stage={hi} ({pp - 2} middle stages of {per})")
-    good = [k for k in divisors(layers) if k <= 64]
-    return f"choose parallel.pp*parallel.vpp from the divisors of {layers}: {good}"
-
-
-@rule
-def context_parallel_sequence(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Megatron's CP splits each sequence into 2*cp chunks (load-balanced causal attention)."""
-    p, m = cfg.parallel, cfg.model
-    if p.cp > 1 and m.seq_length % (2 * p.cp):
-        yield Problem({"model.seq_length": m.seq_length, "parallel.cp": p.cp},
-                      f"seq_length must be divisible by 2*cp = {2 * p.cp}",
-                      f"model.seq_length={m.seq_length - m.seq_length % (2 * p.cp)}, or another cp")
-
-
-@rule
-def sequence_fits_positions(cfg: Config, d: Derived) -> Iterator[Problem]:
-    m = cfg.model
-    if m.max_position_embeddings is not None and m.seq_length > m.max_position_embeddings:
-        yield Problem({"model.seq_length": m.seq_length, "model.max_position_embeddings": m.max_position_embeddings},
-                      "the sequence is longer than the model's positions",
-                      f"model.seq_length={m.max_position_embeddings}, or raise model.max_position_embeddings")
-
-
-@rule
-def batch_divisible(cfg: Config, d: Derived) -> Iterator[Problem]:
-    p, t = cfg.parallel, cfg.train
-    per_step = p.micro_batch_size * d.dp
-    if per_step > 0 and t.global_batch_size % per_step:
-        lower = max(t.global_batch_size - t.global_batch_size % per_step, per_step)
-        yield Problem(
-            {"train.global_batch_size": t.global_batch_size, "parallel.micro_batch_size": p.micro_batch_size, "dp": d.dp},
-            f"global batch {t.global_batch_size} is not divisible by micro_batch_size*dp = "
-            f"{p.micro_batch_size}*{d.dp} = {per_step}",
-            f"train.global_batch_size={lower} or {lower + per_step}, or another micro_batch_size",
-        )
-
-
-@rule
-def batch_rampup(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Every batch of the ramp must split into whole micro-batches, as megatron-core's calculator asserts."""
-    p, t = cfg.parallel, cfg.train
-    ramp = t.rampup_batch_size
-    if ramp is None:
-        return
-    key = {"train.rampup_batch_size": list(ramp)}
-    example = "train.rampup_batch_size=[START,INCREMENT,SAMPLES], e.g. [16,16,5859375] (GPT-3 175B in Megatron-LM)"
-    if len(ramp) != 3 or any(v < 1 for v in ramp):
-        yield Problem(key, "needs three positive numbers: start batch, increment, ramp-up samples", example)
-        return
-    start, inc, _ = ramp
-    per_step = p.micro_batch_size * d.dp
-    if _megatron(cfg) and (p.vpp or 1) > 1:
-        per_step *= p.pp  # the interleaved schedule needs micro-batches in multiples of pp
-    keys = {**key, "train.global_batch_size": t.global_batch_size}
-    if start >= t.global_batch_size:
-        yield Problem(keys, "the ramp must start below the global batch", "a smaller start, or train.rampup_batch_size=null")
-    elif (t.global_batch_size - start) % inc:
-        yield Problem(keys, f"the ramp from {start} by {inc} does not reach {t.global_batch_size}",
-                      f"an increment dividing {t.global_batch_size - start}")
-    if per_step > 0 and (start % per_step or inc % per_step):
-        yield Problem({**key, "parallel.micro_batch_size": p.micro_batch_size, "dp": d.dp},
-                      f"every batch of the ramp must be a multiple of micro_batch_size*dp = {per_step}"
-                      + (" (x pp: interleaved schedule)" if per_step != p.micro_batch_size * d.dp else ""),
-                      f"start and increment as multiples of {per_step}")
-
-
-@rule
-def sequence_parallel_setting(cfg: Config, d: Derived) -> Iterator[Problem]:
-    sp = cfg.parallel.sequence_parallel
-    if sp != "auto" and type(sp) is not bool:
-        yield Problem({"parallel.sequence_parallel": sp}, "must be auto, true or false",
-                      "parallel.sequence_parallel=auto")
-    elif sp is True and cfg.parallel.tp < 2:
-        yield Problem({"parallel.sequence_parallel": sp, "parallel.tp": cfg.parallel.tp},
-                      "sequence parallelism splits activations over the tensor-parallel group; it needs tp > 1",
-                      "parallel.sequence_parallel=auto, or parallel.tp>1")
-
-
-@rule
-def sequence_parallel_splits_sequence(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Sequence parallelism scatters each CP chunk of the sequence over tp ranks."""
-    p, m = cfg.parallel, cfg.model
-    if _megatron(cfg) and d.sequence_parallel and p.tp > 1 and p.cp > 0 and (m.seq_length // p.cp) % p.tp:
-        yield Problem({"model.seq_length": m.seq_length, "parallel.cp": p.cp, "parallel.tp": p.tp},
-                      f"with sequence parallelism, seq_length/cp = {m.seq_length // p.cp} must be divisible by tp",
-                      f"model.seq_length={m.seq_length - m.seq_length % (p.cp * p.tp)}")
-
-
-@rule
-def moe_settings(cfg: Config, d: Derived) -> Iterator[Problem]:
-    p, m = cfg.parallel, cfg.model
-    if not m.num_experts:
-        return
-    if m.moe_router_topk > m.num_experts:
-        yield Problem({"model.moe_router_topk": m.moe_router_topk, "model.num_experts": m.num_experts},
-                      "a token cannot be routed to more experts than there are", "model.moe_router_topk=2")
-    if _megatron(cfg) and p.tp > 1 and not d.sequence_parallel:
-        yield Problem({"parallel.tp": p.tp, "parallel.sequence_parallel": p.sequence_parallel, "model.num_experts": m.num_experts},
-                      "Megatron-Core requires sequence parallelism for MoE with tensor parallelism",
-                      "parallel.sequence_parallel=auto")
-
-
-@rule
-def interleaved_schedule_microbatches(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Megatron-Core's interleaved 1F1B runs micro-batches in groups of pp per virtual stage,
-    and raises unless their number is a multiple of pp (pipeline_parallel/schedules.py)."""
-    p = cfg.parallel
-    if p.vpp > 1 and p.pp > 1 and d.grad_accum_steps % p.pp:
-        per_step = p.pp * p.micro_batch_size * d.dp
-        yield Problem({"parallel.vpp": p.vpp, "parallel.pp": p.pp, "grad_accum_steps": d.grad_accum_steps},
-                      f"the interleaved schedule needs a multiple of pp = {p.pp} micro-batches per step, this layout "
-                      f"has {d.grad_accum_steps}",
-                      f"train.global_batch_size as a multiple of {per_step}, or parallel.vpp=1")
-
-
-@rule
-def no_secrets_in_files(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """cluster.env is written into the job script; secrets stay in the submitting environment."""
-    for key in cfg.cluster.env:
-        if _SECRET.search(key):
-            yield Problem({f"cluster.env.{key}": "<hidden>"}, "looks like a secret, and cluster.env is written to disk",
-                          f"remove it and export {key} where you run trainctl; jobs inherit the environment")
-
-
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-
-
-@rule
-def env_names(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """cluster.env keys become ``export NAME=...`` lines: each must be a shell variable name."""
-    for key in cfg.cluster.env:
-        if not _ENV_NAME.fullmatch(key):
-            yield Problem({f"cluster.env.{key}": cfg.cluster.env[key]}, "is not an environment variable name",
-                          "use letters, digits and _ only, not starting with a digit (NCCL_IB_HCA)")
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-# --- data and stage -----------------------------------------------------------
-
-@rule
-def mixture_weights(cfg: Config, d: Derived) -> Iterator[Problem]:
-    sources = cfg.data.sources
-    if not sources:
-        yield Problem({"data.sources": "{}"}, "the mixture has no sources",
-                      "choose a mixture with sources (data=tiny_mix), or write your own data/ config")
-    for name, source in sources.items():
-        if not source.weight > 0:
-            yield Problem({f"data.sources.{name}.weight": source.weight}, "mixture weights must be positive",
-                          f"data.sources.{name}.weight=0.1, or remove the source with ~data.sources.{name}")
-
-
-@rule
-def data_split(cfg: Config, d: Derived) -> Iterator[Problem]:
-    split = cfg.data.split
-    if len(split) != 3 or any(x < 0 for x in split) or sum(split) <= 0:
-        yield Problem({"data.split": list(split)}, "need three non-negative fractions: train, validation, test",
-                      "data.split=[0.98,0.01,0.01]")
-
-
-@rule
-def stage_needs_init(cfg: Config, d: Derived) -> Iterator[Problem]:
-    s = cfg.stage
-    if s.kind != StageKind.pretrain and not s.init_checkpoint and not s.from_scratch:
-        yield Problem({"stage": s.kind, "stage.init_checkpoint": s.init_checkpoint},
-                      f"{s.kind.name} starts from a trained model",
-                      "stage.init_checkpoint=/path/to/checkpoint, or stage.from_scratch=true")
-    if s.kind == StageKind.rlhf and not s.reward_model and not s.from_scratch:
-        yield Problem({"stage": s.kind, "stage.reward_model": s.reward_model}, "RLHF needs a reward model",
-                      "stage.reward_model=/path/to/reward_model")
-
-
-# --- estimator assumptions ----------------------------------------------------
-
-@rule
-def estimate_settings(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """The step-time model divides by the achievable fractions and by estimate.mfu; the
-    memory model adds the overheads. A share of communication may be 0 (fully hidden)."""
-    e = cfg.estimate
-    defaults = type(e)()  # EstimateConfig's defaults, for the fixes
-    for name in ("achievable_fraction_dense", "achievable_fraction_moe", "achievable_fraction_fp8"):
-        value = getattr(e, name)
-        if not 0 < value <= 1:
-            yield Problem({f"estimate.{name}": value}, "a share of the peak must be in (0, 1]",
-                          f"estimate.{name}={getattr(defaults, name)} (the default)")
-    for name in ("dp_comm_exposed_fraction", "tp_comm_exposed_fraction", "ep_comm_exposed_fraction",
-                 "pp_comm_exposed_fraction"):
-        value = getattr(e, name)
-        if not 0 <= value <= 1:
-            yield Problem({f"estimate.{name}": value},
-                          "a share of the communication left exposed must be in [0, 1] (0: all hidden)",
-                          f"estimate.{name}={getattr(defaults, name)} (the default)")
-    if e.mfu is not None and not 0 < e.mfu <= 1:
-        yield Problem({"estimate.mfu": e.mfu}, "MFU is a share of the peak: it must be in (0, 1]",
-                      "estimate.mfu=0.4, or estimate.mfu=null to use the step-time model")
-    for name in ("cuda_context_gib", "nccl_buffers_gib", "allocator_fragmentation"):
-        value = getattr(e, name)
-        if not value >= 0:
-            yield Problem({f"estimate.{name}": value}, "a memory overhead cannot be negative",
-                          f"estimate.{name}={getattr(defaults, name)} (the default), or 0")
-
-
-# The rules scoped to one backend live in their own module; importing it registers them.
-from launch.config import backend_rules  # noqa: E402,F401  (pyflakes: imported for its side effect)

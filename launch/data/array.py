@@ -22,7 +22,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from launch.config.schema import Config, Scheduler
+from launch.data import shard
+from launch.data.prepare import build_one, check_inputs, inspect_tokenizer, output_dir, processes, unfinished
+from launch.data.sources import sha256
 from launch.errors import UserError
+from launch.executors import jobs, slurm
+from launch.executors.sbatch import render_prepare
 
 SUBDIR = "prepare"
 
@@ -39,13 +45,6 @@ def _absolute_data_paths(composed) -> None:
 def submit_prepare(cfg, composed, run_dir: Path) -> bool:
     """Submit the job array for the unfinished shards; False when every shard is finished (nothing queued)."""
     from omegaconf import OmegaConf
-
-    from launch.config.schema import Scheduler
-    from launch.data import shard
-    from launch.data.prepare import check_inputs, inspect_tokenizer, output_dir, unfinished
-    from launch.data.sources import sha256
-    from launch.executors import jobs, slurm
-    from launch.executors.sbatch import render_prepare
 
     if cfg.cluster.scheduler != Scheduler.slurm:
         raise UserError(f"data.prepare_on=slurm, cluster={cfg.cluster.name}: this cluster has no SLURM scheduler\n"
@@ -88,11 +87,6 @@ def main(argv: list[str]) -> int:
         print("usage: python -m launch.data.array PREPARE_DIR SOURCE", file=sys.stderr)
         return 2
     from omegaconf import OmegaConf
-
-    from launch.config.schema import Config
-    from launch.data import shard
-    from launch.data.prepare import build_one, check_inputs, inspect_tokenizer, output_dir, processes, unfinished
-    from launch.data.sources import sha256
 
     prep_dir, name = Path(argv[0]), argv[1]
     try:

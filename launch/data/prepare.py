@@ -20,8 +20,10 @@ at ``MAX_PROCS``); the schema has no knob for it. Here, sources are built one
 after another; with ``data.prepare_on=slurm`` each unfinished source becomes one
 task of a job array (``launch.data.array``) and the command returns at once.
 
-Heavy imports (``datasets``, ``tokenizers``, megatron-core, which imports torch)
-happen inside ``run_prepare`` only: the CLI imports this module on the login path.
+The command itself (here, or as a Slurm job array) is ``launch.data.command``;
+this module holds the steps both the command and an array task
+(``launch.data.array``) run. Heavy imports (``datasets``, ``tokenizers``,
+megatron-core, which imports torch) happen inside ``shard``'s builders only.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import sys
 from pathlib import Path
 
+from launch.data import shard, tokenizer
+from launch.data.sources import fingerprint, resolve, sha256
 from launch.errors import UserError
+from launch.fmt import si
 
 MAX_EPOCHS = 4.0
 """Muennighoff et al. 2023: up to ~4 epochs of repeated data are nearly as good as fresh; returns diminish beyond."""
@@ -47,8 +50,6 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 def check_inputs(data) -> tuple[list, Path]:
     """(resolved sources, tokenizer path) of ``data`` (a DataConfig); every bad input at once as a UserError."""
-    from launch.data.sources import resolve
-
     found, sources = [], []
     out = Path(data.prepared_dir).expanduser().absolute()
     tok_path = Path(data.tokenizer).expanduser().absolute()
@@ -82,8 +83,6 @@ def check_inputs(data) -> tuple[list, Path]:
 
 
 def inspect_tokenizer(tok_path: Path, configured: str):
-    from launch.data import tokenizer
-
     try:
         return tokenizer.inspect(tok_path)
     except ValueError as exc:
@@ -169,7 +168,6 @@ def report(cfg, out_dir: Path, tok_path: Path, train_tokens: int, shards: dict[s
 def prepare_table(numbers: dict):
     from rich.table import Table
 
-    from launch.fmt import si
 
     budget = si(numbers["train_tokens"])
     table = Table(title=f"trainctl prepare: {numbers['mixture']}", title_justify="left", caption_justify="left",
@@ -186,13 +184,10 @@ def prepare_table(numbers: dict):
     return table
 
 
-# ---- the command ------------------------------------------------------------------------
+# ---- every source, in this process ------------------------------------------------------------------------
 
 def prepare(cfg, train_tokens: int, say=print) -> dict:
     """Build or skip every source's shard; the report (also written to {prepared_dir}/prepare.json)."""
-    from launch.data import shard
-    from launch.data.sources import sha256
-
     sources, tok_path = check_inputs(cfg.data)
     tok = inspect_tokenizer(tok_path, cfg.data.tokenizer)
     tokenizer_sha = sha256(tok_path)
@@ -216,8 +211,6 @@ def prepare(cfg, train_tokens: int, say=print) -> dict:
 
 def unfinished(shard, sources, tokenizer_sha, out_dir) -> tuple[dict, list]:
     """({name: manifest} of the finished shards, [(source, fingerprint, why)] of the others)."""
-    from launch.data.sources import fingerprint
-
     done, todo = {}, []
     for source in sources:
         fp = fingerprint(source)
@@ -266,40 +259,3 @@ def build_one(shard, source, fp, tok, tokenizer_sha, out_dir, procs) -> dict:
         except ValueError as exc:
             raise UserError(f"{key}.path={source.path}: {exc}\n  fix: check the file(s), or point {key}.path "
                             "at .jsonl, .parquet or .txt data") from None
-
-
-def run_prepare(composed, run_dir: Path, command: list[str]) -> None:
-    """Prepare the shards, print the report, write {prepared_dir}/prepare.json and RUN_DIR/prepare.json.
-
-    RUN_DIR gets the same figures (the epochs depend on this run's token budget);
-    a failure leaves a run directory this command created absent, as ``trainctl plan`` does.
-    """
-    from omegaconf import OmegaConf
-    from rich.console import Console
-
-    from launch.config import derive
-    from launch.rundir import dump_json
-
-    fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
-    if composed.data.prepare_on == "slurm":
-        from launch.data.array import submit_prepare
-
-        if submit_prepare(OmegaConf.to_object(composed), composed, run_dir):
-            return
-    elif composed.data.prepare_on != "here":
-        raise UserError(f"data.prepare_on={composed.data.prepare_on}: must be here or slurm\n"
-                        "  fix: data.prepare_on=here (this process) or data.prepare_on=slurm (a job array)")
-    try:
-        cfg = OmegaConf.to_object(composed)
-        numbers = prepare(cfg, derive(cfg).tokens)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / REPORT).write_text(dump_json(numbers))
-    except BaseException:
-        shards_inside = Path(composed.data.prepared_dir).absolute().is_relative_to(run_dir)
-        if fresh and not shards_inside:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    Console().print(prepare_table(numbers))
-    print(f"wrote {numbers['prepared_dir']}/: " + ", ".join(f"{n}.{{bin,idx,json}}" for n in numbers["sources"])
-          + f", {REPORT}; and {run_dir}/{REPORT}")
-    sys.stdout.flush()

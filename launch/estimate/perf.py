@@ -38,8 +38,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.config.derive import Derived
-from launch.config.schema import BackendName, Config, MfuBasis, Precision, Recompute
+from launch.config.derive import Derived, mfu_peak_tflops
+from launch.config.schema import BackendName, Config, Precision, Recompute
 from launch.estimate.calibration import step_time_ratio
 from launch.estimate.flops import LayerFlops, layer_recompute_flops, layer_training_flops, logits_training_flops
 from launch.estimate.memory import ACTIVATION_BYTES_BF16, bytes_per_param, local_tokens
@@ -87,11 +87,8 @@ def rates(cfg: Config) -> Rates:
 
 
 def mfu_peak_flops(cfg: Config) -> float:
-    """The peak MFU is quoted against: dense BF16 (the convention, Chowdhery et al. 2022,
-    appendix B), or FP8 with estimate.mfu_basis=fp8."""
-    gpu = cfg.cluster.gpu
-    peak = gpu.peak_fp8_tflops if cfg.estimate.mfu_basis == MfuBasis.fp8 else gpu.peak_bf16_tflops
-    return peak * TERA
+    """The peak MFU is quoted against, in FLOP/s (``derive.mfu_peak_tflops``, which the trainer reads too)."""
+    return mfu_peak_tflops(cfg) * TERA
 
 
 # ---- where a group's ranks sit ------------------------------------------------------------

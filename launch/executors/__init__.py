@@ -13,6 +13,7 @@ from pathlib import Path
 
 from launch.config import Config
 from launch.config.schema import Scheduler
+from launch.executors.sbatch import render_sbatch
 
 _LOCAL = """#!/usr/bin/env bash
 # trainctl local launch: {nproc} process(es) on this machine, started by torchrun.
@@ -24,8 +25,6 @@ exec {python} -m torch.distributed.run --standalone --nproc-per-node={nproc} -m 
 def job_script(cfg: Config, run_dir: Path, numbers: dict) -> tuple[str, str]:
     """The job script's file name and text for this run."""
     if cfg.cluster.scheduler == Scheduler.slurm:
-        from launch.executors.sbatch import render_sbatch
-
         return "job.sbatch", render_sbatch(cfg, run_dir, numbers)
     return "launch.sh", _LOCAL.format(nproc=cfg.cluster.gpus_per_node, python=shlex.quote(cfg.cluster.python),
                                       run_dir=shlex.quote(str(run_dir)))

@@ -4,6 +4,11 @@
 sha256 of the exact script sbatch got and the time; a requeued job keeps its id.
 The records are rewritten whole through a temporary file and a rename, so a
 reader never sees half of one.
+
+A local job (cluster=local, ``local:PID``) has no scheduler to ask, so its
+state is read here, from its record and from whether its process still runs; a
+Slurm job's state comes from ``slurm.states``. ``local.py`` starts local jobs
+and records them through this module.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import shutil
 from pathlib import Path
 
 from launch.errors import UserError
+from launch.executors.slurm import JobState, states
 from launch.rundir import write_file
 
 JOB_RECORD = "job.json"
 SWEEP_RECORD = "sweep.json"
 PIPELINE_RECORD = "pipeline.json"
+LOCAL_PREFIX = "local:"
+"""A local job's id is this prefix and the pid of its launch.sh."""
 
 
 def read(path: Path) -> dict | None:
@@ -70,16 +78,12 @@ def refuse_if_active(run_dir: Path) -> None:
     Its job reads RUN_DIR/config.yaml when it starts, and again when it is requeued.
     Where Slurm's tools are absent (a laptop with a copied run), there is nothing to ask.
     """
-    from launch.executors import local
-
     job_id = latest_job_id(run_dir)
-    if local.is_local(job_id):
-        state = local.state(run_dir)
+    if is_local(job_id):
+        state = local_state(run_dir)
     elif job_id is None or shutil.which("scontrol") is None:
         return
     else:
-        from launch.executors.slurm import states
-
         found = states([job_id])  # a job array answers with its tasks, JOBID_i
         tasks = [v for k, v in found.items() if k == job_id or k.startswith(f"{job_id}_")]
         state = next((t for t in tasks if t.active), tasks[0] if tasks else None)
@@ -88,6 +92,34 @@ def refuse_if_active(run_dir: Path) -> None:
                         "change the config under it (and submitting would run two jobs in one directory)\n"
                         "  fix: wait for it (`trainctl status "
                         f"{run_dir}`), cancel it (`trainctl cancel {run_dir}`), or choose another name=")
+
+
+def is_local(job_id: str | None) -> bool:
+    return bool(job_id) and job_id.startswith(LOCAL_PREFIX)
+
+
+def local_alive(job_id: str, run_dir: Path) -> bool:
+    """A pid counts as this run only while it is alive and its command line names this run's directory."""
+    pid = job_id.removeprefix(LOCAL_PREFIX)
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return str(run_dir) in args or str(run_dir / "launch.sh") in args
+
+
+def local_state(run_dir: Path) -> JobState | None:
+    """The state of the run's latest local job (None if its latest job is not local)."""
+    record = read(run_dir / JOB_RECORD)
+    if not record or not record.get("jobs") or not is_local(record["jobs"][-1]["job_id"]):
+        return None
+    last = record["jobs"][-1]
+    if local_alive(last["job_id"], run_dir):
+        return JobState(job_id=last["job_id"], state="RUNNING")
+    code = last.get("exit_code")
+    if code is None:
+        return JobState(job_id=last["job_id"], state="GONE", reason="ended without a record (killed?)")
+    return JobState(job_id=last["job_id"], state="COMPLETED" if code == 0 else "FAILED", exit_code=str(code))
 
 
 def add_sweep_point(sweep_dir: Path, point: dict) -> None:

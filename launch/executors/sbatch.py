@@ -19,6 +19,7 @@ from launch.config.schema import BackendName, Config
 from launch.config.slurm_time import parse_time_limit
 from launch.errors import UserError
 from launch.paths import asset_dir
+from launch.estimate.run import checkpoint_write_seconds
 
 TEMPLATE = "job.sbatch.j2"
 PREPARE_TEMPLATE = "prepare.sbatch.j2"
@@ -39,8 +40,6 @@ def signal_lead_seconds(cfg: Config, numbers: dict) -> int:
     """
     if cfg.cluster.signal_lead_s is not None:
         return cfg.cluster.signal_lead_s
-    from launch.estimate.run import checkpoint_write_seconds
-
     write_s = checkpoint_write_seconds(cfg, numbers["model"]["params_total"])
     return math.ceil(numbers["throughput"]["step_time_s"] + 2 * write_s) + SIGNAL_GRANULARITY_S
 

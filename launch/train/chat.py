@@ -44,6 +44,8 @@ import json
 import re
 from pathlib import Path
 
+from launch.train.data_common import Datasets, MissingData, eod_id
+
 DEFAULT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -82,8 +84,6 @@ class ChatEncoder:
 
     def __init__(self, tokenizer_path: str, *, seq_length: int, mask_prompt: bool = True):
         from transformers import PreTrainedTokenizerFast
-
-        from launch.train.data import eod_id
 
         _, self.eod = eod_id(tokenizer_path)
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path))
@@ -168,8 +168,6 @@ class ChatSource:
 
 def check_sources(cfg) -> None:
     """Raise MissingData naming the chat files that are not there."""
-    from launch.train.data import MissingData
-
     missing = [f"data.sources.{name}.path={s.path}" for name, s in cfg.data.sources.items()
                if not Path(s.path).expanduser().is_file()]
     if missing:
@@ -184,7 +182,6 @@ def build_chat_datasets(cfg, *, train_samples: int, valid_samples: int, cache_di
     from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
     from megatron.core.datasets.utils import Split
 
-    from launch.train.data import Datasets
 
     distributed = torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0

@@ -23,27 +23,18 @@ only the number of consumed samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-PREPARE_HINT = "run `trainctl prepare ...` first (with the same data.* overrides as this run)"
+from launch.backends.common import reads_raw_chat
+from launch.train.chat import build_chat_datasets, check_sources
+from launch.train.data_common import PREPARE_HINT, Datasets, MissingData, MissingShards, eod_id
 
-
-class MissingData(Exception):
-    """What this run reads is not there."""
-
-
-class MissingShards(MissingData):
-    """The prepared shards of a mixture source are not there."""
-
+__all__ = ["PREPARE_HINT", "Datasets", "MissingData", "MissingShards", "build_datasets", "check_data", "eod_id",
+           "micro_batch", "shard_prefixes", "write_shards"]
 
 def check_data(cfg) -> None:
     """Raise MissingData naming what this run would read and cannot find: shards, or chat files for SFT."""
-    from launch.backends.common import reads_raw_chat
-
     if reads_raw_chat(cfg):
-        from launch.train.chat import check_sources
-
         check_sources(cfg)
     else:
         shard_prefixes(cfg)
@@ -63,24 +54,6 @@ def shard_prefixes(cfg) -> tuple[list[str], list[float]]:
     if missing:
         raise MissingShards(f"the prepared data is missing ({', '.join(missing)}): {PREPARE_HINT}")
     return prefixes, weights
-
-
-def eod_id(tokenizer_path: str) -> tuple[int, int]:
-    """(vocabulary size, end-of-document id) of data.tokenizer, as `trainctl prepare` found them."""
-    try:
-        from launch.data.tokenizer import inspect  # the same rule prepare used
-
-        info = inspect(Path(tokenizer_path))
-        return info.vocab_size, info.eod_id
-    except ImportError:
-        pass
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    for name in ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"):
-        if tok.token_to_id(name) is not None:
-            return tok.get_vocab_size(with_added_tokens=True), tok.token_to_id(name)
-    raise ValueError(f"{tokenizer_path}: no end-of-document token")
 
 
 def _megatron_tokenizer(vocab_size: int, eod: int):
@@ -117,21 +90,11 @@ def _megatron_tokenizer(vocab_size: int, eod: int):
     return _Prepared()
 
 
-@dataclass
-class Datasets:
-    train: object
-    valid: object | None
-
-
 def build_datasets(cfg, *, train_samples: int, valid_samples: int, cache_dir: Path) -> Datasets:
     """The blended train and validation datasets (call on every rank; torch.distributed may be initialised)."""
     import torch
 
-    from launch.backends.common import reads_raw_chat
-
     if reads_raw_chat(cfg):
-        from launch.train.chat import build_chat_datasets
-
         return build_chat_datasets(cfg, train_samples=train_samples, valid_samples=valid_samples,
                                    cache_dir=cache_dir)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder

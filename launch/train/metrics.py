@@ -31,6 +31,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from launch.config.derive import mfu_peak_tflops
 from launch.run_record import read_overrides
 
 GIB = 1024 ** 3
@@ -49,10 +50,7 @@ def wandb_name_and_tags(cfg, run_dir: Path) -> tuple[str, list[str]]:
     name = str(cfg.name)
     if run_dir.parent.name == name:
         name = f"{name}/{run_dir.name}"
-    def plain(value) -> str:  # an enum's name, a string as is
-        return str(getattr(value, "name", value))
-
-    tags = [f"stage={plain(cfg.stage.kind)}", f"backend={plain(cfg.backend.name)}", *map(str, cfg.wandb.tags)]
+    tags = [f"stage={cfg.stage.kind.name}", f"backend={cfg.backend.name.name}", *map(str, cfg.wandb.tags)]
     tags += [o for o in read_overrides(run_dir) if "=" in o]
     return name, [t[:64] for t in dict.fromkeys(tags)]  # wandb caps a tag at 64 characters
 
@@ -67,9 +65,7 @@ class Reporter:
         self.world = world
         self.plan = plan
         self.flops_per_token = plan.flops.per_token
-        basis = getattr(cfg.estimate.mfu_basis, "name", str(cfg.estimate.mfu_basis))
-        gpu = cfg.cluster.gpu
-        self.peak_tflops = float(gpu.peak_fp8_tflops if basis == "fp8" else gpu.peak_bf16_tflops)
+        self.peak_tflops = mfu_peak_tflops(cfg)
         thr = plan.throughput
         self.predicted = {
             "plan_step_time_s": thr.step_time_s,

@@ -19,6 +19,7 @@ num_query_groups -> num_key_value_heads, rotary_base -> rope_theta, ...).
 
 from __future__ import annotations
 
+from launch.config.schema import Activation, Normalization, PositionEmbedding
 from launch.train.preflight import init_checkpoint
 
 
@@ -29,12 +30,11 @@ class ModelError(Exception):
 def hf_config(cfg, *, eod: int | None = None):
     """The ``transformers`` config of ``cfg.model`` (``eod``: the tokenizer's end-of-document id, its BOS/EOS)."""
     m = cfg.model
-    name = lambda v: v.name if hasattr(v, "name") else str(v)  # noqa: E731 - enum or its string
-    if name(m.position_embedding_type) != "rope":
+    if m.position_embedding_type != PositionEmbedding.rope:
         raise ModelError("model.position_embedding_type must be rope for the DeepSpeed trainer (Llama/Mixtral)")
-    if name(m.normalization) != "RMSNorm":
+    if m.normalization != Normalization.RMSNorm:
         raise ModelError("model.normalization must be RMSNorm for the DeepSpeed trainer (Llama/Mixtral)")
-    if name(m.activation) != "swiglu":
+    if m.activation != Activation.swiglu:
         raise ModelError("model.activation must be swiglu for the DeepSpeed trainer (Llama/Mixtral)")
     common = dict(
         vocab_size=int(m.vocab_size),

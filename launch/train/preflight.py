@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from launch.config.schema import BackendName, Config
+from launch.config.stages import trains
 from launch.errors import UserError
 from launch.run_record import RunConfig
-from launch.submit import TRAINING_BUILT
 from launch.train import checkpoint as ckpt
 from launch.train.data import MissingData, check_data
 
@@ -73,9 +73,9 @@ def init_checkpoint(cfg: Config) -> str | None:
 def preflight(run_dir: Path, record: RunConfig, engine: Engine) -> tuple[str | None, int, Path | None]:
     """(problem, its exit code; or None, 0, the step directory to resume from or None). No torch."""
     cfg = record.cfg
-    backend, stage = cfg.backend.name.name, cfg.stage.kind.name
-    if (backend, stage) not in TRAINING_BUILT:
-        return f"stage.kind={stage}: the {backend} trainer trains pretrain and sft only so far", EXIT_NOT_BUILT, None
+    if not trains(cfg.stage.kind, cfg.backend.name):
+        return (f"stage.kind={cfg.stage.kind.name}: the {cfg.backend.name.name} trainer does not train this stage "
+                "yet"), EXIT_NOT_BUILT, None
     problem = engine.unsupported(cfg)
     if problem:
         return problem, EXIT_NOT_BUILT, None

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import math
 
+from launch.backends.common import wsd_decay_steps
+from launch.config.schema import Schedule
+
 
 def lr_at(step: int, *, peak: float, min_lr: float, warmup: int, steps: int, schedule: str,
           decay_steps: int | None = None) -> float:
@@ -46,11 +49,8 @@ def lr_at(step: int, *, peak: float, min_lr: float, warmup: int, steps: int, sch
 
 def lr_function(cfg, *, peak: float, steps: int):
     """``step -> lr`` for the run's optim config (``cfg`` is the resolved config)."""
-    from launch.backends.common import wsd_decay_steps
-
-    schedule = cfg.optim.schedule
-    name = schedule.name if hasattr(schedule, "name") else str(schedule)
-    decay = wsd_decay_steps(cfg, steps) if name == "wsd" else None
+    name = cfg.optim.schedule.name
+    decay = wsd_decay_steps(cfg, steps) if cfg.optim.schedule == Schedule.wsd else None
     kwargs = dict(peak=peak, min_lr=float(cfg.optim.min_lr), warmup=int(cfg.optim.warmup_steps), steps=steps,
                   schedule=name, decay_steps=decay)
     return lambda step: lr_at(step, **kwargs)
