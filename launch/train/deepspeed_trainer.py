@@ -14,6 +14,7 @@ directory the skeleton gives; the export is the consolidated Hugging Face model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,8 +98,14 @@ class DeepSpeedModule(TrainModule):
     def eval_step(self, batches: list) -> float:
         return sum(self._loss(*batch).item() for batch in batches) / len(batches)
 
+    @contextlib.contextmanager
     def evaluating(self):
-        return _Evaluating(self.engine)
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.engine.train()
 
     def mean_loss(self, items: list) -> float:
         """The mean over the items and the ranks (every rank has as many micro-batches)."""
@@ -150,21 +157,6 @@ class DeepSpeedModule(TrainModule):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-
-class _Evaluating:
-    """Eval mode and no gradients for the duration; train mode again after."""
-
-    def __init__(self, engine):
-        self.engine, self.no_grad = engine, torch.no_grad()
-
-    def __enter__(self):
-        self.engine.eval()
-        self.no_grad.__enter__()
-
-    def __exit__(self, *exc):
-        self.no_grad.__exit__(*exc)
-        self.engine.train()
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

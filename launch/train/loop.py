@@ -1,27 +1,20 @@
 """The trainer skeleton: one loop, one checkpoint sequence, one export sequence, for every engine.
 
-``Trainer`` owns what every training run does the same way; the engine behind
+``Trainer`` owns what every run does the same way; the engine behind
 ``launch.train.module.TrainModule`` owns only its model, optimizer and step.
 
-- **The loop**: batch ramp-up (``launch.config.rampup``), one optimizer step per
-  iteration, a logging window of ``train.log_interval`` steps (the mean loss and
-  the step time over it), validation every ``train.eval_interval`` steps over
-  ``train.eval_iters`` full global batches (the same ones each time, so the numbers
-  compare), a checkpoint every ``save_every`` steps (``train.checkpoint_interval``,
-  else the plan's Young/Daly interval).
-- **Stop signals**: after every step all ranks agree (``launch.train.stop``); on
-  SIGUSR1/SIGTERM they save a checkpoint (unless this step just saved one) and
-  return 0; the sbatch script requeues the job, which resumes from ``latest``.
-- **Checkpoints** (``launch.train.checkpoint``): every rank writes its shards and
-  its RNG states into ``.tmp_step_NNNNNNN``; after a barrier rank 0 writes the
-  marker and commits (rename, ``latest``, retention). Resume reads the marker,
-  lets the module load its state, restores the data position, and the RNG states
-  when the layout is the one they were saved with.
-- **Export**: the module writes the end-of-run model into ``.tmp_final``; rank 0
-  adds a marker and renames it to ``final`` (the next stage's ``stage.init_checkpoint``).
-
-Data order is a pure function of the consumed samples (``launch.train.data``), so
-resuming needs only that count.
+- The loop: batch ramp-up, one optimizer step per iteration, a logging window of
+  ``train.log_interval`` steps, validation every ``train.eval_interval`` steps over
+  ``train.eval_iters`` full batches (the same ones each time: the numbers compare), a
+  checkpoint every ``save_every`` steps (``train.checkpoint_interval``, else the plan's).
+- Stop signals: after every step all ranks agree (``launch.train.stop``); on
+  SIGUSR1/SIGTERM they save (unless this step just did) and return 0; the sbatch
+  script requeues the job, which resumes from ``latest``.
+- Checkpoints (``launch.train.checkpoint``): every rank writes its shards and RNG
+  states into ``.tmp_step_N``, rank 0 marks and commits it. Resume restores the
+  module, the data position (a count of samples: ``launch.train.data``) and, on the
+  layout they were saved with, the RNG states.
+- Export: the module writes into ``.tmp_final``, rank 0 marks it and renames it ``final``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
-"""The seam between the trainer skeleton and an engine: ``TrainModule``.
+"""The seam between the trainer skeleton and an engine: ``TrainModule`` (OLMo-core's, STYLE.md 11).
 
 The skeleton (``launch.train.loop.Trainer``) owns the loop, the data, the batch
 ramp-up, logging, validation cadence, stop signals, and the checkpoint and export
-*sequences* (temporary directory, barriers, RNG states, the commit marker,
-``latest``, resume). An engine owns its model, optimizer and step behind these
-methods and nothing else (OLMo-core's ``TrainModule``, STYLE.md 11):
-
-=======================  ==========================================================
-``describe()``           the layout, for the line printed when a run starts
-``set_batch(micro)``     a batch ramp-up changed the micro-batches per step
-``train_step(batches)``  one optimizer step over this rank's micro-batches
-``eval_step(batches)``   the loss over this rank's micro-batches, no update
-``evaluating()``         a context for evaluation (eval mode, no grad)
-``mean_loss(items)``     the mean over a window of steps and every rank
-``save_shards(dir, s)``  this rank's part of a checkpoint, into ``dir``
-``load(dir, marker)``    resume this module's state from a step directory
-``export(dir, step)``    the end-of-run model the next stage starts from
-=======================  ==========================================================
-
-A module is built in its constructor (process group, model, optimizer) from the
-run record; it sets ``rank``, ``world``, ``dp``, ``dp_rank``, ``device``, ``mbs``
-and ``micro_batches``. Nothing here imports torch: a module's own file does.
+*sequences*; an engine owns its model, optimizer and step behind these methods.
+Its constructor builds it (process group, model, optimizer) from the run record and
+sets the attributes below. Nothing here imports torch: an engine's own file does.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""What a training job checks before it builds anything: the engine, the stage, the data, the devices, the resume.
+"""What a training job checks before it builds anything: engine, stage, data, devices, resume.
 
-Everything here but ``device_problem`` runs without torch, so a job with a bad
-input stops in a second, with exit code 2 (a user error found on the node) or 3
-(not built), and one line saying what is wrong and how to fix it.
-
-``ENGINES`` names each backend's ``TrainModule`` and what differs between engines
-before training: what a ``stage.init_checkpoint`` must contain, which keys a
-resume may change besides ``launch.train.checkpoint.RESUMABLE``, and settings the
-engine cannot train yet.
+All but ``device_problem`` run without torch: a bad input stops the job in a second
+with one line and a distinct exit code. ``ENGINES`` names each backend's
+``TrainModule`` and what differs between engines before training.
 """
 
 from __future__ import annotations

@@ -70,16 +70,14 @@ def load(chunks, optimizer, step_dir: Path, *, weights_only: bool, sharding: str
 
 def publish(step_dir: Path, directory: Path) -> None:
     """``step_dir``'s files into ``directory``, hard-linked where the file system allows (no second copy)."""
-    for src in step_dir.rglob("*"):
-        dst = directory / src.relative_to(step_dir)
-        if src.is_dir():
-            dst.mkdir(parents=True, exist_ok=True)
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
+    shutil.copytree(step_dir, directory, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _optimizers(optimizer) -> list:
