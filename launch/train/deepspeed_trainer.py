@@ -32,7 +32,6 @@ import warnings
 from pathlib import Path
 
 from launch.config.rampup import Rampup
-from launch.config.schema import Recompute
 from launch.train import checkpoint as ckpt
 from launch.train import stop
 from launch.train.loop import StepLoop
@@ -114,9 +113,7 @@ class Trainer(StepLoop):
         torch.manual_seed(int(cfg.train.seed))
         from launch.train.data import eod_id
 
-        model = model_mod.build(cfg, self.ds_config, eod=eod_id(cfg.data.tokenizer)[1])
-        if cfg.parallel.recompute is Recompute.full:  # Hugging Face's per-layer activation checkpointing
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = model_mod.build(cfg, self.ds_config, eod=eod_id(cfg.data.tokenizer)[1])  # recompute applied
         self.n_params = model_mod.n_params(model)
         peak = float(self.ds_config.get("optimizer", {}).get("params", {}).get("lr", self.d.lr))
         self.lr_fn = lr_function(cfg, peak=peak, steps=self.steps)

@@ -65,7 +65,23 @@ def hf_config(cfg, *, eod: int | None = None):
 
 
 def build(cfg, ds_config: dict, *, eod: int | None = None):
-    """The model to hand to ``deepspeed.initialize`` (partitioned already under ZeRO-3 for a random init)."""
+    """The model to hand to ``deepspeed.initialize`` (partitioned already under ZeRO-3 for a random init),
+    with ``parallel.recompute`` applied (``recompute``)."""
+    return recompute(_build(cfg, ds_config, eod=eod), cfg)
+
+
+def recompute(model, cfg):
+    """``parallel.recompute=full``: Hugging Face's per-layer activation checkpointing (each layer keeps its
+    input and recomputes the rest in backward). Here, in the function that builds the trainer's model, so
+    tests/test_reach.py sees what the trainer trains; Hugging Face models have no selective recompute
+    (validation refuses it on this backend)."""
+    r = cfg.parallel.recompute
+    if getattr(r, "name", r) == "full":  # the enum of a typed config, or its name (the bug was one vs the other)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _build(cfg, ds_config: dict, *, eod: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
