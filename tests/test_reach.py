@@ -1,20 +1,21 @@
 """Every schema key reaches the engine, or says where it is read instead (launch/config/reach.py).
 
-The bug this catches: ``parallel.recompute=full`` wrote an ``activation_checkpointing``
-section into ds_config.json, but the DeepSpeed trainer compared the enum with a string and
-never switched the model's checkpointing on; a setting that changes nothing runs without an
-error. So each leaf key of ``Config`` (enumerated here from the dataclasses, not from a list)
-is changed on its own, generically by its type, in three base configs (DeepSpeed pretrain,
-Megatron-Core pretrain, Megatron-Core SFT), and what the engines receive is compared:
-the DeepSpeed JSON (policy and DPO reference), the Hugging Face config and the checkpointing
-state of the model the DeepSpeed trainer builds, the megatron.yaml document and the
-Megatron-LM flags. A key that changes none of them must be declared in
+A setting that changes nothing runs without an error: ``parallel.recompute=full`` wrote an
+``activation_checkpointing`` section into ds_config.json while the DeepSpeed trainer compared
+the enum with a string and never switched the model's checkpointing on. So each leaf key of
+``Config`` (enumerated here from the dataclasses, not from a list) is changed on its own,
+generically by its type, in three base configs (DeepSpeed MoE pretrain, Megatron-Core
+pretrain, Megatron-Core bf16 WSD SFT), and what the engines receive is compared: the backend's
+files as render writes them (ds_config.json; megatron.yaml and megatron_args.txt), and on
+DeepSpeed the Hugging Face model its trainer builds (its config, whether activation
+checkpointing is on). A key that changes none of them must be declared in
 ``launch.config.reach.NOT_IN_ARTIFACTS``, and a declared key must indeed change none of them
 (a stale declaration fails too). Pure translation: no training.
 
-Then, specifically: recompute=full turns on the Hugging Face model's activation checkpointing
-as the trainer builds it, and Megatron-Core's ``TransformerConfig`` built from the rendered
-megatron.yaml gets recompute_granularity "full" / "selective".
+That recompute bug still changed a file, so the tests at the end check recompute where it
+acts: the model the DeepSpeed trainer builds has activation checkpointing on for full (off for
+none), and Megatron-Core's ``TransformerConfig`` built from the rendered megatron.yaml has
+recompute_granularity "full" / "selective" / None.
 """
 
 from __future__ import annotations
@@ -132,11 +133,9 @@ def _a_value(tp):
 # --- what the engines receive -------------------------------------------------------------------
 
 def observe(cfg) -> dict:
-    """What the engines get from ``cfg``: the backend's files as render writes them (parsed, so comments do not
-    count), and for DeepSpeed the Hugging Face model its trainer builds. A change that makes a translator
-    raise is a change it reads."""
-    import yaml
-
+    """What the engines get from ``cfg``: the backend's files as render writes them (less comments), and for
+    DeepSpeed the Hugging Face model its trainer builds. A change that makes a translator raise is a change
+    it reads."""
     from launch.backends import artifacts
     from launch.config.derive import derive
     from launch.config.schema import BackendName
@@ -146,7 +145,9 @@ def observe(cfg) -> dict:
         files = artifacts(cfg, d)
     except Exception as exc:
         return {"artifacts": f"raised {type(exc).__name__}: {exc}"}
-    out = {name: yaml.safe_load(text) if name.endswith((".json", ".yaml")) else text for name, text in files.items()}
+    # Comments do not count: megatron.yaml's are whole lines (its header names the run).
+    out = {name: "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+           for name, text in files.items()}
     if cfg.backend.name == BackendName.deepspeed:
         try:
             out["hf_model"] = _hf_model(cfg, d)
