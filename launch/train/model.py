@@ -15,6 +15,8 @@ num_query_groups -> num_key_value_heads, rotary_base -> rope_theta, ...).
   transformers' own ZeRO-3-aware loading needs ``accelerate`` (not a dependency);
   here every rank loads the weights on the CPU and ``deepspeed.initialize``
   partitions them.
+- ``parallel.recompute=full``: ``build`` turns on the model's per-layer activation
+  checkpointing, so the model it returns is the one the trainer trains (tests/test_reach.py).
 """
 
 from __future__ import annotations
