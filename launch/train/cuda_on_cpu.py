@@ -32,6 +32,16 @@ What it patches, and why:
   generator: megatron's model-parallel RNG tracker forks "CUDA" states for
   dropout and initialisation, and here those are CPU states (its warning that the
   CPU state moved inside a fork is filtered: here that is expected).
+- Activation recompute (``parallel.recompute=full|selective``): megatron's
+  ``tensor_parallel.CheckpointFunction.backward`` reruns the layer's (or the
+  attention core's) forward during the backward pass, and that forward allocates
+  on ``device="cuda"`` (the causal mask). The device rewrite is not active there:
+  backward starts inside the mode's own handler for ``torch.autograd.backward``,
+  and a ``TorchFunctionMode`` is popped while its handler runs. The wrapped
+  ``backward`` pushes the same mode again around the recomputation. Only this
+  autograd function: it is the one ``tensor_parallel.checkpoint`` uses, the path
+  of both recompute settings trainctl writes (``recompute_modules: [core_attn]``
+  for selective; ``CheckpointWithoutOutput``, for other modules, is not patched).
 
 ``torch.cuda.is_available()`` stays False, so code that asks (the trainer's
 choice of gloo, peak-memory reporting) still sees a CPU machine.
@@ -56,7 +66,9 @@ def install() -> None:
         raise RuntimeError("launch.train.cuda_on_cpu is for machines without a GPU; this one has CUDA")
     _patch_cuda_module(torch)
     _patch_megatron_rng()
-    _device_to_cpu_mode().__enter__()  # never exited
+    mode = _device_to_cpu_mode()
+    _patch_megatron_recompute(mode)
+    mode.__enter__()  # never exited
     _installed = True
 
 
@@ -147,3 +159,16 @@ def _patch_megatron_rng() -> None:
 
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_megatron_recompute(mode) -> None:
+    """Run megatron's checkpoint recomputation under the device rewrite (module docstring)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    backward = mrandom.CheckpointFunction.backward  # autograd looks it up on the class at each call
+
+    def backward_on_cpu(ctx, *grads):
+        with mode:
+            return backward(ctx, *grads)
+
+    mrandom.CheckpointFunction.backward = staticmethod(backward_on_cpu)

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from launch.compat import DEEPSPEED_MICRO_STEPS, DEEPSPEED_ZERO3_GATHER, require
-from launch.config.schema import Recompute
 from launch.errors import UserError
 from launch.run_record import PlanNumbers, RunConfig
 from launch.train import model as model_mod
@@ -57,9 +56,7 @@ class DeepSpeedModule(TrainModule):
         self.micro_batches = int(self.ds_config["gradient_accumulation_steps"])
 
         torch.manual_seed(cfg.train.seed)
-        model = model_mod.build(cfg, self.ds_config, eod=eod_id(cfg.data.tokenizer)[1])
-        if cfg.parallel.recompute is Recompute.full:  # Hugging Face's per-layer activation checkpointing
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = model_mod.build(cfg, self.ds_config, eod=eod_id(cfg.data.tokenizer)[1])  # recompute applied
         self.n_params = model_mod.n_params(model)
         peak = float(self.ds_config.get("optimizer", {}).get("params", {}).get("lr", record.derived.lr))
         self.lr_fn = lr_function(cfg, peak=peak, steps=record.derived.steps)

@@ -15,11 +15,13 @@ num_query_groups -> num_key_value_heads, rotary_base -> rope_theta, ...).
   transformers' own ZeRO-3-aware loading needs ``accelerate`` (not a dependency);
   here every rank loads the weights on the CPU and ``deepspeed.initialize``
   partitions them.
+- ``parallel.recompute=full``: ``build`` turns on the model's per-layer activation
+  checkpointing, so the model it returns is the one the trainer trains (tests/test_reach.py).
 """
 
 from __future__ import annotations
 
-from launch.config.schema import Activation, Normalization, PositionEmbedding
+from launch.config.schema import Activation, Normalization, PositionEmbedding, Recompute
 from launch.train.preflight import init_checkpoint
 
 
@@ -67,7 +69,22 @@ def hf_config(cfg, *, eod: int | None = None):
 
 
 def build(cfg, ds_config: dict, *, eod: int | None = None):
-    """The model to hand to ``deepspeed.initialize`` (partitioned already under ZeRO-3 for a random init)."""
+    """The model to hand to ``deepspeed.initialize`` (partitioned already under ZeRO-3 for a random init),
+    with ``parallel.recompute`` applied (``recompute``)."""
+    return recompute(_build(cfg, ds_config, eod=eod), cfg)
+
+
+def recompute(model, cfg):
+    """``parallel.recompute=full``: Hugging Face's per-layer activation checkpointing (each layer keeps its
+    input and recomputes the rest in backward). Here, in the function that builds the trainer's model, so
+    tests/test_reach.py sees what the trainer trains; Hugging Face models have no selective recompute
+    (validation refuses it on this backend)."""
+    if cfg.parallel.recompute is Recompute.full:  # an enum: the run record gives typed configs only
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _build(cfg, ds_config: dict, *, eod: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,109 @@
+"""Schema keys that reach no engine through the backend files, and where each is read instead.
+
+Every leaf key of ``launch.config.schema.Config`` either changes what an engine receives
+(ds_config.json, megatron.yaml, megatron_args.txt, or the Hugging Face model the DeepSpeed
+trainer builds) or is listed here, once, with where it is read:
+
+- ``login``: only on the login node (plan/estimate, size, tune, the sbatch script and
+  launch.sh, submit, prepare, validation);
+- ``trainer``: read by the trainer itself from RUN_DIR/config.yaml (not through a backend file);
+- ``unused``: in the schema for a stage no trainer runs yet; nothing reads it.
+
+tests/test_reach.py enumerates the schema, changes each key on its own and fails on a key
+that changes nothing and is not listed here, or one listed here that does change something.
+A new key therefore either reaches an engine or says here why it need not.
+"""
+
+from __future__ import annotations
+
+WHERE = ("login", "trainer", "unused")
+
+NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
+    # --- names of presets: records and reports only
+    "model.name": ("login", "the preset's name: plan, reports, run records"),
+    "optim.name": ("login", "the preset's name: plan, reports, run records"),
+    "data.name": ("login", "the preset's name: plan, reports, run records"),
+    "cluster.name": ("login", "the profile's name: plan, reports, run records"),
+    # --- the model and parallel layout, outside the backend files
+    "parallel.allow_tp_across_nodes": ("login", "validation's permission for tp > GPUs per node"),
+    # --- data
+    "data.prepare_on": ("login", "where `trainctl prepare` tokenizes (here or a Slurm array)"),
+    "data.sources.*.text_key": ("trainer", "prepare's text column; the SFT trainers' chat field (launch/train/chat.py)"),
+    # --- stages
+    "stage.from_scratch": ("trainer", "whether the trainers load stage.init_checkpoint (model.build, megatron init_checkpoint)"),
+    "stage.dpo_beta": ("unused", "DPO: no trainer runs the DPO stage yet"),
+    "stage.dpo_loss": ("unused", "DPO: no trainer runs the DPO stage yet"),
+    "stage.reference_checkpoint": ("unused", "DPO/RLHF: no trainer runs those stages yet"),
+    "stage.reward_model": ("unused", "RLHF: no trainer runs it yet (validation checks it is set)"),
+    "stage.kl_coef": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.ppo_clip": ("unused", "RLHF: no trainer runs it yet"),
+    # --- optimizer
+    "optim.z_loss": ("trainer", "the DeepSpeed trainer's loss (launch/train/loss.py); megatron refuses it in validation"),
+    # --- training run
+    "train.save_final": ("trainer", "the step loop's final save and export (launch/train/loop.py)"),
+    "train.rank_check_s": ("trainer", "launch/train/__main__.py runs the rank check instead of training"),
+    # --- wandb: the trainers' Reporter opens the run (launch/train/metrics.py)
+    "wandb.entity": ("trainer", "wandb.init(entity=...) in launch/train/metrics.py"),
+    "wandb.group": ("trainer", "wandb.init(group=...) in launch/train/metrics.py"),
+    "wandb.tags": ("trainer", "wandb.init(tags=...) in launch/train/metrics.py"),
+    # --- the cluster: the sbatch script, launch.sh, the estimate
+    "cluster.scheduler": ("login", "which executor submits (launch.sh or sbatch)"),
+    "cluster.partition": ("login", "#SBATCH --partition"),
+    "cluster.account": ("login", "#SBATCH --account"),
+    "cluster.qos": ("login", "#SBATCH --qos"),
+    "cluster.time_limit": ("login", "#SBATCH --time, and the estimate's jobs-to-finish"),
+    "cluster.container_image": ("login", "srun --container-image in the sbatch script"),
+    "cluster.container_mounts": ("login", "srun --container-mounts in the sbatch script"),
+    "cluster.setup": ("login", "shell lines of the sbatch script before torchrun"),
+    "cluster.env": ("login", "exported by the sbatch script"),
+    "cluster.exclusive": ("login", "#SBATCH --exclusive"),
+    "cluster.cpus_per_node": ("login", "#SBATCH --cpus-per-task"),
+    "cluster.mem": ("login", "#SBATCH --mem"),
+    "cluster.mpi": ("login", "srun --mpi"),
+    "cluster.python": ("login", "the interpreter launch.sh and the sbatch script start torchrun with"),
+    "cluster.rdzv_port": ("login", "torchrun's rendezvous port in the sbatch script"),
+    "cluster.directives": ("login", "extra #SBATCH lines"),
+    "cluster.signal_lead_s": ("login", "#SBATCH --signal lead time"),
+    "cluster.max_requeues": ("login", "the sbatch script's requeue limit"),
+    "cluster.max_crash_requeues": ("login", "the sbatch script's requeue limit after a crash"),
+    "cluster.calibration": ("login", "scales the estimate (launch/estimate/calibration.py)"),
+    "cluster.checkpoint_write_gbps": ("login", "the estimate's checkpoint cost and interval; sbatch's signal lead"),
+    "cluster.usd_per_gpu_hour": ("login", "the estimate's cost"),
+    "cluster.pue": ("login", "the estimate's energy"),
+    "cluster.node_overhead_w": ("login", "the estimate's energy"),
+    "cluster.grid_kgco2_per_kwh": ("login", "the estimate's carbon"),
+    "cluster.gpu.name": ("login", "reports and plan"),
+    "cluster.gpu.peak_bf16_tflops": ("trainer", "the step-time estimate; the trainers' logged MFU (launch/train/metrics.py)"),
+    "cluster.gpu.peak_fp8_tflops": ("trainer", "the step-time estimate; the trainers' MFU at estimate.mfu_basis=fp8"),
+    "cluster.gpu.hbm_gib": ("login", "the memory estimate's limit (validation, OOM check, tune)"),
+    "cluster.gpu.hbm_bandwidth_tbps": ("login", "validation of the GPU spec"),
+    "cluster.gpu.nvlink_gbps": ("login", "the step-time estimate's tensor-parallel traffic"),
+    "cluster.gpu.ib_gbps": ("login", "the step-time estimate's data/pipeline-parallel traffic"),
+    "cluster.gpu.power_w": ("login", "the estimate's energy"),
+    "cluster.gpu.mtbf_hours": ("login", "the estimate's failure rate and checkpoint interval"),
+    # --- the estimator's assumptions (plan.json; the trainer logs plan.json's predictions, not these)
+    "estimate.mfu": ("login", "replaces the step-time model in the estimate"),
+    "estimate.mfu_basis": ("trainer", "the estimate's MFU basis; the trainers' logged MFU (launch/train/metrics.py)"),
+    "estimate.achievable_fraction_dense": ("login", "step-time model"),
+    "estimate.achievable_fraction_moe": ("login", "step-time model"),
+    "estimate.achievable_fraction_fp8": ("login", "step-time model"),
+    "estimate.dp_comm_exposed_fraction": ("login", "step-time model"),
+    "estimate.tp_comm_exposed_fraction": ("login", "step-time model"),
+    "estimate.ep_comm_exposed_fraction": ("login", "step-time model"),
+    "estimate.pp_comm_exposed_fraction": ("login", "step-time model"),
+    "estimate.cuda_context_gib": ("login", "memory estimate"),
+    "estimate.nccl_buffers_gib": ("login", "memory estimate"),
+    "estimate.allocator_fragmentation": ("login", "memory estimate"),
+    "estimate.flash_attention": ("login", "memory estimate: whether attention scores are stored"),
+    "estimate.scaling_law": ("login", "the estimate's predicted loss (size, plan)"),
+    "estimate.allow_oom": ("login", "lets render/submit go ahead past the memory estimate"),
+    # --- commands
+    "submit.preflight": ("login", "submit runs sbatch --test-only"),
+    "tune.top_k": ("login", "trainctl tune"),
+    "tune.max_micro_batch_size": ("login", "trainctl tune's search"),
+    "tune.min_tokens_per_cp_rank": ("login", "trainctl tune's search"),
+    "tune.layout_name": ("login", "the parallel/ option trainctl tune writes"),
+    "tune.probe": ("login", "trainctl tune submits probe runs"),
+    "tune.probe_steps": ("login", "the probe runs' length (they are rendered with train.steps)"),
+    "pipeline": ("login", "trainctl submit renders one run per stage (launch/pipeline.py)"),
+}
