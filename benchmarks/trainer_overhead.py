@@ -35,10 +35,10 @@ def plain_worker(run_dir: Path, steps: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from launch.train.deepspeed_trainer import load_config
+    from launch.run_record import read_config
     from launch.train.model import build
 
-    cfg, _ = load_config(run_dir)
+    cfg = read_config(run_dir).cfg
     ds = json.loads((run_dir / "ds_config.json").read_text())
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
