@@ -199,7 +199,7 @@ def test_training_stops_on_usr1_requeues_and_resumes_where_it_stopped(workdir: P
     final = "metadata.json" if "backend=megatron" in backend else "config.json"  # dist checkpoint | HF model
     assert (run_dir / "checkpoints/final" / final).is_file()
     out = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env).stdout
-    assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+1\s+0\s+30\s", out), out
+    assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+1\s+0\s+30/30\s", out), out
 
 
 def test_prepare_on_slurm_runs_one_array_task_per_shard(workdir: Path, slurm_env: dict) -> None:
