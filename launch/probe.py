@@ -99,7 +99,7 @@ def uncalibrated(cfg, cand) -> dict:
     import dataclasses
 
     variant = dataclasses.replace(cfg, parallel=cand.parallel)
-    first = stage_memory(variant, cand.derived)[0]  # states and activations before any calibration
+    first = stage_memory(variant, cand.derived)[0]  # uncalibrated: states and activations of the bare model
     return {"step_time_s": step_terms(variant, cand.derived).step_s,  # the model's, before cluster.calibration
             "first_stage_tensors_gib": (first.states.total + first.activations) / GIB,
             "per_gpu_peak_gib": cand.memory["per_gpu_peak"]}

@@ -93,14 +93,14 @@ def launch_files(plan, run_dir: Path) -> dict[str, str | bytes]:
     from launch.executors import job_script
     from launch.oom import memory_problem
 
-    oom = memory_problem(plan.cfg, plan.numbers["memory_gib"]["per_gpu_peak"])
+    oom = memory_problem(plan.cfg, plan.numbers["memory_gib"]["per_gpu_peak"], plan.calibration)
     if oom:
         raise UserError(oom)
     files: dict[str, str | bytes] = artifacts(plan.cfg, plan.derived, run_dir=run_dir, numbers=plan.numbers)
     name, text = job_script(plan.cfg, run_dir, plan.numbers)
     files[name] = text
     if matplotlib_available():  # matplotlib takes seconds to load: render only, never plan
-        stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived)]
+        stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived, plan.calibration)]
         files["plan.png"] = memory_chart_png(stages, plan.cfg.cluster.gpu.hbm_gib,
                                              f"{plan.cfg.name}: memory per GPU by pipeline stage")
     return files

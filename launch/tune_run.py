@@ -156,7 +156,7 @@ def _verdict(found: Search) -> list[str]:
     lines = [f"rejected {len(found.rejected):,}: " + "; ".join(f"{key} {n:,}" for key, n in causes[:4])
              + ("; ..." if len(causes) > 4 else "")] if causes else []
     if len(found.ranked) > 1:
-        why = why_best(cfg, best, found.ranked[1])
+        why = why_best(cfg, best, found.ranked[1], found.calibration)
         lines.append(f"why #1: {why[0]}")
         lines += [f"  {line}" for line in why[1:]]
     alt = roomier(found)

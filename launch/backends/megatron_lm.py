@@ -36,7 +36,8 @@ from launch.backends.common import (
     wsd_decay_steps,
 )
 from launch.config.derive import Derived
-from launch.config.schema import Activation, Config, PositionEmbedding, Precision, Recompute, Schedule, StageKind
+from launch.config.schema import (Activation, Config, PositionEmbedding, Precision, Recompute, Schedule, StageKind,
+                                   WandbMode)
 
 EXIT_SIGNAL = "SIGUSR1"
 """The signal the sbatch script forwards before the time limit; Megatron-LM then saves and exits."""
@@ -207,7 +208,7 @@ def _logging(cfg: Config, flag, run_dir: str | None) -> None:
     flag("--eval-iters", t.eval_iters)
     flag("--log-throughput")  # tokens/s and TFLOP/s per GPU in the log, to compare with plan.json
     flag("--tensorboard-dir", in_run_dir(run_dir, "tensorboard"))  # Megatron-LM logs to wandb only beside TensorBoard
-    if cfg.wandb.mode != "disabled":
+    if cfg.wandb.mode != WandbMode.disabled:
         flag("--wandb-project", cfg.wandb.project)
         flag("--wandb-exp-name", cfg.name)
         flag("--wandb-save-dir", in_run_dir(run_dir, "wandb"))

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from launch.config import derive
+from launch.config.schema import PrepareOn
 from launch.data.array import submit_prepare
 from launch.data.prepare import REPORT, prepare, prepare_table
-from launch.errors import UserError
 from launch.rundir import dump_json
 
 
@@ -29,12 +29,9 @@ def run_prepare(composed, run_dir: Path, command: list[str]) -> None:
     from rich.console import Console
 
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
-    if composed.data.prepare_on == "slurm":
+    if composed.data.prepare_on == PrepareOn.slurm:
         if submit_prepare(OmegaConf.to_object(composed), composed, run_dir):
             return
-    elif composed.data.prepare_on != "here":
-        raise UserError(f"data.prepare_on={composed.data.prepare_on}: must be here or slurm\n"
-                        "  fix: data.prepare_on=here (this process) or data.prepare_on=slurm (a job array)")
     try:
         cfg = OmegaConf.to_object(composed)
         numbers = prepare(cfg, derive(cfg).tokens)
