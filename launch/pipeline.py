@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra import compose
 from omegaconf import DictConfig
 
 from launch.errors import UserError
@@ -39,9 +40,6 @@ def units(composed: DictConfig, run_dir: Path, overrides: list[str]) -> list[Uni
     stages = composed.get("pipeline") or []
     if not stages:
         return [Unit(None, composed, run_dir, overrides)]
-    from hydra import compose
-
-
     common = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _NOT_PASSED_ON]
     result: list[Unit] = []
     previous: str | None = None

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml  # PyYAML, which omegaconf already requires on the login node
+
 from launch.backends.common import FP8, MOE, blend, reads_raw_chat, split_string, tokenizer_dir, wsd_decay_steps
 from launch.config.derive import Derived
 from launch.estimate.params import model_vocab_size
@@ -80,8 +82,6 @@ def to_megatron(cfg: Config, d: Derived) -> dict:
 
 def to_megatron_yaml(cfg: Config, d: Derived) -> str:
     """``to_megatron`` as YAML text, each mapping under a comment naming the call that takes it."""
-    import yaml  # PyYAML, which omegaconf already requires on the login node
-
     doc = to_megatron(cfg, d)
     head = [
         f"# Megatron-Core {MEGATRON_CORE_VERSION} arguments for run {cfg.name}, written by trainctl render.",
@@ -308,8 +308,6 @@ def _tokenizer(cfg: Config) -> dict:
 
 def load(path) -> dict:
     """Read a megatron.yaml written by ``to_megatron_yaml``."""
-    import yaml
-
     with open(path) as f:
         return yaml.safe_load(f)
 

@@ -6,6 +6,8 @@ Hydra's compose API over the same search path, so both see the same configs.
 
 from __future__ import annotations
 
+from hydra import compose as hydra_compose
+from hydra import initialize
 from omegaconf import DictConfig
 
 from launch.config import Config, to_config
@@ -14,9 +16,6 @@ from launch.config.source import register
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize
-
     register()
     with initialize(version_base="1.3", config_path=None):
         return hydra_compose(config_name="config", overrides=quote_overrides(overrides))

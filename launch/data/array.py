@@ -22,6 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from launch.config.schema import Scheduler
 from launch.data import shard
 from launch.data.prepare import build_one, check_inputs, inspect_tokenizer, output_dir, processes, unfinished
@@ -45,8 +47,6 @@ def _absolute_data_paths(composed) -> None:
 
 def submit_prepare(cfg, composed, run_dir: Path) -> bool:
     """Submit the job array for the unfinished shards; False when every shard is finished (nothing queued)."""
-    from omegaconf import OmegaConf
-
     if cfg.cluster.scheduler != Scheduler.slurm:
         raise UserError(f"data.prepare_on=slurm, cluster={cfg.cluster.name}: this cluster has no SLURM scheduler\n"
                         "  fix: cluster=h100 (or your own SLURM profile), or data.prepare_on=here")

@@ -12,6 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from rich.console import Console
+
 from launch.config import derive
 from launch.config.schema import PrepareOn
 from launch.data.array import submit_prepare
@@ -25,9 +28,6 @@ def run_prepare(composed, run_dir: Path, command: list[str]) -> None:
     RUN_DIR gets the same figures (the epochs depend on this run's token budget);
     a failure leaves a run directory this command created absent, as ``trainctl plan`` does.
     """
-    from omegaconf import OmegaConf
-    from rich.console import Console
-
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
     if composed.data.prepare_on == PrepareOn.slurm:
         if submit_prepare(OmegaConf.to_object(composed), composed, run_dir):
