@@ -100,3 +100,13 @@ def test_a_yaml_bool_in_an_option_file_says_to_quote_it(workdir: Path):
     assert "fix: quote it in the YAML file: sequence_parallel: 'true'" in out.stderr
     (options / "sp.yaml").write_text("defaults:\n  - single\ntp: 2\nsequence_parallel: 'true'\n")
     assert run_trainctl("plan", "parallel=sp", "cluster.gpus_per_node=2", cwd=workdir, env=env).returncode == 0
+
+
+def test_a_checkpoint_recorded_with_a_bool_still_resumes():
+    """A checkpoint saved before the enum recorded ``sequence_parallel: false``; the record now says 'false'."""
+    from launch.train.checkpoint import config_diff
+
+    saved = {"parallel": {"sequence_parallel": False, "tp": 1}}
+    assert config_diff(saved, {"parallel": {"sequence_parallel": "false", "tp": 1}}) == []
+    assert config_diff(saved, {"parallel": {"sequence_parallel": "auto", "tp": 1}}) \
+        == ["parallel.sequence_parallel: 'false' -> 'auto'"]

@@ -10,7 +10,8 @@ in ``KEYS`` is set:
   ``parallel.sequence_parallel=true`` becomes ``parallel.sequence_parallel='true'``
   (sweeps too: ``=true,false``), by ``quote_overrides``;
 - in a ``config.yaml`` written when the field was untyped (``sequence_parallel:
-  true``), by ``quote_loaded``, so an older run directory still reads.
+  true``), by ``quote_loaded``, so an older run directory still reads; and in
+  the config a checkpoint recorded then, by ``as_name``, so it still resumes.
 
 A YAML option file of one's own must quote them (``sequence_parallel: 'true'``);
 a bool there fails while composing with a message that says so
@@ -42,6 +43,11 @@ def _quote_override(override: str) -> str:
         return override
     value = _BARE_BOOL.sub(lambda m: f"'{m[1].lower()}'", match["value"])
     return f"{match['prefix']}{match['key']}={value}"
+
+
+def as_name(key: str, value: object) -> object:
+    """The member name for a bool at a ``KEYS`` key (``True`` -> ``'true'``); any other value as it is."""
+    return str(value).lower() if key in KEYS and isinstance(value, bool) else value
 
 
 def quote_loaded(node: DictConfig) -> DictConfig:

@@ -165,8 +165,9 @@ def _type_hint(full_key: str, schema: type = Config, detail: str = "") -> str:
     hint = _unwrap(raw)
     choices = getattr(hint, "__members__", None)
     if choices:
-        if "true" in choices and re.search(r"value '(True|False)'", detail):  # a YAML bool (bool_names.py)
-            return f"quote it in the YAML file: {key}: '{re.search('(True|False)', detail)[1].lower()}'"
+        yaml_bool = re.search(r"value '(True|False)'", detail)
+        if "true" in choices and yaml_bool:  # a bare true/false in a YAML file (launch/config/bool_names.py)
+            return f"quote it in the YAML file: {key}: '{yaml_bool[1].lower()}'"
         return f"{full_key}=<one of {', '.join(choices)}>"
     name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
     return f"{full_key} takes a value of type {name}" + (" or null" if raw is not hint else "")
