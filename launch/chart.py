@@ -7,20 +7,19 @@ to import), and the plan table carries the same numbers.
 
 from __future__ import annotations
 
+import io
+from importlib.util import find_spec
+
 PARTS = ("weights", "grads", "optimizer", "activations", "overhead")
 COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#b0b0b0")
 
 
 def matplotlib_available() -> bool:
-    from importlib.util import find_spec
-
     return find_spec("matplotlib") is not None
 
 
 def memory_chart_png(stages: list[dict], hbm_gib: float, title: str) -> bytes:
     """PNG bytes of stacked bars, one per stage; ``stages`` hold GiB under the names in PARTS."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")  # no display on login nodes

@@ -15,15 +15,17 @@ from typing import Iterator
 from launch.config import Config, derive
 from launch.config.schema import BackendName, Offload, ParallelConfig, Recompute
 from launch.config.validate import validate
+from launch.estimate.calibration import Calibration
 from launch.estimate.memory import memory_estimate
 
 
-def memory_problem(cfg: Config, peak_gib: float) -> str | None:
-    """A message when ``peak_gib`` exceeds HBM and ``estimate.allow_oom`` is off, else None."""
+def memory_problem(cfg: Config, peak_gib: float, calibration: Calibration) -> str | None:
+    """A message when ``peak_gib`` exceeds HBM and ``estimate.allow_oom`` is off, else None.
+    The suggested variants are estimated with the plan's ``calibration``, as ``peak_gib`` was."""
     hbm = cfg.cluster.gpu.hbm_gib
     if peak_gib <= hbm or cfg.estimate.allow_oom:
         return None
-    fixes = [f"{' '.join(overrides)}  ->  {peak:.1f} GiB" for overrides, peak in _fitting_variants(cfg)]
+    fixes = [f"{' '.join(overrides)}  ->  {peak:.1f} GiB" for overrides, peak in _fitting_variants(cfg, calibration)]
     lines = [f"memory_gib.per_gpu_peak={peak_gib:.1f}: the estimate exceeds the {hbm:.1f} GiB of a "
              f"{cfg.cluster.gpu.name} by {peak_gib - hbm:.1f} GiB"]
     if fixes:
@@ -34,7 +36,7 @@ def memory_problem(cfg: Config, peak_gib: float) -> str | None:
     return "\n".join(lines)
 
 
-def _fitting_variants(cfg: Config) -> list[tuple[list[str], float]]:
+def _fitting_variants(cfg: Config, calibration: Calibration) -> list[tuple[list[str], float]]:
     """(overrides, peak GiB) for each one-knob change that is valid and fits, smallest peak first."""
     found = []
     for overrides, parallel in _variants(cfg):
@@ -42,7 +44,7 @@ def _fitting_variants(cfg: Config) -> list[tuple[list[str], float]]:
         d = derive(variant)
         if validate(variant, d):
             continue
-        peak = memory_estimate(variant, d)[0]["per_gpu_peak"]
+        peak = memory_estimate(variant, d, calibration)[0]["per_gpu_peak"]
         if peak <= cfg.cluster.gpu.hbm_gib:
             found.append((overrides, peak))
     return sorted(found, key=lambda item: item[1])

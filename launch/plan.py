@@ -16,6 +16,7 @@ from launch.config.hydra_errors import absent_keys, explain, extra_keys, unknown
 from launch.config.validate import validate
 from launch.errors import UserError
 from launch.estimate import estimate
+from launch.estimate.calibration import Calibration, load_calibration
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Plan:
     """The plan.json content."""
     config_yaml: str
     """The fully resolved config (RUN_DIR/config.yaml), enums as the names a user types."""
+    calibration: Calibration
+    """``cluster.calibration``'s ratios, read once here; what every later estimate of this plan applies."""
 
 
 def make_plan(composed: DictConfig) -> Plan:
@@ -35,7 +38,8 @@ def make_plan(composed: DictConfig) -> Plan:
     problems = validate(cfg, d)
     if problems:
         raise UserError([str(p) for p in problems])
-    return Plan(cfg, d, plan_numbers(cfg, d), text)
+    calibration = load_calibration(cfg)  # the file is read here, once, never inside launch/estimate/
+    return Plan(cfg, d, plan_numbers(cfg, d, calibration), text, calibration)
 
 
 def typed_config(composed: DictConfig) -> Config:
@@ -53,7 +57,7 @@ def typed_config(composed: DictConfig) -> Config:
         raise UserError(explain(exc) or str(exc)) from None
 
 
-def plan_numbers(cfg: Config, d: Derived) -> dict:
+def plan_numbers(cfg: Config, d: Derived, calibration: Calibration) -> dict:
     """The plan.json keys of DESIGN.md: layout from ``derive``, the rest from the estimator."""
     p = cfg.parallel
     return {
@@ -65,5 +69,5 @@ def plan_numbers(cfg: Config, d: Derived) -> dict:
             "micro_batch_size": p.micro_batch_size, "grad_accum_steps": d.grad_accum_steps,
             "global_batch_size": cfg.train.global_batch_size,
         },
-        **estimate(cfg, d),
+        **estimate(cfg, d, calibration),
     }

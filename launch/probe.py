@@ -26,6 +26,7 @@ nodes, batch, model, cluster) are refused rather than compared.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -96,10 +97,8 @@ def uncalibrated(cfg, cand) -> dict:
     """The probe's prediction without any cluster.calibration already applied (so that a new calibration
     is measured against the bare model, not against the last one): the step time, and the tensors of the
     first pipeline stage, what rank 0's ``torch.cuda.max_memory_allocated`` measures."""
-    import dataclasses
-
     variant = dataclasses.replace(cfg, parallel=cand.parallel)
-    first = stage_memory(variant, cand.derived)[0]  # states and activations before any calibration
+    first = stage_memory(variant, cand.derived)[0]  # uncalibrated: states and activations of the bare model
     return {"step_time_s": step_terms(variant, cand.derived).step_s,  # the model's, before cluster.calibration
             "first_stage_tensors_gib": (first.states.total + first.activations) / GIB,
             "per_gpu_peak_gib": cand.memory["per_gpu_peak"]}

@@ -12,9 +12,18 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from launch.backends import artifacts
+from launch.chart import matplotlib_available, memory_chart_png
 from launch.errors import UserError
+from launch.estimate.memory import stage_memory
+from launch.executors import job_script
 from launch.executors.jobs import refuse_if_active
+from launch.oom import memory_problem
 from launch.pipeline import Unit, units
+from launch.plan import make_plan
+from launch.report import print_plan
+from launch.run_record import plan_json
+from launch.rundir import dump_json, meta, write_run
 
 
 def write_records(composed, run_dir: Path, command: list[str], overrides: list[str], *, with_job_script: bool,
@@ -23,10 +32,6 @@ def write_records(composed, run_dir: Path, command: list[str], overrides: list[s
 
     ``check(cfg, run_dir)`` runs per unit before anything is written (submit's refusals).
     """
-    from launch.plan import make_plan
-    from launch.report import print_plan
-    from launch.rundir import write_run
-
     todo, problems = [], []
     fresh = not run_dir.is_dir() or not any(run_dir.iterdir())
     try:
@@ -67,9 +72,6 @@ def _remove_if(fresh: bool, directory: Path) -> None:
 
 def run_files(plan, run_dir: Path, command: list[str], overrides: list[str],
               with_job_script: bool) -> dict[str, str | bytes]:
-    from launch.run_record import plan_json
-    from launch.rundir import dump_json, meta
-
     files: dict[str, str | bytes] = {
         "config.yaml": plan.config_yaml,
         "overrides.yaml": "".join(f"- {json.dumps(o)}\n" for o in overrides) or "[]\n",  # JSON strings are YAML
@@ -87,20 +89,14 @@ def launch_files(plan, run_dir: Path) -> dict[str, str | bytes]:
     Refuses (UserError) a layout the memory estimate says will not fit: a job
     script is what gets submitted.
     """
-    from launch.backends import artifacts
-    from launch.chart import matplotlib_available, memory_chart_png
-    from launch.estimate.memory import stage_memory
-    from launch.executors import job_script
-    from launch.oom import memory_problem
-
-    oom = memory_problem(plan.cfg, plan.numbers["memory_gib"]["per_gpu_peak"])
+    oom = memory_problem(plan.cfg, plan.numbers["memory_gib"]["per_gpu_peak"], plan.calibration)
     if oom:
         raise UserError(oom)
     files: dict[str, str | bytes] = artifacts(plan.cfg, plan.derived, run_dir=run_dir, numbers=plan.numbers)
     name, text = job_script(plan.cfg, run_dir, plan.numbers)
     files[name] = text
     if matplotlib_available():  # matplotlib takes seconds to load: render only, never plan
-        stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived)]
+        stages = [s.breakdown_gib() for s in stage_memory(plan.cfg, plan.derived, plan.calibration)]
         files["plan.png"] = memory_chart_png(stages, plan.cfg.cluster.gpu.hbm_gib,
                                              f"{plan.cfg.name}: memory per GPU by pipeline stage")
     return files

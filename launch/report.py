@@ -9,7 +9,6 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from launch.estimate.calibration import memory_ratio, step_time_ratio
 from launch.fmt import si
 from launch.plan import Plan
 
@@ -26,12 +25,13 @@ def _energy(mwh: float) -> str:
     return f"{mwh / 1000:.3g} GWh" if mwh >= 1000 else f"{mwh:.3g} MWh" if mwh >= 1 else f"{mwh * 1000:.3g} kWh"
 
 
-def _calibrated(cfg) -> str:
+def _calibrated(plan: Plan) -> str:
     """Says when cluster.calibration scaled the step time and memory (launch/estimate/calibration.py)."""
-    if not cfg.cluster.calibration:
+    cfg, cal = plan.cfg, plan.calibration
+    if cal.path is None:
         return ""
-    step = "" if cfg.estimate.mfu is not None else f"step time x{step_time_ratio(cfg):.3g}"
-    memory = memory_ratio(cfg)
+    step = "" if cfg.estimate.mfu is not None else f"step time x{cal.step_time_ratio:.3g}"
+    memory = cal.memory_ratio
     parts = [p for p in (step, f"memory x{memory:.3g}" if memory != 1.0 else "") if p]
     return f" ({', '.join(parts)} by cluster.calibration)" if parts else ""
 
@@ -51,7 +51,7 @@ def plan_table(plan: Plan) -> Table:
     table.add_row("fits?", f"{verdict}: {mem['per_gpu_peak']:.1f} of {mem['hbm']:.1f} GiB per GPU "
                   f"(heaviest of {len(d.stage_layers)} pipeline stage(s))")
     table.add_row("how fast?", f"{thr['step_time_s']:.3g} s/step, {si(thr['tokens_per_s_per_gpu'])} tokens/s/GPU, "
-                  f"{thr['tflops_per_gpu']:.0f} TFLOP/s/GPU, MFU {100 * thr['mfu']:.1f}%" + _calibrated(cfg))
+                  f"{thr['tflops_per_gpu']:.0f} TFLOP/s/GPU, MFU {100 * thr['mfu']:.1f}%" + _calibrated(plan))
     table.add_row("how long?", f"{_duration(run['wall_clock_days'])}: {run['steps']:,} steps of {si(d.tokens_per_step)} "
                   f"tokens = {si(run['tokens'])} tokens, {run['jobs_needed']} job(s) of {cfg.cluster.time_limit}")
     co2 = f", {run['co2_tonnes']:.3g} t CO2" if run.get("co2_tonnes") else ""

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from launch import __version__
+from launch.paths import project_root
 from launch.backends import FILES as BACKEND_FILES
 
 COMPLETION_MARKER = "plan.json"
@@ -72,9 +75,6 @@ def dump_json(data: object) -> str:
 
 def meta(argv: list[str]) -> dict:
     """What ran: versions, git state of the project and of the user's directory, command, host, time."""
-    from launch import __version__
-    from launch.paths import project_root
-
     root = project_root()
     cwd = Path.cwd()
     return {
@@ -91,8 +91,6 @@ def meta(argv: list[str]) -> dict:
 
 
 def _quote(arg: str) -> str:
-    import shlex
-
     return shlex.quote(arg)
 
 

@@ -24,6 +24,14 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+from rich.table import Table
+
 from launch.config.schema import ClusterConfig
 from launch.config.slurm_time import parse_time_limit
 from launch.errors import UserError
@@ -182,8 +190,6 @@ def size_numbers(cfg: SizeConfig, hw: Hardware) -> dict:
 # ---- the table --------------------------------------------------------------------------
 
 def size_table(n: dict, name: str):
-    from rich.table import Table
-
     table = Table(title=f"trainctl size: {name}", show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
     table.add_column()
@@ -228,12 +234,6 @@ def load_profile(name: str) -> ClusterConfig:
     TRAINCTL_CONFIG_PATH, hydra.searchpath), so a site profile that extends h100
     through its defaults list works here too.
     """
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     overrides = [f"+cluster={name}"]
     if HydraConfig.initialized() and HydraConfig.get().searchpath:
         quoted = ("'" + p.replace("\\", "\\\\").replace("'", "\\'") + "'" for p in HydraConfig.get().searchpath)
@@ -253,9 +253,6 @@ def load_profile(name: str) -> ClusterConfig:
 
 def make_size(composed) -> tuple[SizeConfig, dict]:
     """(typed config, size.json numbers) for a composed ``conf/size.yaml``; raises UserError."""
-    from omegaconf import OmegaConf
-
-
     extra = extra_keys(composed, SizeConfig)
     if extra:
         valid = ", ".join(SizeConfig.__dataclass_fields__)
@@ -272,11 +269,6 @@ def run_size(composed, run_dir: Path, command: list[str]) -> None:
 
     A failure leaves a run directory this command created absent, as ``trainctl plan`` does.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-    from rich.console import Console
-
-
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
     try:
         cfg, numbers = make_size(composed)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from hydra.core.config_store import ConfigStore
+
 from launch.config.schema import ScalingLaw
 
 
@@ -59,6 +61,4 @@ class SizeConfig:
 
 def register() -> None:
     """Store the schema as ``size_schema``, the first entry of ``conf/size.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="size_schema", node=SizeConfig)

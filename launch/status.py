@@ -14,8 +14,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from launch.errors import UserError
-from launch.executors import jobs
+from launch.executors import jobs, slurm
 from launch.run_record import PLAN, read_config, read_plan
 
 
@@ -58,12 +62,6 @@ def runs_of(paths: list[str]) -> list[Row]:
 
 
 def status_main(args: list[str]) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    from launch.executors import slurm
-
     rows = runs_of(args)
     states = _states(rows)
     table = Table(box=None, header_style="bold")
@@ -89,8 +87,6 @@ def status_main(args: list[str]) -> int:
 
 
 def cancel_main(args: list[str]) -> int:
-    from launch.executors import slurm
-
     if not args:
         raise UserError("cancel needs a run, sweep or pipeline directory\n  fix: trainctl cancel runs/NAME")
     rows = runs_of(args)
@@ -114,8 +110,6 @@ FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_
 
 def _states(rows: list[Row]) -> dict:
     """job id -> JobState: local runs from their records, the rest from Slurm (one query)."""
-    from launch.executors import slurm
-
     found = {r.job_id: jobs.local_state(r.run_dir) for r in rows if jobs.is_local(r.job_id)}
     found.update(slurm.states([r.job_id for r in rows if r.job_id and not jobs.is_local(r.job_id)]))
     return found

@@ -36,10 +36,10 @@ from typing import Iterator
 
 from launch.config import Config, Derived, derive
 from launch.config.derive import pipeline_split, uneven_first_last
-from launch.config.schema import BackendName, ParallelConfig, Recompute
+from launch.config.schema import BackendName, ParallelConfig, Recompute, SequenceParallel
 from launch.config.validate import divisors, validate
 from launch.errors import UserError
-from launch.estimate.calibration import step_time_ratio
+from launch.estimate.calibration import Calibration, load_calibration
 from launch.estimate.flops import flops_per_token
 from launch.estimate.memory import memory_estimate
 from launch.estimate.perf import StepTerms, step_terms, throughput_estimate
@@ -68,7 +68,7 @@ def layouts(cfg: Config, world: int) -> Iterator[ParallelConfig]:
     """
     m, c, t, tune = cfg.model, cfg.cluster, cfg.train, cfg.tune
     megatron = cfg.backend.name == BackendName.megatron
-    base = dataclasses.replace(cfg.parallel, sequence_parallel="auto", etp=None, vpp=1, ep=1,
+    base = dataclasses.replace(cfg.parallel, sequence_parallel=SequenceParallel.auto, etp=None, vpp=1, ep=1,
                                **{k: None if k.startswith("num_") else False for k in SPLIT_KEYS})
     tps = divisors(c.gpus_per_node) if megatron else [1]
     cps = [cp for cp in _powers_of_two(max(m.seq_length // max(tune.min_tokens_per_cp_rank, 1), 1)) if world % cp == 0]
@@ -131,18 +131,18 @@ class Candidate:
                 p.vpp, p.micro_batch_size)
 
 
-def judge(cfg: Config, parallel: ParallelConfig, flops_per_step: float) -> Candidate:
+def judge(cfg: Config, parallel: ParallelConfig, flops_per_step: float, calibration: Calibration) -> Candidate:
     """``parallel`` in place of ``cfg.parallel``: validated, then its memory, then its step time."""
     variant = dataclasses.replace(cfg, parallel=parallel)
     d = derive(variant)
     problems = validate(variant, d)
     if problems:
         return Candidate(parallel, d, rejected="; ".join(str(p).splitlines()[0] for p in problems))
-    memory, _ = memory_estimate(variant, d)
+    memory, _ = memory_estimate(variant, d, calibration)
     if not memory["fits"]:
         return Candidate(parallel, d, memory=memory,
                          rejected=f"memory: needs {memory['per_gpu_peak']:.1f} GiB, the GPU has {memory['hbm']:.1f}")
-    return Candidate(parallel, d, memory=memory, throughput=throughput_estimate(variant, d, flops_per_step))
+    return Candidate(parallel, d, memory=memory, throughput=throughput_estimate(variant, d, flops_per_step, calibration))
 
 
 @dataclass(frozen=True)
@@ -154,24 +154,27 @@ class Search:
     current: Candidate
     """The config's own layout, judged the same way."""
     seconds: float
+    calibration: Calibration
+    """``cluster.calibration``'s ratios, which every candidate's estimate includes."""
 
 
 def search(cfg: Config) -> Search:
     """Judge every layout of ``layouts(cfg)`` and rank those that fit (module docstring)."""
     d = derive(cfg)
     _check_searchable(cfg, d)
+    calibration = load_calibration(cfg)  # read once for the thousands of candidates
     start = time.perf_counter()
     flops_per_step = flops_per_token(cfg) * d.tokens_per_step  # as the plan's flops block counts it
     seen: dict[tuple, Candidate] = {}
     for parallel in layouts(cfg, d.world_size):
         key = _identity(parallel)
         if key not in seen:
-            seen[key] = judge(cfg, parallel, flops_per_step)
-    current = seen.get(_identity(cfg.parallel)) or judge(cfg, cfg.parallel, flops_per_step)
+            seen[key] = judge(cfg, parallel, flops_per_step, calibration)
+    current = seen.get(_identity(cfg.parallel)) or judge(cfg, cfg.parallel, flops_per_step, calibration)
     judged = list(seen.values())
     ranked = sorted((c for c in judged if c.rejected is None), key=Candidate.sort_key)
     rejected = [c for c in judged if c.rejected is not None]
-    return Search(cfg, ranked, rejected, current, time.perf_counter() - start)
+    return Search(cfg, ranked, rejected, current, time.perf_counter() - start, calibration)
 
 
 def _identity(parallel: ParallelConfig) -> tuple:
@@ -236,9 +239,9 @@ def overrides(c: Candidate, backend: BackendName) -> list[str]:
     return [f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in layout_keys(c, backend).items()]
 
 
-def why_best(cfg: Config, best: Candidate, other: Candidate) -> list[str]:
+def why_best(cfg: Config, best: Candidate, other: Candidate, calibration: Calibration) -> list[str]:
     """Why ``best`` is faster than ``other``: the keys they differ in, and the parts of the
-    step (``step_parts``) that differ most, in seconds per step."""
+    step (``step_parts``, scaled by the search's ``calibration``) that differ most, in seconds per step."""
     backend = cfg.backend.name
     a, b = layout_keys(best, backend), layout_keys(other, backend)
     differ = [f"{k} {a.get(k, '-')} vs {b.get(k, '-')}" for k in {**a, **b} if a.get(k) != b.get(k)]
@@ -249,7 +252,7 @@ def why_best(cfg: Config, best: Candidate, other: Candidate) -> list[str]:
     else:
         lines = [f"{gap:.3g} s/step ({100 * gap / other.step_s:.1f}%) faster than the runner-up, which differs in "
                  + ", ".join(differ)]
-    parts_a, parts_b = _parts(cfg, best), _parts(cfg, other)
+    parts_a, parts_b = _parts(cfg, best, calibration), _parts(cfg, other, calibration)
     deltas = sorted(TERMS, key=lambda t: -abs(parts_b[t] - parts_a[t]))
     for term in deltas[:3]:
         delta = parts_b[term] - parts_a[term]
@@ -262,9 +265,9 @@ def why_best(cfg: Config, best: Candidate, other: Candidate) -> list[str]:
     return lines
 
 
-def _parts(cfg: Config, c: Candidate) -> dict[str, float]:
+def _parts(cfg: Config, c: Candidate, calibration: Calibration) -> dict[str, float]:
     """``step_parts`` of a candidate, scaled by the calibration its ranked step time includes."""
-    ratio = step_time_ratio(cfg)
+    ratio = calibration.step_time_ratio
     terms = step_terms(dataclasses.replace(cfg, parallel=c.parallel), c.derived)
     return {k: v * ratio for k, v in step_parts(terms).items()}
 
@@ -320,7 +323,7 @@ def tune_record(s: Search) -> dict:
         "searched": len(s.ranked) + len(s.rejected), "fit": len(s.ranked), "seconds": s.seconds,
         "rejected_by": rejected_by(s),
         "best": candidate_record(s.ranked[0], cfg, 1) if s.ranked else None,
-        "why_best": why_best(cfg, s.ranked[0], s.ranked[1]) if len(s.ranked) > 1 else [],
+        "why_best": why_best(cfg, s.ranked[0], s.ranked[1], s.calibration) if len(s.ranked) > 1 else [],
         "roomier": _maybe_record(roomier(s), cfg, ranks),
         "current": _maybe_record(s.current, cfg, ranks),
         "candidates": [candidate_record(c, cfg, ranks.get(id(c))) for c in s.ranked + s.rejected],

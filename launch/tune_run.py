@@ -16,8 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 import shlex
+from collections import Counter
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -85,8 +87,6 @@ def _layout_name(cfg) -> str:
 
 def _user_overrides() -> list[str]:
     """This run's (this sweep point's) overrides, less the ones the tuned layout replaces."""
-    from hydra.core.hydra_config import HydraConfig
-
     task = list(HydraConfig.get().overrides.task)
     return [a for a in task if not a.lstrip("+~").startswith(("tune.", "parallel", "hydra."))]
 
@@ -156,7 +156,7 @@ def _verdict(found: Search) -> list[str]:
     lines = [f"rejected {len(found.rejected):,}: " + "; ".join(f"{key} {n:,}" for key, n in causes[:4])
              + ("; ..." if len(causes) > 4 else "")] if causes else []
     if len(found.ranked) > 1:
-        why = why_best(cfg, best, found.ranked[1])
+        why = why_best(cfg, best, found.ranked[1], found.calibration)
         lines.append(f"why #1: {why[0]}")
         lines += [f"  {line}" for line in why[1:]]
     alt = roomier(found)
@@ -184,8 +184,6 @@ def _verdict(found: Search) -> list[str]:
 
 def _nothing_fits(found: Search) -> list[str]:
     """No layout fits: what rejected them (by cause, then the commonest exact reasons) and what to change."""
-    from collections import Counter
-
     causes = "; ".join(f"{key} {n:,}" for key, n in list(rejected_by(found).items())[:4])
     reasons = Counter(c.rejected.split(";")[0] for c in found.rejected)
     top = "\n".join(f"    {n} x {reason}" for reason, n in reasons.most_common(3))

@@ -440,3 +440,26 @@ def test_gradient_reduction_dtype_reaches_every_backend_file(fp32):
     assert ("--accumulate-allreduce-grads-in-fp32" in to_megatron_lm_args(cfg, d, save_interval=None)) is fp32
     cfg, d = typed("recipe=llama3_8b_sft_h100", flag)
     assert to_deepspeed(cfg, d)["communication_data_type"] == ("fp32" if fp32 else "bf16")
+
+
+def test_moe_and_fp8_settings_are_defined_once_and_reach_both_megatron_translations():
+    """launch/backends/common.py holds them; megatron.yaml and megatron_args.txt both carry those values."""
+    from launch.backends.common import FP8, MOE
+
+    assert (MOE.load_balancing, MOE.aux_loss_coeff, MOE.token_dispatcher) == ("aux_loss", 1e-2, "alltoall")
+    assert (FP8.format, FP8.recipe, FP8.amax_history_len, FP8.amax_compute_algo) == ("hybrid", "delayed", 1024, "max")
+    cfg, d = typed("recipe=mixtral_8x7b_pretrain_h100", "train.precision=fp8")
+    tc = to_megatron(cfg, d)["transformer_config"]
+    assert (tc["moe_router_load_balancing_type"], tc["moe_aux_loss_coeff"], tc["moe_token_dispatcher_type"]) \
+        == (MOE.load_balancing, MOE.aux_loss_coeff, MOE.token_dispatcher)
+    assert (tc["fp8"], tc["fp8_recipe"], tc["fp8_amax_history_len"], tc["fp8_amax_compute_algo"]) \
+        == (FP8.format, FP8.recipe, FP8.amax_history_len, FP8.amax_compute_algo)
+    args = dict(line.split(" ", 1) for line in to_megatron_lm_args(cfg, d) if " " in line)
+
+    def value(flag: str) -> str:
+        return args[flag]
+
+    assert (value("--moe-router-load-balancing-type"), float(value("--moe-aux-loss-coeff")),
+            value("--moe-token-dispatcher-type")) == (MOE.load_balancing, MOE.aux_loss_coeff, MOE.token_dispatcher)
+    assert (value("--fp8-format"), value("--fp8-recipe"), int(value("--fp8-amax-history-len")),
+            value("--fp8-amax-compute-algo")) == (FP8.format, FP8.recipe, FP8.amax_history_len, FP8.amax_compute_algo)

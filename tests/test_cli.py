@@ -137,6 +137,8 @@ BAD = [
     (["recipe=tiny_locl"], "did you mean recipe=tiny_local?"),
     (["parallel.tp=["], "cannot parse the override"),
     (["parallel.recompute=some"], "one of none, selective, full"),
+    (["parallel.sequence_parallel=maybe"], "parallel.sequence_parallel: Invalid value 'maybe', expected one of [auto, true, false]"),
+    (["data.prepare_on=there"], "data.prepare_on: Invalid value 'there', expected one of [here, slurm]"),
     (["cluster.gpus_per_node=3"], "global batch 8 is not divisible by micro_batch_size*dp = 1*3 = 3"),
     (["name=../../etc"], "name=../../etc"),
     (["name=../elsewhere/deeper"], "name=../elsewhere/deeper"),
@@ -254,12 +256,12 @@ def test_render_refuses_a_layout_that_does_not_fit(workdir: Path):
 
 def test_oom_suggestions_each_fit_when_applied(workdir: Path):
     from launch.config import derive
-    from launch.estimate import estimate
+    from launch.estimate import UNCALIBRATED, estimate
     from launch.oom import memory_problem
 
     base = ["recipe=llama3_8b_sft_h100", "parallel.zero_stage=0", "parallel.recompute=none"]
     cfg = compose_config(base)
-    message = memory_problem(cfg, estimate(cfg, derive(cfg))["memory_gib"]["per_gpu_peak"])
+    message = memory_problem(cfg, estimate(cfg, derive(cfg))["memory_gib"]["per_gpu_peak"], UNCALIBRATED)
     suggestions = [line.split("->")[0].split() for line in message.splitlines() if "->" in line]
     assert suggestions
     for overrides in suggestions:

@@ -358,5 +358,5 @@ def test_prepare_on_slurm_needs_a_slurm_cluster_and_a_known_value(workdir: Path)
     out = run_trainctl("prepare", "recipe=tiny_local", "data.prepare_on=slurm", cwd=workdir)
     assert out.returncode == 2 and "data.prepare_on=slurm, cluster=local" in out.stderr and "fix:" in out.stderr
     out = run_trainctl("prepare", "recipe=tiny_local", "data.prepare_on=elsewhere", cwd=workdir)
-    assert out.returncode == 2 and "data.prepare_on=elsewhere: must be here or slurm" in out.stderr
+    assert out.returncode == 2 and "data.prepare_on: Invalid value 'elsewhere', expected one of [here, slurm]" in out.stderr
     assert "Traceback" not in out.stderr and not (workdir / "runs/tiny_local").exists()

@@ -110,13 +110,14 @@ def test_config_diff_names_keys_and_ignores_the_run_length():
 def test_resume_marks_the_records_of_lost_work(tmp_path):
     """A job killed at step 6 after a checkpoint at 4 logged steps 5-6 twice once resumed: the first copies
     stay in the file, marked, and the train curve has each step once."""
+    from launch.estimate import UNCALIBRATED
     from launch.plan import plan_numbers
     from launch.run_record import parse_plan
     from launch.train.metrics import Reporter
     from tests.conftest import typed
 
     cfg, d = typed("wandb.mode=disabled")
-    plan = parse_plan(plan_numbers(cfg, d))
+    plan = parse_plan(plan_numbers(cfg, d, UNCALIBRATED))
     lost = [{"kind": "train", "step": s, "loss": 9.0 - s} for s in range(1, 7)] + [{"kind": "eval", "step": 5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lost))
     report = Reporter(tmp_path, cfg, plan, world=1, enabled=True)

@@ -12,6 +12,7 @@ from launch.config import derive
 from launch.config.compose import compose_config
 from launch.config.validate import validate
 from launch.estimate import estimate
+from launch.estimate.calibration import load_calibration
 from launch.estimate.memory import memory_estimate
 from launch.config.derive import pipeline_split, uneven_first_last
 from launch.tune import NEAR_TIE, overrides, roomier, search, tune_record
@@ -223,7 +224,7 @@ def test_calibration_scales_step_time_and_memory(tmp_path: Path):
     path = _calibration(tmp_path, step_time_ratio=1.25, memory_ratio=1.1)
     cal = compose_config(["recipe=llama3_70b_pretrain_h100", f"cluster.calibration={path}"])
 
-    a, b = estimate(base, derive(base)), estimate(cal, derive(cal))
+    a, b = estimate(base, derive(base)), estimate(cal, derive(cal), load_calibration(cal))
     assert b["throughput"]["step_time_s"] == pytest.approx(1.25 * a["throughput"]["step_time_s"])
     assert b["throughput"]["mfu"] == pytest.approx(a["throughput"]["mfu"] / 1.25)
     assert b["run"]["wall_clock_days"] > a["run"]["wall_clock_days"]
@@ -360,4 +361,4 @@ def test_a_tie_says_what_broke_it():
     found = search(compose_config(["recipe=tiny_local"]))
     best, second = found.ranked[:2]
     assert best.step_s == second.step_s
-    assert why_best(found.cfg, best, second)[0].endswith("ranked first for less memory")
+    assert why_best(found.cfg, best, second, found.calibration)[0].endswith("ranked first for less memory")

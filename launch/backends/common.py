@@ -1,4 +1,5 @@
-"""What every translator reads the same way: data paths, the mixture, checkpoint paths, number formatting.
+"""What every translator reads the same way: data paths, the mixture, checkpoint paths, number formatting,
+and the MoE and FP8 settings both Megatron translations (megatron.yaml, megatron_args.txt) pass on.
 
 Pure functions of the typed config; no torch, deepspeed or megatron here.
 """
@@ -7,7 +8,42 @@ from __future__ import annotations
 
 import posixpath
 
+from dataclasses import dataclass
+
 from launch.config.schema import Config, StageKind
+
+
+@dataclass(frozen=True)
+class MoeSettings:
+    """How MoE layers route and balance: settings trainctl chooses, not keys of the schema."""
+
+    load_balancing: str = "aux_loss"
+    """The router's load balancing (GShard/Switch auxiliary loss)."""
+    aux_loss_coeff: float = 1e-2
+    """Weight of that loss: Megatron-Core's Mixtral example (megatron-core's default 0 balances nothing)."""
+    token_dispatcher: str = "alltoall"
+    """The dispatcher for expert parallelism (megatron-core's default: allgather)."""
+
+
+MOE = MoeSettings()
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """TransformerEngine's FP8 recipe under train.precision=fp8: NeMo's H100 recipe."""
+
+    format: str = "hybrid"
+    """E4M3 in the forward pass, E5M2 for gradients."""
+    recipe: str = "delayed"
+    """Delayed scaling: each tensor's scale from the amax history of earlier steps."""
+    amax_history_len: int = 1024
+    """Steps of amax history kept per tensor (megatron-core's default: 1)."""
+    amax_compute_algo: str = "max"
+    """The scale comes from the largest amax of that history (megatron-core's default: most_recent)."""
+
+
+FP8 = Fp8Recipe()
+
 
 def indexed_prefix(cfg: Config, source: str) -> str:
     """Path prefix of the ``.bin``/``.idx`` pair ``trainctl prepare`` writes for a source.

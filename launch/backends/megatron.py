@@ -36,7 +36,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from launch.backends.common import blend, reads_raw_chat, split_string, tokenizer_dir, wsd_decay_steps
+import yaml  # PyYAML, which omegaconf already requires on the login node
+
+from launch.backends.common import FP8, MOE, blend, reads_raw_chat, split_string, tokenizer_dir, wsd_decay_steps
 from launch.config.derive import Derived
 from launch.estimate.params import model_vocab_size
 from launch.config.schema import Activation, Config, Precision, Recompute, Schedule
@@ -80,8 +82,6 @@ def to_megatron(cfg: Config, d: Derived) -> dict:
 
 def to_megatron_yaml(cfg: Config, d: Derived) -> str:
     """``to_megatron`` as YAML text, each mapping under a comment naming the call that takes it."""
-    import yaml  # PyYAML, which omegaconf already requires on the login node
-
     doc = to_megatron(cfg, d)
     head = [
         f"# Megatron-Core {MEGATRON_CORE_VERSION} arguments for run {cfg.name}, written by trainctl render.",
@@ -144,19 +144,19 @@ def _transformer_config(cfg: Config, d: Derived) -> dict:
     }
     if cfg.train.precision == Precision.fp8:
         tc.update(
-            fp8="hybrid",  # E4M3 forward, E5M2 gradients (NeMo's H100 FP8 recipe)
-            fp8_recipe="delayed",
-            fp8_amax_history_len=1024,  # NeMo's H100 recipe (megatron-core: 1)
-            fp8_amax_compute_algo="max",  # NeMo's H100 recipe (megatron-core: most_recent)
+            fp8=FP8.format,
+            fp8_recipe=FP8.recipe,
+            fp8_amax_history_len=FP8.amax_history_len,
+            fp8_amax_compute_algo=FP8.amax_compute_algo,
         )
     if m.num_experts:
         tc.update(
             num_moe_experts=m.num_experts,
             moe_ffn_hidden_size=m.ffn_hidden_size,  # model.ffn_hidden_size is one expert's size
             moe_router_topk=m.moe_router_topk,
-            moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=1e-2,  # Megatron-Core's Mixtral example (megatron-core: 0, no balancing)
-            moe_token_dispatcher_type="alltoall",  # the dispatcher for expert parallelism (megatron-core: allgather)
+            moe_router_load_balancing_type=MOE.load_balancing,
+            moe_aux_loss_coeff=MOE.aux_loss_coeff,
+            moe_token_dispatcher_type=MOE.token_dispatcher,
             moe_grouped_gemm=te,  # one grouped GEMM over the local experts (TransformerEngine)
         )
     return tc
@@ -308,8 +308,6 @@ def _tokenizer(cfg: Config) -> dict:
 
 def load(path) -> dict:
     """Read a megatron.yaml written by ``to_megatron_yaml``."""
-    import yaml
-
     with open(path) as f:
         return yaml.safe_load(f)
 

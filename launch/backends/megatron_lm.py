@@ -32,11 +32,12 @@ from __future__ import annotations
 import shlex
 
 from launch.backends.common import (
-    blend, checkpoint_dir, in_run_dir, num, split_string, tokenizer_dir,
+    FP8, MOE, blend, checkpoint_dir, in_run_dir, num, split_string, tokenizer_dir,
     wsd_decay_steps,
 )
 from launch.config.derive import Derived
-from launch.config.schema import Activation, Config, PositionEmbedding, Precision, Recompute, Schedule, StageKind
+from launch.config.schema import (Activation, Config, PositionEmbedding, Precision, Recompute, Schedule, StageKind,
+                                   WandbMode)
 
 EXIT_SIGNAL = "SIGUSR1"
 """The signal the sbatch script forwards before the time limit; Megatron-LM then saves and exits."""
@@ -97,16 +98,16 @@ def _model(cfg: Config, flag) -> None:
         flag("--num-experts", m.num_experts)
         flag("--moe-ffn-hidden-size", m.ffn_hidden_size)  # model.ffn_hidden_size is one expert's size
         flag("--moe-router-topk", m.moe_router_topk)
-        flag("--moe-router-load-balancing-type", "aux_loss")
-        flag("--moe-aux-loss-coeff", 1e-2)  # Megatron-Core's Mixtral example (Megatron-LM: 0)
-        flag("--moe-token-dispatcher-type", "alltoall")  # the one for expert parallelism (Megatron-LM: allgather)
+        flag("--moe-router-load-balancing-type", MOE.load_balancing)
+        flag("--moe-aux-loss-coeff", MOE.aux_loss_coeff)
+        flag("--moe-token-dispatcher-type", MOE.token_dispatcher)
         flag("--moe-grouped-gemm")
     if cfg.train.precision == Precision.fp8:
         flag("--bf16")
-        flag("--fp8-format", "hybrid")  # E4M3 forward, E5M2 gradients (NeMo's H100 FP8 recipe)
-        flag("--fp8-recipe", "delayed")
-        flag("--fp8-amax-history-len", 1024)
-        flag("--fp8-amax-compute-algo", "max")
+        flag("--fp8-format", FP8.format)
+        flag("--fp8-recipe", FP8.recipe)
+        flag("--fp8-amax-history-len", FP8.amax_history_len)
+        flag("--fp8-amax-compute-algo", FP8.amax_compute_algo)
     elif cfg.train.precision == Precision.bf16:
         flag("--bf16")
     if cfg.train.precision != Precision.fp32 and cfg.train.grad_reduce_in_fp32:
@@ -207,7 +208,7 @@ def _logging(cfg: Config, flag, run_dir: str | None) -> None:
     flag("--eval-iters", t.eval_iters)
     flag("--log-throughput")  # tokens/s and TFLOP/s per GPU in the log, to compare with plan.json
     flag("--tensorboard-dir", in_run_dir(run_dir, "tensorboard"))  # Megatron-LM logs to wandb only beside TensorBoard
-    if cfg.wandb.mode != "disabled":
+    if cfg.wandb.mode != WandbMode.disabled:
         flag("--wandb-project", cfg.wandb.project)
         flag("--wandb-exp-name", cfg.name)
         flag("--wandb-save-dir", in_run_dir(run_dir, "wandb"))

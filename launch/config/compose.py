@@ -6,19 +6,19 @@ Hydra's compose API over the same search path, so both see the same configs.
 
 from __future__ import annotations
 
+from hydra import compose as hydra_compose
+from hydra import initialize
 from omegaconf import DictConfig
 
 from launch.config import Config, to_config
+from launch.config.bool_names import quote_overrides
 from launch.config.source import register
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize
-
     register()
     with initialize(version_base="1.3", config_path=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=quote_overrides(overrides))
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:

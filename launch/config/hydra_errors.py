@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 
-from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
@@ -31,11 +32,15 @@ def explain(exc: BaseException, schema: type = Config) -> str | None:
                 "  fix: write KEY=VALUE (quote values with spaces or brackets), see "
                 "https://hydra.cc/docs/advanced/override_grammar/basic/")
     cause = exc if isinstance(exc, OmegaConfBaseException) else exc.__cause__
+    if cause is None and isinstance(exc, ConfigCompositionException):
+        cause = exc.__context__  # a config file's value: Hydra re-raises OmegaConf's error without `from`
     if isinstance(cause, (ConfigKeyError, AttributeError)) and getattr(cause, "full_key", None):
         return unknown_key(cause.full_key, schema)
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         detail = str(cause).splitlines()[0]
-        return f"{cause.full_key}: {detail}\n  fix: {_type_hint(cause.full_key, schema)}"
+        where = re.match(r"In '([^']+)'", str(exc)) if cause is not exc else None
+        source = f" (in {where[1]}.yaml)" if where else ""
+        return f"{cause.full_key}: {detail}{source}\n  fix: {_type_hint(cause.full_key, schema, detail)}"
     if isinstance(cause, InterpolationResolutionError):
         key = getattr(cause, "full_key", None) or "a value"
         return (f"{key}: cannot resolve its interpolation: {str(cause).splitlines()[0]}\n"
@@ -151,7 +156,7 @@ def _schema_at(path: str, schema: type = Config):
     return node
 
 
-def _type_hint(full_key: str, schema: type = Config) -> str:
+def _type_hint(full_key: str, schema: type = Config, detail: str = "") -> str:
     parent, _, key = full_key.rpartition(".")
     node = _schema_at(parent, schema)
     if not dataclasses.is_dataclass(node) or key not in typing.get_type_hints(node):
@@ -160,6 +165,9 @@ def _type_hint(full_key: str, schema: type = Config) -> str:
     hint = _unwrap(raw)
     choices = getattr(hint, "__members__", None)
     if choices:
+        yaml_bool = re.search(r"value '(True|False)'", detail)
+        if "true" in choices and yaml_bool:  # a bare true/false in a YAML file (launch/config/bool_names.py)
+            return f"quote it in the YAML file: {key}: '{yaml_bool[1].lower()}'"
         return f"{full_key}=<one of {', '.join(choices)}>"
     name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
     return f"{full_key} takes a value of type {name}" + (" or null" if raw is not hint else "")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -42,6 +42,15 @@ class Recompute(Enum):
     full = "full"  # whole transformer layer
 
 
+class SequenceParallel(Enum):
+    """Megatron's sequence parallelism. The members are named as users type them; OmegaConf reads an
+    Enum by name, but a YAML or command-line ``true``/``false`` arrives as a bool, which OmegaConf
+    refuses for an Enum: ``launch/config/bool_names.py`` quotes it before composing."""
+    auto = "auto"  # on when tp > 1, except fp32 (CPU) runs (launch/config/derive.py)
+    true = "true"
+    false = "false"
+
+
 class Offload(Enum):
     none = "none"
     cpu = "cpu"
@@ -53,6 +62,25 @@ class StageKind(Enum):
     sft = "sft"
     dpo = "dpo"
     rlhf = "rlhf"
+
+
+class DpoLoss(Enum):
+    """DPO loss variants, named as TRL's ``DPOConfig.loss_type``. Only the paper's loss is offered: the
+    DPO trainer is not built, and a variant joins here with the code that computes it."""
+    sigmoid = "sigmoid"  # -log sigmoid(beta * margin) (Rafailov et al. 2023, eq. 7)
+
+
+class PrepareOn(Enum):
+    """Where ``trainctl prepare`` tokenizes."""
+    here = "here"  # in this process
+    slurm = "slurm"  # a job array, one task per unfinished shard (cluster.scheduler=slurm)
+
+
+class WandbMode(Enum):
+    """wandb's own mode names (WANDB_MODE)."""
+    offline = "offline"  # files under RUN_DIR/wandb, `wandb sync` later
+    online = "online"
+    disabled = "disabled"
 
 
 class Schedule(Enum):
@@ -143,8 +171,9 @@ class ParallelConfig:
     etp: Optional[int] = None
     """Tensor parallel size inside experts; None means tp (Megatron's default)."""
     micro_batch_size: int = 1
-    sequence_parallel: Any = "auto"
-    """auto | true | false; auto is on when tp > 1 (Megatron only), except fp32 (CPU) runs."""
+    sequence_parallel: SequenceParallel = SequenceParallel.auto
+    """auto | true | false; auto is on when tp > 1 (Megatron only), except fp32 (CPU) runs. In a YAML
+    file, quote true and false (``sequence_parallel: 'true'``); the command line needs no quotes."""
     recompute: Recompute = Recompute.selective
     distributed_optimizer: bool = True
     """Megatron: shard optimizer state over dp. Ignored on deepspeed."""
@@ -188,7 +217,7 @@ class DataConfig:
     """Train / validation / test fractions of each source."""
     prepared_dir: str = "data/prepared"
     """Where `trainctl prepare` writes the indexed shards."""
-    prepare_on: str = "here"
+    prepare_on: PrepareOn = PrepareOn.here
     """here: `trainctl prepare` tokenizes in this process; slurm: it submits a job array with one task
     per shard to the cluster (cluster.scheduler=slurm) and returns at once."""
 
@@ -208,7 +237,7 @@ class StageConfig:
     """SFT/DPO: no loss on prompt tokens."""
     dpo_beta: float = 0.1
     """DPO: strength of the KL constraint (Rafailov et al. 2023)."""
-    dpo_loss: str = "sigmoid"
+    dpo_loss: DpoLoss = DpoLoss.sigmoid
     """DPO loss variant, as in TRL's DPOConfig.loss_type."""
     reference_checkpoint: Optional[str] = None
     """DPO/RLHF reference policy; None means init_checkpoint."""
@@ -400,7 +429,7 @@ class EstimateConfig:
 class WandbConfig:
     """Where the trainers log to wandb. Offline by default (files under RUN_DIR/wandb, `wandb sync` later)."""
 
-    mode: str = "offline"
+    mode: WandbMode = WandbMode.offline
     """offline | online | disabled; WANDB_MODE in the environment wins."""
     project: str = "trainctl"
     entity: Optional[str] = None
@@ -474,6 +503,8 @@ def register_schemas() -> None:
     default (``parallel.etp=2`` needs no ``+``), and a misspelt key or a wrong
     type fails while Hydra composes.
     """
+    # Here, not at the top: the schema is also read where nothing composes (the trainers, `status`,
+    # the run record), and Hydra adds ~0.1 s to their start.
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="trainctl_schema", node=Config)

@@ -19,6 +19,7 @@ from hydra.core.object_type import ObjectType
 from hydra.core.plugins import Plugins
 from hydra.plugins.config_source import ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import OmegaConf
 
 from launch.paths import asset_dir
 from launch.config.schema import register_schemas
@@ -113,8 +114,6 @@ def register() -> None:
     Registered explicitly by the CLI (not discovered as a plugin), so other
     Hydra apps in the same environment never see trainctl's groups.
     """
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda path: str(asset_dir(path.split("/")[0]) / path.partition("/")[2]))
     if not OmegaConf.has_resolver("python"):

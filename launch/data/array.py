@@ -22,13 +22,16 @@ import shutil
 import sys
 from pathlib import Path
 
-from launch.config.schema import Config, Scheduler
+from omegaconf import OmegaConf
+
+from launch.config.schema import Scheduler
 from launch.data import shard
 from launch.data.prepare import build_one, check_inputs, inspect_tokenizer, output_dir, processes, unfinished
 from launch.data.sources import sha256
 from launch.errors import UserError
 from launch.executors import jobs, slurm
 from launch.executors.sbatch import render_prepare
+from launch.run_record import read_config
 
 SUBDIR = "prepare"
 
@@ -44,8 +47,6 @@ def _absolute_data_paths(composed) -> None:
 
 def submit_prepare(cfg, composed, run_dir: Path) -> bool:
     """Submit the job array for the unfinished shards; False when every shard is finished (nothing queued)."""
-    from omegaconf import OmegaConf
-
     if cfg.cluster.scheduler != Scheduler.slurm:
         raise UserError(f"data.prepare_on=slurm, cluster={cfg.cluster.name}: this cluster has no SLURM scheduler\n"
                         "  fix: cluster=h100 (or your own SLURM profile), or data.prepare_on=here")
@@ -86,11 +87,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m launch.data.array PREPARE_DIR SOURCE", file=sys.stderr)
         return 2
-    from omegaconf import OmegaConf
-
     prep_dir, name = Path(argv[0]), argv[1]
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(prep_dir / "config.yaml")))
+        cfg = read_config(prep_dir).cfg  # the one typed reader of a config.yaml (launch/run_record.py)
         sources, tok_path = check_inputs(cfg.data)
         tok = inspect_tokenizer(tok_path, cfg.data.tokenizer)
         tokenizer_sha = sha256(tok_path)

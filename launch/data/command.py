@@ -12,10 +12,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from rich.console import Console
+
 from launch.config import derive
+from launch.config.schema import PrepareOn
 from launch.data.array import submit_prepare
 from launch.data.prepare import REPORT, prepare, prepare_table
-from launch.errors import UserError
 from launch.rundir import dump_json
 
 
@@ -25,16 +28,10 @@ def run_prepare(composed, run_dir: Path, command: list[str]) -> None:
     RUN_DIR gets the same figures (the epochs depend on this run's token budget);
     a failure leaves a run directory this command created absent, as ``trainctl plan`` does.
     """
-    from omegaconf import OmegaConf
-    from rich.console import Console
-
     fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
-    if composed.data.prepare_on == "slurm":
+    if composed.data.prepare_on == PrepareOn.slurm:
         if submit_prepare(OmegaConf.to_object(composed), composed, run_dir):
             return
-    elif composed.data.prepare_on != "here":
-        raise UserError(f"data.prepare_on={composed.data.prepare_on}: must be here or slurm\n"
-                        "  fix: data.prepare_on=here (this process) or data.prepare_on=slurm (a job array)")
     try:
         cfg = OmegaConf.to_object(composed)
         numbers = prepare(cfg, derive(cfg).tokens)

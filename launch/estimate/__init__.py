@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from launch.config.derive import Derived
 from launch.config.schema import Config
+from launch.estimate.calibration import UNCALIBRATED, Calibration
 from launch.estimate.flops import flops_estimate
 from launch.estimate.memory import memory_estimate
 from launch.estimate.params import params_active, params_total
@@ -23,16 +24,20 @@ from launch.estimate.perf import throughput_estimate
 from launch.estimate.run import run_estimate
 from launch.estimate.scaling import scaling_estimate
 
-__all__ = ["estimate"]
+__all__ = ["Calibration", "UNCALIBRATED", "estimate"]
 
 
-def estimate(cfg: Config, d: Derived) -> dict:
+def estimate(cfg: Config, d: Derived, calibration: Calibration = UNCALIBRATED) -> dict:
     """The plan.json blocks: {"model", "flops", "memory_gib", "throughput", "run",
-    "scaling"} and "memory_stages_gib" (per-stage peaks, GiB, first to last)."""
+    "scaling"} and "memory_stages_gib" (per-stage peaks, GiB, first to last).
+
+    ``calibration``: probe runs' measured/predicted ratios (``load_calibration`` reads
+    ``cluster.calibration``'s file at the verb's edge); the default is the bare model.
+    """
     n_total, n_active = params_total(cfg.model), params_active(cfg.model)
     flops = flops_estimate(cfg, d, n_active)
-    memory, stages_gib = memory_estimate(cfg, d)
-    throughput = throughput_estimate(cfg, d, flops["per_step"])
+    memory, stages_gib = memory_estimate(cfg, d, calibration)
+    throughput = throughput_estimate(cfg, d, flops["per_step"], calibration)
     return {
         "model": {"params_total": n_total, "params_active": n_active},
         "flops": flops,

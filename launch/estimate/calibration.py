@@ -7,36 +7,55 @@ step time (and so throughput, MFU, wall clock and cost) and its per-stage memory
 peaks by them. One pair of ratios per cluster: what the step-time model misses
 on that cluster's network, kernels and software, assumed the same for every
 layout, which is what a handful of probes can support.
+
+The estimator takes the ratios as data (``Calibration``), never the file: the
+verbs read it once at their edge with ``load_calibration`` (``launch/plan.py``
+``make_plan``, ``launch/tune.py`` ``search``) and pass it down, so the models in
+``launch/estimate/`` stay pure functions of their arguments.
 """
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 
 from launch.config.schema import Config
 from launch.errors import UserError
 
 
-def step_time_ratio(cfg: Config) -> float:
-    return _ratios(cfg)[0]
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """What a calibration.json says, checked; the defaults are the bare model (no file)."""
+
+    step_time_ratio: float = 1.0
+    """Measured/predicted step time; multiplies the step-time model's prediction."""
+    memory_ratio: float = 1.0
+    """Measured/predicted tensor bytes; multiplies each stage's states and activations."""
+    path: str | None = None
+    """The file it came from (for the plan's report); None: uncalibrated."""
 
 
-def memory_ratio(cfg: Config) -> float:
-    return _ratios(cfg)[1]
+UNCALIBRATED = Calibration()
+"""The bare model: what the estimator applies when no calibration is given."""
 
 
-def _ratios(cfg: Config) -> tuple[float, float]:
+def load_calibration(cfg: Config) -> Calibration:
+    """``cluster.calibration``'s file, read and checked once; ``UNCALIBRATED`` when it is not set.
+
+    ``UserError`` (naming the key, the file and the fix) for a file that cannot be read, is not the
+    JSON trainctl writes, holds a ratio out of ``RATIO_RANGE``, or was measured on another cluster.
+    """
     path = cfg.cluster.calibration
     if not path:
-        return 1.0, 1.0
+        return UNCALIBRATED
     data = _read(str(Path(path).expanduser().absolute()))
     if data.get("cluster") != cfg.cluster.name:
         raise UserError(f"cluster.calibration={path}: measured on cluster {data.get('cluster')!r}, and this config "
                         f"runs on {cfg.cluster.name!r}\n  fix: probe this cluster (trainctl tune ... tune.probe=true), "
                         "or cluster.calibration=null")
-    return data.get("step_time_ratio") or 1.0, data.get("memory_ratio") or 1.0
+    return Calibration(step_time_ratio=data.get("step_time_ratio") or 1.0,
+                       memory_ratio=data.get("memory_ratio") or 1.0, path=path)
 
 
 RATIO_RANGE = (0.001, 1000.0)
@@ -44,7 +63,6 @@ RATIO_RANGE = (0.001, 1000.0)
 (slurm_local) is ~30x slower than its nominal peak says."""
 
 
-@lru_cache(maxsize=8)
 def _read(path: str) -> dict:
     fix = "  fix: the calibration.json `trainctl tune` wrote after its probes, or cluster.calibration=null"
     try:

@@ -42,7 +42,7 @@ from functools import lru_cache
 from itertools import accumulate
 
 from launch.config.derive import Derived
-from launch.estimate.calibration import memory_ratio
+from launch.estimate.calibration import UNCALIBRATED, Calibration
 from launch.config.schema import Activation, BackendName, Config, Offload, Precision, Recompute
 from launch.estimate.params import (
     StageParams, is_moe, kv_size, largest_module_params, model_vocab_size, query_size, stage_params,
@@ -407,11 +407,11 @@ class StageMemory:
         return {name: value / GIB for name, value in parts.items()}
 
 
-def stage_memory(cfg: Config, d: Derived) -> list[StageMemory]:
-    """Memory per GPU on each pipeline stage, first to last."""
+def stage_memory(cfg: Config, d: Derived, calibration: Calibration = UNCALIBRATED) -> list[StageMemory]:
+    """Memory per GPU on each pipeline stage, first to last; tensors scaled by ``calibration``."""
     e = cfg.estimate
     fixed = (e.cuda_context_gib + e.nccl_buffers_gib) * GIB
-    measured = memory_ratio(cfg)  # 1.0 unless cluster.calibration says otherwise
+    measured = calibration.memory_ratio  # 1.0 unless cluster.calibration says otherwise
     return [
         StageMemory(stage_state_bytes(cfg, d, params), stage_activation_bytes(cfg, d, i),
                     e.allocator_fragmentation, fixed, measured)
@@ -419,9 +419,10 @@ def stage_memory(cfg: Config, d: Derived) -> list[StageMemory]:
     ]
 
 
-def memory_estimate(cfg: Config, d: Derived) -> tuple[dict, list[float]]:
+def memory_estimate(cfg: Config, d: Derived,
+                    calibration: Calibration = UNCALIBRATED) -> tuple[dict, list[float]]:
     """The plan's ``memory_gib`` block for the heaviest stage, and every stage's peak (GiB)."""
-    stages = stage_memory(cfg, d)
+    stages = stage_memory(cfg, d, calibration)
     worst = max(stages, key=lambda s: s.peak)
     hbm = cfg.cluster.gpu.hbm_gib
     block = {

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from launch.config.derive import Derived, mfu_peak_tflops
 from launch.config.schema import BackendName, Config, Precision, Recompute
-from launch.estimate.calibration import step_time_ratio
+from launch.estimate.calibration import UNCALIBRATED, Calibration
 from launch.estimate.flops import LayerFlops, layer_recompute_flops, layer_training_flops, logits_training_flops
 from launch.estimate.memory import ACTIVATION_BYTES_BF16, bytes_per_param, local_tokens
 from launch.estimate.params import StageParams, is_moe, kv_size, model_vocab_size, stage_params
@@ -360,18 +360,20 @@ def step_terms(cfg: Config, d: Derived) -> StepTerms:
     return max(per_rank.values(), key=lambda t: t.step_s)
 
 
-def step_seconds(cfg: Config, d: Derived, model_flops_per_step: float) -> float:
+def step_seconds(cfg: Config, d: Derived, model_flops_per_step: float,
+                 calibration: Calibration = UNCALIBRATED) -> float:
     """Seconds per optimizer step: model FLOPs / (world * peak * estimate.mfu) when
-    estimate.mfu is set, else the step-time model."""
+    estimate.mfu is set, else the step-time model scaled by ``calibration``."""
     if cfg.estimate.mfu is not None:
         return model_flops_per_step / (d.world_size * mfu_peak_flops(cfg) * cfg.estimate.mfu)
-    return step_terms(cfg, d).step_s * step_time_ratio(cfg)  # x1 unless cluster.calibration says otherwise
+    return step_terms(cfg, d).step_s * calibration.step_time_ratio  # x1 unless cluster.calibration says otherwise
 
 
-def throughput_estimate(cfg: Config, d: Derived, model_flops_per_step: float) -> dict:
+def throughput_estimate(cfg: Config, d: Derived, model_flops_per_step: float,
+                        calibration: Calibration = UNCALIBRATED) -> dict:
     """The plan's ``throughput`` block: MFU = model FLOPs per second per GPU / peak
     (Chowdhery et al. 2022, appendix B), against ``mfu_peak_flops``."""
-    step = step_seconds(cfg, d, model_flops_per_step)
+    step = step_seconds(cfg, d, model_flops_per_step, calibration)
     per_gpu_flops = model_flops_per_step / d.world_size / step
     return {
         "step_time_s": step,

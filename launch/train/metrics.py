@@ -82,7 +82,7 @@ class Reporter:
     # --- wandb ---------------------------------------------------------------------------------
 
     def _init_wandb(self, cfg) -> None:
-        mode = os.environ.get("WANDB_MODE") or str(cfg.wandb.mode)
+        mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode.name
         if mode == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
             return
         os.environ["WANDB_MODE"] = mode
