@@ -201,7 +201,6 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from launch import hydra_callbacks
-    from launch.config.bool_names import quote_overrides
     from launch.config.hydra_errors import explain
     from launch.config.source import register
 
@@ -229,7 +228,7 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
         print(f"trainctl {verb}: {VERBS[verb].summary}\n")
     app = hydra.main(version_base="1.3", config_path=None, config_name=VERBS[verb].config_name)(task)
     saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = [f"trainctl {verb}", *quote_overrides(args)]  # parallel.sequence_parallel=true: the name
+    sys.argv = [f"trainctl {verb}", *args]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; reported below with exit 2
     try:
         with _one_composition(args):

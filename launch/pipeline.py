@@ -18,7 +18,6 @@ from hydra import compose
 from omegaconf import DictConfig
 
 from launch.errors import UserError
-from launch.config.bool_names import quote_overrides
 from launch.config.hydra_errors import explain
 
 FINAL_CHECKPOINT = "final"
@@ -49,7 +48,7 @@ def units(composed: DictConfig, run_dir: Path, overrides: list[str]) -> list[Uni
         chained = [f"stage.init_checkpoint={hydra_quote(previous)}"] if previous and not sets_init else []
         stage_overrides = [*own, *chained, *common, f"name={composed.name}-{stage.name}", "pipeline=[]"]
         try:
-            stage_cfg = compose(config_name="config", overrides=quote_overrides(stage_overrides))
+            stage_cfg = compose(config_name="config", overrides=stage_overrides)
         except Exception as exc:  # noqa: BLE001 - Hydra's errors are the stage's user errors
             message = explain(exc)
             if message is None:

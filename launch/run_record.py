@@ -38,7 +38,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launch.backends import checkpoint_steps
-from launch.config.bool_names import quote_loaded
 from launch.config.derive import Derived, derive
 from launch.config.schema import Config
 from launch.errors import UserError
@@ -176,7 +175,6 @@ def read_config(run_dir: Path) -> RunConfig:
     if not OmegaConf.is_dict(loaded):
         raise _damaged(run_dir, CONFIG, "not a mapping of config groups")
     try:
-        loaded = quote_loaded(loaded)  # sequence_parallel: true, as trainctl wrote it before the enum
         typed = OmegaConf.merge(OmegaConf.structured(Config), loaded)
         cfg = OmegaConf.to_object(typed)
         raw = OmegaConf.to_container(loaded, resolve=True)

@@ -36,7 +36,7 @@ from typing import Iterator
 
 from launch.config import Config, Derived, derive
 from launch.config.derive import pipeline_split, uneven_first_last
-from launch.config.schema import BackendName, ParallelConfig, Recompute, SequenceParallel
+from launch.config.schema import BackendName, ParallelConfig, Recompute
 from launch.config.validate import divisors, validate
 from launch.errors import UserError
 from launch.estimate.calibration import Calibration, load_calibration
@@ -68,7 +68,7 @@ def layouts(cfg: Config, world: int) -> Iterator[ParallelConfig]:
     """
     m, c, t, tune = cfg.model, cfg.cluster, cfg.train, cfg.tune
     megatron = cfg.backend.name == BackendName.megatron
-    base = dataclasses.replace(cfg.parallel, sequence_parallel=SequenceParallel.auto, etp=None, vpp=1, ep=1,
+    base = dataclasses.replace(cfg.parallel, sequence_parallel="auto", etp=None, vpp=1, ep=1,
                                **{k: None if k.startswith("num_") else False for k in SPLIT_KEYS})
     tps = divisors(c.gpus_per_node) if megatron else [1]
     cps = [cp for cp in _powers_of_two(max(m.seq_length // max(tune.min_tokens_per_cp_rank, 1), 1)) if world % cp == 0]

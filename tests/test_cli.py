@@ -137,7 +137,7 @@ BAD = [
     (["recipe=tiny_locl"], "did you mean recipe=tiny_local?"),
     (["parallel.tp=["], "cannot parse the override"),
     (["parallel.recompute=some"], "one of none, selective, full"),
-    (["parallel.sequence_parallel=maybe"], "parallel.sequence_parallel: Invalid value 'maybe', expected one of [auto, true, false]"),
+    (["parallel.sequence_parallel=maybe"], "parallel.sequence_parallel=maybe: must be auto, true or false"),
     (["data.prepare_on=there"], "data.prepare_on: Invalid value 'there', expected one of [here, slurm]"),
     (["cluster.gpus_per_node=3"], "global batch 8 is not divisible by micro_batch_size*dp = 1*3 = 3"),
     (["name=../../etc"], "name=../../etc"),

@@ -11,14 +11,13 @@ from hydra import initialize
 from omegaconf import DictConfig
 
 from launch.config import Config, to_config
-from launch.config.bool_names import quote_overrides
 from launch.config.source import register
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     register()
     with initialize(version_base="1.3", config_path=None):
-        return hydra_compose(config_name="config", overrides=quote_overrides(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launch.config.rampup import Rampup, micro_batches, schedule
-from launch.config.schema import Config, MfuBasis, Precision, SequenceParallel
+from launch.config.schema import Config, MfuBasis, Precision
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,7 @@ def derive(cfg: Config) -> Derived:
     expert_dp = max(world // max(p.ep * etp * p.pp, 1), 1)
     sp = p.sequence_parallel
     # auto: on when tp > 1, except fp32 (CPU) runs, whose megatron-core norms cannot do it (backend_rules.py)
-    sequence_parallel = (p.tp > 1 and t.precision != Precision.fp32) if sp == SequenceParallel.auto \
-        else sp == SequenceParallel.true
+    sequence_parallel = (p.tp > 1 and t.precision != Precision.fp32) if sp == "auto" else bool(sp)
     grad_accum = micro_batches(t.global_batch_size, p.micro_batch_size, dp)
     tokens_per_step = t.global_batch_size * m.seq_length
     ramp = Rampup.of(t.rampup_batch_size)

@@ -40,7 +40,7 @@ def explain(exc: BaseException, schema: type = Config) -> str | None:
         detail = str(cause).splitlines()[0]
         where = re.match(r"In '([^']+)'", str(exc)) if cause is not exc else None
         source = f" (in {where[1]}.yaml)" if where else ""
-        return f"{cause.full_key}: {detail}{source}\n  fix: {_type_hint(cause.full_key, schema, detail)}"
+        return f"{cause.full_key}: {detail}{source}\n  fix: {_type_hint(cause.full_key, schema)}"
     if isinstance(cause, InterpolationResolutionError):
         key = getattr(cause, "full_key", None) or "a value"
         return (f"{key}: cannot resolve its interpolation: {str(cause).splitlines()[0]}\n"
@@ -156,7 +156,7 @@ def _schema_at(path: str, schema: type = Config):
     return node
 
 
-def _type_hint(full_key: str, schema: type = Config, detail: str = "") -> str:
+def _type_hint(full_key: str, schema: type = Config) -> str:
     parent, _, key = full_key.rpartition(".")
     node = _schema_at(parent, schema)
     if not dataclasses.is_dataclass(node) or key not in typing.get_type_hints(node):
@@ -165,9 +165,6 @@ def _type_hint(full_key: str, schema: type = Config, detail: str = "") -> str:
     hint = _unwrap(raw)
     choices = getattr(hint, "__members__", None)
     if choices:
-        yaml_bool = re.search(r"value '(True|False)'", detail)
-        if "true" in choices and yaml_bool:  # a bare true/false in a YAML file (launch/config/bool_names.py)
-            return f"quote it in the YAML file: {key}: '{yaml_bool[1].lower()}'"
         return f"{full_key}=<one of {', '.join(choices)}>"
     name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
     return f"{full_key} takes a value of type {name}" + (" or null" if raw is not hint else "")

@@ -43,6 +43,8 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "train.save_final": ("trainer", "the step loop's final save and export (launch/train/loop.py)"),
     "train.rank_check_s": ("trainer", "launch/train/__main__.py runs the rank check instead of training"),
     # --- wandb: the trainers' Reporter opens the run (launch/train/metrics.py)
+    "wandb.mode": ("trainer", "offline/online/disabled: wandb.init in launch/train/metrics.py (Megatron-LM's flags "
+                   "only tell disabled from the rest)"),
     "wandb.entity": ("trainer", "wandb.init(entity=...) in launch/train/metrics.py"),
     "wandb.group": ("trainer", "wandb.init(group=...) in launch/train/metrics.py"),
     "wandb.tags": ("trainer", "wandb.init(tags=...) in launch/train/metrics.py"),

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from launch.config.derive import Derived, uneven_split
 from launch.config.problem import Problem, divisors, is_megatron, split_evenly
-from launch.config.schema import Config, SequenceParallel, StageKind
+from launch.config.schema import Config, StageKind
 from launch.config.slurm_time import parse_time_limit
 
 
@@ -290,7 +290,10 @@ def batch_rampup(cfg: Config, d: Derived) -> Iterator[Problem]:
 
 def sequence_parallel_setting(cfg: Config, d: Derived) -> Iterator[Problem]:
     sp = cfg.parallel.sequence_parallel
-    if sp == SequenceParallel.true and cfg.parallel.tp < 2:
+    if sp != "auto" and type(sp) is not bool:
+        yield Problem({"parallel.sequence_parallel": sp}, "must be auto, true or false",
+                      "parallel.sequence_parallel=auto")
+    elif sp is True and cfg.parallel.tp < 2:
         yield Problem({"parallel.sequence_parallel": sp, "parallel.tp": cfg.parallel.tp},
                       "sequence parallelism splits activations over the tensor-parallel group; it needs tp > 1",
                       "parallel.sequence_parallel=auto, or parallel.tp>1")

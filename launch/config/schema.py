@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -40,15 +40,6 @@ class Recompute(Enum):
     none = "none"
     selective = "selective"  # attention core only (Korthikanti et al. 2022, sec. 5)
     full = "full"  # whole transformer layer
-
-
-class SequenceParallel(Enum):
-    """Megatron's sequence parallelism. The members are named as users type them; OmegaConf reads an
-    Enum by name, but a YAML or command-line ``true``/``false`` arrives as a bool, which OmegaConf
-    refuses for an Enum: ``launch/config/bool_names.py`` quotes it before composing."""
-    auto = "auto"  # on when tp > 1, except fp32 (CPU) runs (launch/config/derive.py)
-    true = "true"
-    false = "false"
 
 
 class Offload(Enum):
@@ -171,9 +162,10 @@ class ParallelConfig:
     etp: Optional[int] = None
     """Tensor parallel size inside experts; None means tp (Megatron's default)."""
     micro_batch_size: int = 1
-    sequence_parallel: SequenceParallel = SequenceParallel.auto
-    """auto | true | false; auto is on when tp > 1 (Megatron only), except fp32 (CPU) runs. In a YAML
-    file, quote true and false (``sequence_parallel: 'true'``); the command line needs no quotes."""
+    sequence_parallel: Any = "auto"
+    """auto | true | false; auto is on when tp > 1 (Megatron only), except fp32 (CPU) runs. The one mode
+    that is not an Enum: users write true/false, which YAML and Hydra read as bools, and OmegaConf 2.3
+    refuses a bool for an Enum field (``rules.sequence_parallel_setting`` checks the value instead)."""
     recompute: Recompute = Recompute.selective
     distributed_optimizer: bool = True
     """Megatron: shard optimizer state over dp. Ignored on deepspeed."""

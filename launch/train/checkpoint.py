@@ -36,7 +36,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launch.config.bool_names import as_name
 from launch.config.schema import BackendName, Config
 from launch.errors import UserError
 from launch.run_record import RECORD_VERSION
@@ -119,7 +118,7 @@ def config_diff(saved: dict, current: dict, also_resumable: tuple[str, ...] = ()
     for key in sorted(set(a) | set(b)):
         if _resumable(key) or any(_matches(key, p) for p in also_resumable):
             continue
-        old, new = as_name(key, a.get(key, "<absent>")), as_name(key, b.get(key, "<absent>"))  # bool_names.py
+        old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
         if old != new:
             out.append(f"{key}: {old!r} -> {new!r}")
     return out
