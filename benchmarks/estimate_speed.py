@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launch.config import derive  # noqa: E402
 from launch.config.compose import compose, compose_config  # noqa: E402
 from launch.estimate import estimate  # noqa: E402
-from launch.plan import make_plan  # noqa: E402
+from launch.verbs.plan import make_plan  # noqa: E402
 
 
 def median_ms(fn, runs: int) -> float:

@@ -35,7 +35,7 @@ def plain_worker(run_dir: Path, steps: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from launch.run_record import read_config
+    from launch.record.read import read_config
     from launch.train.model import build
 
     cfg = read_config(run_dir).cfg

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch.config.compose import compose_config  # noqa: E402
-from launch.tune import search  # noqa: E402
+from launch.verbs.tune import search  # noqa: E402
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ def _render(composed, run_dir: Path, command: list[str]) -> None:
 def _submit(composed, run_dir: Path, command: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from launch.submit import check_submittable, submit_written
+    from launch.verbs.submit import check_submittable, submit_written
 
     written = _write(composed, run_dir, command, with_job_script=True, check=check_submittable)
     hc = HydraConfig.get()
@@ -84,25 +84,25 @@ def _submit(composed, run_dir: Path, command: list[str]) -> None:
 def _write(composed, run_dir: Path, command: list[str], **kwargs):
     from hydra.core.hydra_config import HydraConfig
 
-    from launch.records import write_records
+    from launch.verbs.records import write_records
 
     return write_records(composed, run_dir, command, list(HydraConfig.get().overrides.task), **kwargs)
 
 
 def _status(args: list[str]) -> int:
-    from launch.status import status_main
+    from launch.verbs.status import status_main
 
     return status_main(args)
 
 
 def _cancel(args: list[str]) -> int:
-    from launch.status import cancel_main
+    from launch.verbs.status import cancel_main
 
     return cancel_main(args)
 
 
 def _size(composed, run_dir: Path, command: list[str]) -> None:
-    from launch.size import run_size
+    from launch.verbs.size import run_size
 
     run_size(composed, run_dir, command)
 
@@ -114,19 +114,19 @@ def _prepare(composed, run_dir: Path, command: list[str]) -> None:
 
 
 def _tune(composed, run_dir: Path, command: list[str]) -> None:
-    from launch.tune_run import run_tune
+    from launch.verbs.tune_run import run_tune
 
     run_tune(composed, run_dir, command)
 
 
 def _size_schema() -> type:
-    from launch.size_schema import SizeConfig
+    from launch.verbs.size_schema import SizeConfig
 
     return SizeConfig
 
 
 def _size_setup() -> None:
-    from launch.size_schema import register
+    from launch.verbs.size_schema import register
 
     register()
 
@@ -200,7 +200,7 @@ def _run_hydra_verb(verb: str, args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from launch import hydra_callbacks
+    from launch.config import hydra_callbacks
     from launch.config.hydra_errors import explain
     from launch.config.source import register
 

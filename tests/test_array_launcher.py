@@ -141,10 +141,10 @@ def test_preflight_asks_slurm_about_the_array_and_queues_nothing(workdir, slurm_
 
 
 def test_the_array_state_is_reset_after_a_sweep(workdir):
-    """launch.submit.ARRAY is a list only while the launcher runs, even when it raises."""
-    code = ("import launch.submit; from launch.cli import main;"
+    """launch.verbs.submit.ARRAY is a list only while the launcher runs, even when it raises."""
+    code = ("import launch.verbs.submit; from launch.cli import main;"
             f"rc = main(['submit', '-m', '{ARRAY}', 'recipe=tiny_slurm', 'parallel.micro_batch_size=2,3']);"
-            "print('rc', rc, 'ARRAY', launch.submit.ARRAY)")
+            "print('rc', rc, 'ARRAY', launch.verbs.submit.ARRAY)")
     out = subprocess.run([sys.executable, "-c", code], env=clean_env(), cwd=workdir, capture_output=True, text=True)
     assert out.stdout.splitlines()[-1] == "rc 2 ARRAY None", out.stdout + out.stderr
 

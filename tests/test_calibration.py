@@ -17,8 +17,8 @@ from launch.config import derive
 from launch.config.compose import compose, compose_config
 from launch.estimate import UNCALIBRATED, estimate
 from launch.estimate.calibration import Calibration, load_calibration
-from launch.plan import make_plan
-from launch.tune import search
+from launch.verbs.plan import make_plan
+from launch.verbs.tune import search
 
 _opened: list[str] | None = None
 

@@ -257,7 +257,7 @@ def test_render_refuses_a_layout_that_does_not_fit(workdir: Path):
 def test_oom_suggestions_each_fit_when_applied(workdir: Path):
     from launch.config import derive
     from launch.estimate import UNCALIBRATED, estimate
-    from launch.oom import memory_problem
+    from launch.verbs.oom import memory_problem
 
     base = ["recipe=llama3_8b_sft_h100", "parallel.zero_stage=0", "parallel.recompute=none"]
     cfg = compose_config(base)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from launch.backends.megatron import to_megatron
 from launch.backends.megatron_lm import to_megatron_lm_args
 from launch.config.schema import DpoLoss, PrepareOn, WandbMode
-from launch.run_record import read_config
+from launch.record.read import read_config
 from tests.conftest import run_trainctl, typed
 
 TP2 = ("parallel.tp=2", "cluster.gpus_per_node=2")

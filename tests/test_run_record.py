@@ -1,4 +1,4 @@
-"""The run record (launch/run_record.py): typed reads, versions, damaged files, and what the nodes refuse.
+"""The run record (launch/record/read.py): typed reads, versions, damaged files, and what the nodes refuse.
 
 Every record here is written by the real CLI (`trainctl render`); damage is done to it by hand, as a
 user or a failing disk would. The trainer is the real entry point (`python -m launch.train RUN_DIR`);
@@ -18,7 +18,7 @@ import pytest
 
 from launch.compat import CompatError, Patch, require, version_tuple
 from launch.config.schema import BackendName, Recompute
-from launch.run_record import RECORD_VERSION, RecordError, read_config, read_plan
+from launch.record.read import RECORD_VERSION, RecordError, read_config, read_plan
 from tests.conftest import PYTHONPATH, run_trainctl
 
 

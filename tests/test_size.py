@@ -1,5 +1,5 @@
 """``trainctl size``: the seed's worked example, scaling-law sizing, and bad input, through the real CLI
-and through the pure functions of launch/size.py."""
+and through the pure functions of launch/verbs/size.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import yaml
 from launch.config.compose import compose_config
 from launch.config.schema import ScalingLaw
 from launch.estimate.run import Facility
-from launch.size import CHECKPOINT_BYTES_PER_PARAM, Hardware, hardware, problems, run_shape, size_numbers
-from launch.size_schema import SizeConfig
+from launch.verbs.size import CHECKPOINT_BYTES_PER_PARAM, Hardware, hardware, problems, run_shape, size_numbers
+from launch.verbs.size_schema import SizeConfig
 from tests.conftest import ROOT, run_trainctl
 
 SIZE_KEYS = {"flops", "wall_clock_days", "gpu_hours", "cost_usd", "energy_mwh", "expected_failures",

@@ -111,8 +111,8 @@ def test_resume_marks_the_records_of_lost_work(tmp_path):
     """A job killed at step 6 after a checkpoint at 4 logged steps 5-6 twice once resumed: the first copies
     stay in the file, marked, and the train curve has each step once."""
     from launch.estimate import UNCALIBRATED
-    from launch.plan import plan_numbers
-    from launch.run_record import parse_plan
+    from launch.verbs.plan import plan_numbers
+    from launch.record.read import parse_plan
     from launch.train.metrics import Reporter
     from tests.conftest import typed
 

@@ -15,7 +15,7 @@ from launch.estimate import estimate
 from launch.estimate.calibration import load_calibration
 from launch.estimate.memory import memory_estimate
 from launch.config.derive import pipeline_split, uneven_first_last
-from launch.tune import NEAR_TIE, overrides, roomier, search, tune_record
+from launch.verbs.tune import NEAR_TIE, overrides, roomier, search, tune_record
 from tests.conftest import run_trainctl
 from tests.test_cli import BLOCK_KEYS
 from tests.test_estimate import PUBLISHED, palm_flops_per_token
@@ -303,8 +303,8 @@ def test_a_probe_runs_the_whole_candidate_layout_and_keeps_nothing():
     """The 405B recipe sets account_for_*; a candidate with explicit first/last stages must not inherit
     them (Megatron refuses both at once), and the probe must not touch the user's checkpoints."""
     from launch.config.compose import compose
-    from launch.plan import make_plan
-    from launch.probe import probe_config
+    from launch.verbs.plan import make_plan
+    from launch.verbs.probe import probe_config
 
     overrides = ["recipe=llama3_405b_pretrain_h100", "train.checkpoint_dir=/shared/ckpt/405b"]
     found = search(compose_config(overrides))
@@ -316,7 +316,7 @@ def test_a_probe_runs_the_whole_candidate_layout_and_keeps_nothing():
 
 
 def test_probe_predictions_leave_out_an_applied_calibration(tmp_path: Path):
-    from launch.probe import uncalibrated
+    from launch.verbs.probe import uncalibrated
 
     path = _calibration(tmp_path, step_time_ratio=2.0)
     plain = search(compose_config(list(TUNE_70B)))
@@ -327,7 +327,7 @@ def test_probe_predictions_leave_out_an_applied_calibration(tmp_path: Path):
 
 
 def test_measure_reads_whole_training_records_only(tmp_path: Path):
-    from launch.probe import measure
+    from launch.verbs.probe import measure
 
     good = {"kind": "train", "step_time_s": 2.0, "peak_memory_gib": 30.0, "memory_kind": "cuda_max_allocated"}
     lines = [json.dumps({**good, "step_time_s": 9.0}), "[]", json.dumps({**good, "peak_memory_gib": None}),
@@ -341,7 +341,7 @@ def test_measure_reads_whole_training_records_only(tmp_path: Path):
 
 def test_probes_of_another_search_are_refused(tmp_path: Path):
     from launch.errors import UserError
-    from launch.probe import RECORD, collect, probe_dir, searched
+    from launch.verbs.probe import RECORD, collect, probe_dir, searched
 
     cfg = compose_config(list(TUNE_70B))
     probe_dir(tmp_path).mkdir()
@@ -356,7 +356,7 @@ def test_probes_of_another_search_are_refused(tmp_path: Path):
 
 def test_a_tie_says_what_broke_it():
     """tiny_local: ZeRO-1 and ZeRO-2 take the same predicted time; ZeRO-2 shards the gradients too."""
-    from launch.tune import why_best
+    from launch.verbs.tune import why_best
 
     found = search(compose_config(["recipe=tiny_local"]))
     best, second = found.ranked[:2]

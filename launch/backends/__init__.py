@@ -59,7 +59,7 @@ def save_interval(cfg: Config, numbers: dict | None) -> int | None:
 
 def checkpoint_steps(interval: int | None, interval_min: float, step_time_s: float) -> int | None:
     """``interval`` when set, else ``interval_min`` minutes in whole steps (at least 1): the one rule
-    the translators and the trainers (``launch.run_record.PlanNumbers.save_interval``) share."""
+    the translators and the trainers (``launch.record.read.PlanNumbers.save_interval``) share."""
     if interval:
         return interval
     return max(1, int(interval_min * 60 // step_time_s)) if step_time_s > 0 else None

@@ -107,5 +107,5 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "tune.layout_name": ("login", "the parallel/ option trainctl tune writes"),
     "tune.probe": ("login", "trainctl tune submits probe runs"),
     "tune.probe_steps": ("login", "the probe runs' length (they are rendered with train.steps)"),
-    "pipeline": ("login", "trainctl submit renders one run per stage (launch/pipeline.py)"),
+    "pipeline": ("login", "trainctl submit renders one run per stage (launch/verbs/pipeline.py)"),
 }

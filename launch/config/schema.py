@@ -449,7 +449,7 @@ class SubmitConfig:
 
 @dataclass
 class TuneConfig:
-    """What ``trainctl tune`` searches (launch/tune.py) and how it probes (launch/probe.py)."""
+    """What ``trainctl tune`` searches (launch/verbs/tune.py) and how it probes (launch/verbs/probe.py)."""
 
     top_k: int = 5
     """Layouts printed, and probed with tune.probe=true."""

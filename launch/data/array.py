@@ -31,7 +31,7 @@ from launch.data.sources import sha256
 from launch.errors import UserError
 from launch.executors import jobs, slurm
 from launch.executors.sbatch import render_prepare
-from launch.run_record import read_config
+from launch.record.read import read_config
 
 SUBDIR = "prepare"
 
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
         return 2
     prep_dir, name = Path(argv[0]), argv[1]
     try:
-        cfg = read_config(prep_dir).cfg  # the one typed reader of a config.yaml (launch/run_record.py)
+        cfg = read_config(prep_dir).cfg  # the one typed reader of a config.yaml (launch/record/read.py)
         sources, tok_path = check_inputs(cfg.data)
         tok = inspect_tokenizer(tok_path, cfg.data.tokenizer)
         tokenizer_sha = sha256(tok_path)

@@ -19,7 +19,7 @@ from launch.config import derive
 from launch.config.schema import PrepareOn
 from launch.data.array import submit_prepare
 from launch.data.prepare import REPORT, prepare, prepare_table
-from launch.rundir import dump_json
+from launch.record.write import dump_json
 
 
 def run_prepare(composed, run_dir: Path, command: list[str]) -> None:

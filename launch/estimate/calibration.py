@@ -1,7 +1,7 @@
 """Measured/predicted ratios from probe runs (``trainctl tune tune.probe=true``), applied to the estimate.
 
 ``cluster.calibration`` names a calibration.json written by ``trainctl tune``
-(launch/probe.py): the geometric mean over the probes of measured/predicted step
+(launch/verbs/probe.py): the geometric mean over the probes of measured/predicted step
 time and, when they ran on GPUs, of peak memory. The estimator multiplies its
 step time (and so throughput, MFU, wall clock and cost) and its per-stage memory
 peaks by them. One pair of ratios per cluster: what the step-time model misses
@@ -9,8 +9,8 @@ on that cluster's network, kernels and software, assumed the same for every
 layout, which is what a handful of probes can support.
 
 The estimator takes the ratios as data (``Calibration``), never the file: the
-verbs read it once at their edge with ``load_calibration`` (``launch/plan.py``
-``make_plan``, ``launch/tune.py`` ``search``) and pass it down, so the models in
+verbs read it once at their edge with ``load_calibration`` (``launch/verbs/plan.py``
+``make_plan``, ``launch/verbs/tune.py`` ``search``) and pass it down, so the models in
 ``launch/estimate/`` stay pure functions of their arguments.
 """
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from launch.errors import UserError
 from launch.executors.slurm import JobState, states
-from launch.rundir import write_file
+from launch.record.write import write_file
 
 JOB_RECORD = "job.json"
 SWEEP_RECORD = "sweep.json"

@@ -1,6 +1,6 @@
 """``python -m launch.train RUN_DIR``: the entrypoint torchrun starts on every rank.
 
-Reads the run record (``launch.run_record``: ``config.yaml`` typed and derived,
+Reads the run record (``launch.record.read``: ``config.yaml`` typed and derived,
 ``plan.json`` typed), then runs the allocation check (``train.rank_check_s > 0``)
 or trains: ``launch.train.preflight`` (no torch yet), the backend's ``TrainModule``
 (``preflight.ENGINES``) inside the skeleton's ``Trainer`` (``launch.train.loop``).
@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from launch.errors import UserError
-from launch.run_record import read_config, read_plan
+from launch.record.read import read_config, read_plan
 from launch.train import preflight, stop
 from launch.train.metrics import err
 

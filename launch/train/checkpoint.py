@@ -38,8 +38,8 @@ from omegaconf import OmegaConf
 
 from launch.config.schema import BackendName, Config
 from launch.errors import UserError
-from launch.run_record import RECORD_VERSION
-from launch.rundir import write_file
+from launch.record.read import RECORD_VERSION
+from launch.record.write import write_file
 
 KEEP = 3
 STEP_DIR = re.compile(r"^step_(\d{7,})$")

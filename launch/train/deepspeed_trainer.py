@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from launch.compat import DEEPSPEED_MICRO_STEPS, DEEPSPEED_ZERO3_GATHER, require
 from launch.errors import UserError
-from launch.run_record import PlanNumbers, RunConfig
+from launch.record.read import PlanNumbers, RunConfig
 from launch.train import model as model_mod
 from launch.train.data import eod_id
 from launch.train.loss import lm_loss

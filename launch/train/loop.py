@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from launch.config.rampup import Rampup, batch_at, micro_batches
-from launch.run_record import RECORD_VERSION, PlanNumbers, RunConfig
+from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig
 from launch.train import checkpoint as ckpt
 from launch.train import stop
 from launch.train.data import build_datasets, micro_batch

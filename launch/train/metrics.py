@@ -32,7 +32,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from launch.config.derive import mfu_peak_tflops
-from launch.run_record import read_overrides
+from launch.record.read import read_overrides
 
 GIB = 1024 ** 3
 
@@ -59,7 +59,7 @@ class Reporter:
     """Rank 0's metrics: stdout, metrics.jsonl, wandb. Other ranks get a Reporter that does nothing."""
 
     def __init__(self, run_dir: Path, cfg, plan, *, world: int, enabled: bool):
-        """``plan``: the run's ``launch.run_record.PlanNumbers`` (the predictions logged beside the measurements)."""
+        """``plan``: the run's ``launch.record.read.PlanNumbers`` (the predictions logged beside the measurements)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.world = world

@@ -17,7 +17,7 @@ from typing import Callable
 from launch.config.schema import BackendName, Config
 from launch.config.stages import trains
 from launch.errors import UserError
-from launch.run_record import RunConfig
+from launch.record.read import RunConfig
 from launch.train import checkpoint as ckpt
 from launch.train.data import MissingData, check_data
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from launch.config.schema import Config
-from launch.run_record import PlanNumbers
+from launch.record.read import PlanNumbers
 from launch.train import stop
 from launch.train.preflight import cpu_devices
 

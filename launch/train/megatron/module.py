@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from launch.backends import megatron as mb
 from launch.errors import UserError
-from launch.run_record import PlanNumbers, RunConfig
+from launch.record.read import PlanNumbers, RunConfig
 from launch.train.module import TrainModule
 from launch.train.preflight import cpu_devices
 

@@ -7,9 +7,9 @@ with N separate entries. An array is one scheduler entry with N tasks, for a
 sweep whose points share resources.
 
 How: every point runs exactly as under Hydra's BasicLauncher (its own config,
-run directory and records), but while this launcher runs, ``launch.submit.ARRAY``
+run directory and records), but while this launcher runs, ``launch.verbs.submit.ARRAY``
 is a list, so trainctl's ``submit`` collects each rendered point there instead of
-calling sbatch. After the last point, ``launch.submit.submit_array`` checks that
+calling sbatch. After the last point, ``launch.verbs.submit.submit_array`` checks that
 all points ask for the same resources, writes SWEEP_DIR/array.sbatch and calls
 sbatch once. If any point failed, nothing is submitted.
 
@@ -54,7 +54,7 @@ class TrainctlArrayLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import launch.submit  # here, not at the top: Hydra imports every plugin in any app it runs
+        import launch.verbs.submit  # here, not at the top: Hydra imports every plugin in any app it runs
         from launch.errors import UserError
 
         setup_globals()
@@ -63,10 +63,10 @@ class TrainctlArrayLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Rendering {len(job_overrides)} points for one job array")
-        launch.submit.ARRAY = []
+        launch.verbs.submit.ARRAY = []
         try:
             runs = [self._run_point(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
-            points = list(launch.submit.ARRAY)
+            points = list(launch.verbs.submit.ARRAY)
             if any(r.status == JobStatus.FAILED for r in runs):
                 return runs  # a point raised more than a UserError: Hydra re-raises it; nothing is submitted
             if not points:
@@ -78,10 +78,10 @@ class TrainctlArrayLauncher(Launcher):
                 raise UserError(f"{failed} of {len(job_overrides)} points of this sweep failed (see above), so no "
                                 "job array was submitted\n  fix: correct the failing points and submit the sweep "
                                 "again")
-            launch.submit.submit_array(points, sweep_dir)
+            launch.verbs.submit.submit_array(points, sweep_dir)
             return runs
         finally:
-            launch.submit.ARRAY = None
+            launch.verbs.submit.ARRAY = None
 
     def _run_point(self, idx: int, overrides: Sequence[str]) -> JobReturn:
         """One point, as Hydra's BasicLauncher runs it."""

@@ -1,6 +1,6 @@
 """What ``plan``, ``render`` and ``submit`` write: each run's records, checked in full before any is written.
 
-A command writes one run, or every stage of a pipeline (``launch/pipeline.py``).
+A command writes one run, or every stage of a pipeline (``launch/verbs/pipeline.py``).
 All of them are planned and rendered in memory first; only when none has a
 problem are their directories written, so a bad stage leaves no stage behind.
 """
@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Callable
 
 from launch.backends import artifacts
-from launch.chart import matplotlib_available, memory_chart_png
+from launch.verbs.chart import matplotlib_available, memory_chart_png
 from launch.errors import UserError
 from launch.estimate.memory import stage_memory
 from launch.executors import job_script
 from launch.executors.jobs import refuse_if_active
-from launch.oom import memory_problem
-from launch.pipeline import Unit, units
-from launch.plan import make_plan
-from launch.report import print_plan
-from launch.run_record import plan_json
-from launch.rundir import dump_json, meta, write_run
+from launch.verbs.oom import memory_problem
+from launch.verbs.pipeline import Unit, units
+from launch.verbs.plan import make_plan
+from launch.verbs.report import print_plan
+from launch.record.read import plan_json
+from launch.record.write import dump_json, meta, write_run
 
 
 def write_records(composed, run_dir: Path, command: list[str], overrides: list[str], *, with_job_script: bool,

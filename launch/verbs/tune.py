@@ -2,7 +2,7 @@
 
 Why analytic: picking TP/PP/VPP/CP/EP, micro batch and recompute by grid of real
 jobs costs a queue wait per point; the estimator answers the same question for
-every layout in seconds, and probe jobs (``launch/probe.py``) then check the few
+every layout in seconds, and probe jobs (``launch/verbs/probe.py``) then check the few
 best on the real cluster.
 
 The search, one layout at a time (``layouts``), each judged like ``trainctl plan``

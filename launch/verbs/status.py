@@ -20,7 +20,7 @@ from rich.table import Table
 
 from launch.errors import UserError
 from launch.executors import jobs, slurm
-from launch.run_record import PLAN, read_config, read_plan
+from launch.record.read import PLAN, read_config, read_plan
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def describe(state) -> str:
 def planned_steps(run_dir: Path) -> int | None:
     """The run's planned steps, or None where nothing was planned (a prepare job's directory).
 
-    Its records are read through ``launch.run_record``, so a damaged ``config.yaml`` or ``plan.json``
+    Its records are read through ``launch.record.read``, so a damaged ``config.yaml`` or ``plan.json``
     is reported here, before the job that would read it is requeued.
     """
     if not (run_dir / PLAN).exists():

@@ -1,13 +1,13 @@
-"""The ``trainctl tune`` verb: search (launch/tune.py), print the top K, write tune.json and the winner.
+"""The ``trainctl tune`` verb: search (launch/verbs/tune.py), print the top K, write tune.json and the winner.
 
 Writes into RUN_DIR (runs/NAME, as ``plan`` does) without touching a plan's records:
 
-    tune.json                      the search: best, why, every candidate (launch.tune.tune_record)
+    tune.json                      the search: best, why, every candidate (launch.verbs.tune.tune_record)
     conf/parallel/LAYOUT.yaml      the best layout as a parallel/ option (LAYOUT: tune.layout_name)
 
 ``TRAINCTL_CONFIG_PATH=RUN_DIR/conf trainctl plan ... parallel=LAYOUT`` selects it;
 so does copying it into your own config directory's ``parallel/``.
-With ``tune.probe=true`` the top K also go to the cluster as short runs (launch/probe.py);
+With ``tune.probe=true`` the top K also go to the cluster as short runs (launch/verbs/probe.py);
 ``trainctl tune`` with the same overrides afterwards reads what they measured.
 """
 
@@ -27,11 +27,11 @@ from rich.table import Table
 from launch.paths import asset_dir
 from launch.errors import UserError
 from launch.fmt import si
-from launch.plan import typed_config
-from launch.rundir import dump_json, write_file
-from launch.tune import (NEAR_TIE, Candidate, Search, layout_keys, overrides, rejected_by, roomier, search,
+from launch.verbs.plan import typed_config
+from launch.record.write import dump_json, write_file
+from launch.verbs.tune import (NEAR_TIE, Candidate, Search, layout_keys, overrides, rejected_by, roomier, search,
                          tune_record, why_best)
-from launch import probe
+from launch.verbs import probe
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

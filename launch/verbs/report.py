@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.fmt import si
-from launch.plan import Plan
+from launch.verbs.plan import Plan
 
 
 def _duration(days: float) -> str:

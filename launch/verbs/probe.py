@@ -2,7 +2,7 @@
 
 The top ``tune.top_k`` layouts become runs of ``tune.probe_steps`` steps in
 RUN_DIR/probes/1..K (each an ordinary run directory: config.yaml, plan.json,
-job.sbatch), submitted together as one Slurm job array (``launch.submit.submit_array``:
+job.sbatch), submitted together as one Slurm job array (``launch.verbs.submit.submit_array``:
 every probe asks for the same nodes). ``trainctl tune`` with the same overrides
 afterwards finds RUN_DIR/probes/probes.json, reads each probe's metrics.jsonl,
 re-ranks the probes by measured step time, and writes RUN_DIR/calibration.json:
@@ -39,11 +39,11 @@ from launch.config.schema import Scheduler
 from launch.errors import UserError
 from launch.estimate.memory import GIB, stage_memory
 from launch.estimate.perf import step_terms
-from launch.plan import make_plan
-from launch.records import run_files
-from launch.rundir import dump_json, write_file, write_run
-from launch.submit import check_submittable, submit_array
-from launch.tune import overrides
+from launch.verbs.plan import make_plan
+from launch.verbs.records import run_files
+from launch.record.write import dump_json, write_file, write_run
+from launch.verbs.submit import check_submittable, submit_array
+from launch.verbs.tune import overrides
 
 PROBES = "probes"
 RECORD = "probes.json"

@@ -38,9 +38,9 @@ from launch.errors import UserError
 from launch.fmt import si
 from launch.estimate.run import Facility, run_costs
 from launch.estimate.scaling import FITS, inference_optimal, kaplan_optimal, lifetime_flops
-from launch.size_schema import SizeConfig
+from launch.verbs.size_schema import SizeConfig
 from launch.config.hydra_errors import extra_keys
-from launch.rundir import dump_json, meta, write_run
+from launch.record.write import dump_json, meta, write_run
 
 CHECKPOINT_BYTES_PER_PARAM = 14
 """bf16 weights (2) + fp32 master weights, Adam m and v (12): launch.estimate.run.checkpoint_bytes for bf16."""

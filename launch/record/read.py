@@ -22,7 +22,7 @@ the wrong type raises ``RecordError`` (a ``UserError``: exit 2, one line, no
 traceback) naming the file, the key, and the command that writes it again
 (``meta.json``'s ``command``).
 
-Writing stays with ``launch.rundir`` (``write_run``: every file staged, ``plan.json``
+Writing stays with ``launch.record.write`` (``write_run``: every file staged, ``plan.json``
 last), whose ``plan.json`` text comes from ``plan_json`` here.
 """
 
@@ -198,7 +198,7 @@ def read_plan(run_dir: Path) -> PlanNumbers:
 
 
 def parse_plan(data: object, run_dir: Path = Path(".")) -> PlanNumbers:
-    """``PlanNumbers`` from plan.json's content (``launch.plan.plan_numbers``'s dict, or a file's)."""
+    """``PlanNumbers`` from plan.json's content (``launch.verbs.plan.plan_numbers``'s dict, or a file's)."""
     if not isinstance(data, dict):
         raise _damaged(run_dir, PLAN, "not a JSON object")
     version = data.get("record_version", 0)
