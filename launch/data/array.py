@@ -29,7 +29,8 @@ from launch.data import shard
 from launch.data.prepare import build_one, check_inputs, inspect_tokenizer, output_dir, processes, unfinished
 from launch.data.sources import sha256
 from launch.errors import UserError
-from launch.executors import jobs, slurm
+from launch.executors import slurm
+from launch.record import jobs
 from launch.executors.sbatch import render_prepare
 from launch.record.read import read_config
 

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from launch.errors import UserError
-from launch.executors import jobs
+from launch.record import jobs
 
 
 def submit(run_dir: Path) -> str:

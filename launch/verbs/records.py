@@ -17,7 +17,7 @@ from launch.verbs.chart import matplotlib_available, memory_chart_png
 from launch.errors import UserError
 from launch.estimate.memory import stage_memory
 from launch.executors import job_script
-from launch.executors.jobs import refuse_if_active
+from launch.record.jobs import refuse_if_active
 from launch.verbs.oom import memory_problem
 from launch.verbs.pipeline import Unit, units
 from launch.verbs.plan import make_plan

@@ -19,7 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from launch.errors import UserError
-from launch.executors import jobs, slurm
+from launch.executors import slurm
+from launch.record import jobs
 from launch.record.read import PLAN, read_config, read_plan
 
 

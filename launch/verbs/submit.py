@@ -15,7 +15,8 @@ from pathlib import Path
 from launch.config.schema import Config, Scheduler
 from launch.config.stages import trains
 from launch.errors import UserError
-from launch.executors import jobs, local, slurm
+from launch.executors import local, slurm
+from launch.record import jobs
 from launch.executors.sbatch import render_array, resources
 from launch.train.checkpoint import resume_problem
 
