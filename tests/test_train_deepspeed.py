@@ -96,7 +96,7 @@ def test_lr_schedule_warmup_cosine_and_wsd():
 
 
 def test_config_diff_names_keys_and_ignores_the_run_length():
-    from launch.train.checkpoint import config_diff
+    from launch.config.resume import config_diff
 
     saved = {"name": "a", "optim": {"lr": 1e-3}, "train": {"steps": 10, "seed": 1},
              "cluster": {"nodes": 1, "time_limit": "01:00:00"}, "data": {"prepared_dir": "/x"}}

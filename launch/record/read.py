@@ -14,7 +14,7 @@ trainctl wrote, so every version in ``READABLE`` is still read (records written
 before versions existed read as version 0, the same files). A record newer than
 this trainctl, or older than it can honour, is refused with the command that
 re-creates it; ``submit`` checks the run's checkpoint the same way
-(``launch.train.checkpoint.resume_problem``), so that refusal comes on the login
+(``launch.record.checkpoints.resume_problem``), so that refusal comes on the login
 node, not inside a requeued job.
 
 **Damage.** A file that is not valid YAML/JSON, lacks a key or holds a value of

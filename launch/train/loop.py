@@ -10,7 +10,7 @@
 - Stop signals: after every step all ranks agree (``launch.train.stop``); on
   SIGUSR1/SIGTERM they save (unless this step just did) and return 0; the sbatch
   script requeues the job, which resumes from ``latest``.
-- Checkpoints (``launch.train.checkpoint``): every rank writes its shards and RNG
+- Checkpoints (``launch.record.checkpoints``): every rank writes its shards and RNG
   states into ``.tmp_step_N``, rank 0 marks and commits it. Resume restores the
   module, the data position (a count of samples: ``launch.train.data``) and, on the
   layout they were saved with, the RNG states.
@@ -20,16 +20,18 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from launch.config.rampup import Rampup, batch_at, micro_batches
+from launch.record import checkpoints as ckpt
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig
-from launch.train import checkpoint as ckpt
 from launch.train import stop
 from launch.train.data import build_datasets, micro_batch
 from launch.train.metrics import Reporter
@@ -143,7 +145,7 @@ class Trainer:
         dist.barrier()
         t0 = time.perf_counter()
         m.save_shards(tmp, {"step": self.step, "consumed_samples": self.consumed})
-        torch.save(ckpt.rng_state(), tmp / f"rng_rank{m.rank}.pt")
+        torch.save(rng_state(), tmp / f"rng_rank{m.rank}.pt")
         dist.barrier()
         final = self.ckpt_dir / ckpt.step_name(self.step)
         if m.rank == 0:
@@ -164,7 +166,7 @@ class Trainer:
         saved_layout = marker.get("layout") or {"world": marker.get("world_size")}
         rng = step_dir / f"rng_rank{m.rank}.pt"
         if saved_layout == m.layout() and rng.is_file():  # rank r is the same rank only then
-            ckpt.set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(torch.load(rng, weights_only=False))
         self.report.event(f"resumed from {step_dir}: step {self.step}, {self.consumed} samples consumed "
                           f"(saved with layout {saved_layout})")
         self.report.rewind(self.step)
@@ -195,3 +197,18 @@ class Trainer:
     def close(self) -> None:
         self.report.close()
         self.module.close()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -18,7 +18,7 @@ from launch.config.schema import BackendName, Config
 from launch.config.stages import trains
 from launch.errors import UserError
 from launch.record.read import RunConfig
-from launch.train import checkpoint as ckpt
+from launch.record import checkpoints as ckpt
 from launch.train.data import MissingData, check_data
 
 EXIT_USER = 2

@@ -18,7 +18,7 @@ from launch.errors import UserError
 from launch.executors import local, slurm
 from launch.record import jobs
 from launch.executors.sbatch import render_array, resources
-from launch.train.checkpoint import resume_problem
+from launch.record.checkpoints import resume_problem
 
 ARRAY: list | None = None
 """While the job-array launcher runs a sweep (plugins/hydra_plugins), the points
