@@ -28,7 +28,7 @@ from launch.backends.megatron import to_megatron_yaml
 from launch.backends.megatron_lm import to_megatron_lm_args
 
 FILES = ("ds_config.json", "ds_reference_config.json", "megatron.yaml", "megatron_args.txt")
-"""Every file a translator writes into a run directory (for rundir.ARTIFACTS)."""
+"""Every file a translator writes into a run directory (for launch.record.write.ARTIFACTS)."""
 
 
 def artifacts(cfg: Config, d: Derived, *, run_dir: Path | str | None = None,
