@@ -14,7 +14,10 @@ code relies on one it calls ``require(patch)``:
   and the run goes on.
 
 The code that uses each patch stays where it is used; this module only declares and checks.
-``launch.train.cuda_on_cpu`` (the CPU test mode for megatron-core) is listed here too.
+The engines (DeepSpeed, megatron-core, transformers), whose versions vary between clusters, are
+checked at run time before first use; Hydra and OmegaConf, pinned in pyproject.toml and used on
+every command line where a check would cost start-up time, are checked by
+``tests/test_compat.py``, which runs ``require`` on every entry of ``PATCHES``.
 """
 
 from __future__ import annotations
@@ -60,9 +63,25 @@ MEGATRON_ADAM_SET_STATES = Patch(
     "DistributedOptimizer._set_main_param_and_optimizer_states", ("model_param", "tensors"),
     "0.16.1 drops torch AdamW's per-parameter 'step' when loading a fully_reshardable state; wrapped per "
     "optimizer during the load (launch/train/megatron/state.py).")
+HYDRA_FILE_SOURCE = Patch(
+    "hydra-core", ("1.3", "1.4"), "hydra._internal.core_plugins.file_config_source", "FileConfigSource",
+    ("provider", "path"),
+    "conf/, recipes/ and TRAINCTL_CONFIG_PATH are served as one Hydra config source (launch/config/source.py).")
+OMEGACONF_NODE = Patch(
+    "omegaconf", ("2.3", "2.4"), "omegaconf.dictconfig", "DictConfig._get_node", ("key",),
+    "a composed group that is absent or ??? is found without resolving it (launch/config/hydra_errors.py).")
+MEGATRON_CUDA_RNG_GET = Patch(
+    "megatron-core", ("0.16", "0.17"), "megatron.core.tensor_parallel.random", "_get_cuda_rng_state", (),
+    "the CPU test mode points megatron's CUDA RNG tracker at the CPU generator (launch/train/cuda_on_cpu.py).")
 MEGATRON_CUDA_RNG = Patch(
     "megatron-core", ("0.16", "0.17"), "megatron.core.tensor_parallel.random", "_set_cuda_rng_state", (),
     "the CPU test mode points megatron's CUDA RNG tracker at the CPU generator (launch/train/cuda_on_cpu.py).")
+MEGATRON_RECOMPUTE = Patch(
+    "megatron-core", ("0.16", "0.17"), "megatron.core.tensor_parallel.random", "CheckpointFunction.backward",
+    ("ctx",), "the CPU test mode reruns recomputed layers under its device rewrite (launch/train/cuda_on_cpu.py).")
+TRANSFORMERS_INIT_WEIGHTS = Patch(
+    "transformers", ("5.0", "6.0"), "transformers.modeling_utils", "PreTrainedModel._init_weights", ("module",),
+    "under ZeRO-3 the model's own init is re-run on gathered parameters (launch/train/model.py).")
 DEEPSPEED_ZERO3_GATHER = Patch(
     "deepspeed", ("0.19", "0.20"), "deepspeed.runtime.engine",
     "DeepSpeedEngine._zero3_consolidated_16bit_state_dict", (),
@@ -74,8 +93,9 @@ DEEPSPEED_MICRO_STEPS = Patch(
     "said explicitly per micro-batch: DeepSpeed's own count breaks when a batch ramp-up changes the "
     "accumulation steps (launch/train/deepspeed_trainer.py).")
 
-PATCHES = (HYDRA_MODE_PROBE, MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, MEGATRON_CUDA_RNG,
-           DEEPSPEED_ZERO3_GATHER, DEEPSPEED_MICRO_STEPS)
+PATCHES = (HYDRA_MODE_PROBE, HYDRA_FILE_SOURCE, OMEGACONF_NODE, MEGATRON_ADAM_DUMMY_STATE,
+           MEGATRON_ADAM_SET_STATES, MEGATRON_CUDA_RNG_GET, MEGATRON_CUDA_RNG, MEGATRON_RECOMPUTE,
+           DEEPSPEED_ZERO3_GATHER, DEEPSPEED_MICRO_STEPS, TRANSFORMERS_INIT_WEIGHTS)
 
 _checked: set[Patch] = set()
 

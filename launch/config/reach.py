@@ -30,7 +30,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "data.prepare_on": ("login", "where `trainctl prepare` tokenizes (here or a Slurm array)"),
     "data.sources.*.text_key": ("trainer", "prepare's text column; the SFT trainers' chat field (launch/train/chat.py)"),
     # --- stages
-    "stage.from_scratch": ("trainer", "whether the trainers load stage.init_checkpoint (model.build, megatron init_checkpoint)"),
+    "stage.from_scratch": ("trainer", "whether the trainers load stage.init_checkpoint (launch.train.preflight.init_checkpoint)"),
     "stage.dpo_beta": ("unused", "DPO: no trainer runs the DPO stage yet"),
     "stage.dpo_loss": ("unused", "DPO: no trainer runs the DPO stage yet"),
     "stage.reference_checkpoint": ("unused", "DPO/RLHF: no trainer runs those stages yet"),

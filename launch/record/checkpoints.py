@@ -77,9 +77,11 @@ def read_marker(step_dir: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise UserError(f"{step_dir / MARKER}: unreadable ({exc})\n  fix: move {step_dir} aside to resume "
                         "from the checkpoint before it") from None
-    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
-        raise UserError(f"{step_dir / MARKER}: no step number in it\n  fix: move {step_dir} aside to resume "
-                        "from the checkpoint before it")
+    missing = [k for k in ("step", "consumed_samples") if not isinstance(marker, dict)
+               or not isinstance(marker.get(k), int)]
+    if missing:
+        raise UserError(f"{step_dir / MARKER}: no {' or '.join(missing)} in it\n  fix: move {step_dir} aside to "
+                        "resume from the checkpoint before it")
     return marker
 
 
@@ -91,7 +93,7 @@ def write_json(path: Path, data: dict) -> None:
 def commit(checkpoint_dir: Path, tmp_tag: str, step: int, marker: dict, keep: int = KEEP) -> Path:
     """Rank 0, after every rank wrote ``tmp_tag``: mark it complete, rename it, point ``latest`` at it, prune."""
     tmp, final = checkpoint_dir / tmp_tag, checkpoint_dir / step_name(step)
-    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    write_json(tmp / MARKER, marker)
     if final.exists():  # the same step saved again (a resumed run that stopped at once): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -30,13 +30,24 @@ LOCAL_PREFIX = "local:"
 """A local job's id is this prefix and the pid of its launch.sh."""
 
 
+SHAPES = {JOB_RECORD: ("jobs", "job_id"), SWEEP_RECORD: ("points", "run_dir"), PIPELINE_RECORD: ("stages", "run_dir")}
+"""Each record's list and the key every entry of it has."""
+
+
 def read(path: Path) -> dict | None:
+    """A job record, or None where there is none; ``UserError`` naming it when it is damaged."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as exc:
+    except (OSError, ValueError) as exc:  # unreadable, not JSON, not UTF-8
         raise UserError(f"{path}: not valid JSON ({exc})\n  fix: restore it, or remove it to forget the jobs") from None
+    items, key = SHAPES.get(path.name, (None, None))
+    if items and not (isinstance(data, dict) and isinstance(data.get(items), list)
+                      and all(isinstance(e, dict) and isinstance(e.get(key), str) for e in data[items])):
+        raise UserError(f"{path}: not a {path.name} trainctl wrote (a list '{items}' whose entries each have "
+                        f"'{key}')\n  fix: restore it, or remove it to forget the jobs")
+    return data
 
 
 def write(path: Path, data: dict) -> None:

@@ -34,6 +34,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -192,7 +193,7 @@ def read_plan(run_dir: Path) -> PlanNumbers:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise _damaged(run_dir, PLAN, "missing: this run was never planned") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # unreadable, not JSON, not UTF-8
         raise _damaged(run_dir, PLAN, f"not valid JSON ({exc})") from None
     return parse_plan(data, run_dir)
 
@@ -207,6 +208,22 @@ def parse_plan(data: object, run_dir: Path = Path(".")) -> PlanNumbers:
                                       f"{READABLE.start}..{READABLE.stop - 1}"
                                       f"{' (written by a newer trainctl)' if isinstance(version, int) and version > RECORD_VERSION else ''}")
     return _parse(PlanNumbers, {**data, "record_version": version}, run_dir, PLAN, "")
+
+
+def read_backend_file(run_dir: Path, name: str) -> dict:
+    """A backend file ``render`` wrote (``ds_config.json``, ``megatron.yaml``) as a mapping; ``RecordError``
+    naming it when it is missing or damaged (the engine would otherwise fail inside the process group)."""
+    try:
+        text = (run_dir / name).read_text()
+        data = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
+    except FileNotFoundError:
+        raise _damaged(run_dir, name, "missing: the run was planned but not rendered") from None
+    except Exception as exc:  # noqa: BLE001 - json's and yaml's parser errors
+        raise _damaged(run_dir, name, f"not valid {'JSON' if name.endswith('.json') else 'YAML'} "
+                                      f"({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise _damaged(run_dir, name, "not a mapping")
+    return data
 
 
 def read_overrides(run_dir: Path) -> list[str]:

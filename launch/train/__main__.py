@@ -12,6 +12,7 @@ installed engine lacks); 3 not built; 4 a GPU profile on a node without a usable
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -61,11 +62,18 @@ def _run(run_dir: Path) -> int:
         err(problem)
         return code
     stop.install()
+    if preflight.cpu_devices(cfg):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA where there is one
     for message in ENGINE_NOTICES:
         warnings.filterwarnings("ignore", message=message)
     from launch.train.loop import Trainer  # torch and the engine: after the checks above
 
-    trainer = Trainer(run_dir, record, plan, engine.build(run_dir, record, plan))
+    module = engine.build(run_dir, record, plan)
+    try:
+        trainer = Trainer(run_dir, record, plan, module)
+    except BaseException:
+        module.close()
+        raise
     try:
         if resume is not None:
             trainer.resume(resume)

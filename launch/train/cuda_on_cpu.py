@@ -52,6 +52,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from launch.compat import MEGATRON_CUDA_RNG, MEGATRON_CUDA_RNG_GET, MEGATRON_RECOMPUTE, require
+
 _installed = False
 
 
@@ -64,6 +66,8 @@ def install() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("launch.train.cuda_on_cpu is for machines without a GPU; this one has CUDA")
+    for patch in (MEGATRON_CUDA_RNG_GET, MEGATRON_CUDA_RNG, MEGATRON_RECOMPUTE):
+        require(patch)
     _patch_cuda_module(torch)
     _patch_megatron_rng()
     mode = _device_to_cpu_mode()

@@ -15,7 +15,6 @@ directory the skeleton gives; the export is the consolidated Hugging Face model
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.distributed as dist
 
 from launch.compat import DEEPSPEED_MICRO_STEPS, DEEPSPEED_ZERO3_GATHER, require
 from launch.errors import UserError
-from launch.record.read import PlanNumbers, RunConfig
+from launch.record.read import PlanNumbers, RunConfig, read_backend_file
 from launch.train import model as model_mod
 from launch.train.data import eod_id
 from launch.train.loss import lm_loss
@@ -39,11 +38,11 @@ class DeepSpeedModule(TrainModule):
     export_kind = "Hugging Face model"
 
     def __init__(self, run_dir: Path, record: RunConfig, plan: PlanNumbers):
-        require(DEEPSPEED_MICRO_STEPS)  # both private: checked now, not after days of training
-        require(DEEPSPEED_ZERO3_GATHER)
+        require(DEEPSPEED_ZERO3_GATHER)  # private, used by the export: checked now, not after days of training
+        require(DEEPSPEED_MICRO_STEPS)  # public, but its meaning is what the ramp-up relies on
         cfg = record.cfg
         self.cfg = cfg
-        self.ds_config = json.loads((run_dir / "ds_config.json").read_text())
+        self.ds_config = read_backend_file(run_dir, "ds_config.json")
 
         cuda = not cpu_devices(cfg)
         if cuda:
@@ -93,7 +92,7 @@ class DeepSpeedModule(TrainModule):
         return total / len(batches), self.lr_fn(step), float(gn) if gn is not None else None
 
     def eval_step(self, batches: list) -> float:
-        return sum(self._loss(*batch).item() for batch in batches) / len(batches)
+        return (sum(self._loss(*batch).detach() for batch in batches) / len(batches)).item()  # one sync
 
     @contextlib.contextmanager
     def evaluating(self):

@@ -21,6 +21,7 @@ num_query_groups -> num_key_value_heads, rotary_base -> rope_theta, ...).
 
 from __future__ import annotations
 
+from launch.compat import TRANSFORMERS_INIT_WEIGHTS, require
 from launch.config.schema import Activation, Normalization, PositionEmbedding, Recompute
 from launch.train.preflight import init_checkpoint
 
@@ -113,6 +114,7 @@ def _reinit_partitioned(model) -> None:
     import deepspeed
     import torch
 
+    require(TRANSFORMERS_INIT_WEIGHTS)
     with torch.no_grad():
         for module in model.modules():
             params = list(module.parameters(recurse=False))

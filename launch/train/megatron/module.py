@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch.backends import megatron as mb
+from launch.compat import MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, require
 from launch.errors import UserError
-from launch.record.read import PlanNumbers, RunConfig
+from launch.record.read import PlanNumbers, RunConfig, read_backend_file
 from launch.train.module import TrainModule
 from launch.train.preflight import cpu_devices
 
@@ -41,6 +41,9 @@ class MegatronModule(TrainModule):
             cuda_on_cpu.install()
         from launch.train.megatron import build, state  # after cuda_on_cpu: megatron-core reads torch.cuda
 
+        require(MEGATRON_ADAM_DUMMY_STATE)  # private, used on every resume: checked now, not days later
+        require(MEGATRON_ADAM_SET_STATES)
+
         self._state = state
         dist.init_process_group("nccl" if cuda else "gloo")
         self.device = torch.device("cuda") if cuda else torch.device("cpu")
@@ -48,7 +51,7 @@ class MegatronModule(TrainModule):
         self.stop_group = dist.new_group(backend="gloo") if cuda else None
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
-        self.doc = mb.load(run_dir / "megatron.yaml")
+        self.doc = read_backend_file(run_dir, "megatron.yaml")
         t = self.doc["training"]
         self.mbs, self.seq = int(t["micro_batch_size"]), int(t["seq_length"])
         self.micro_batches = int(t["num_microbatches"])

@@ -8,7 +8,7 @@ sequence around these calls (temporary directory, RNG states, marker, ``latest``
 is the skeleton's (``launch.train.loop``).
 
 Two megatron-core 0.16 traps are worked around here, each through an attribute
-``launch.compat`` declares and checks: a fresh optimizer has no Adam state to load
+``launch.compat`` declares (``MegatronModule`` checks them when it starts): a fresh optimizer has no Adam state to load
 into (``create_adam_state``), and loading a ``fully_reshardable`` state into torch's
 AdamW drops its per-parameter ``step`` (``torch_adam_step_kept``), which must not end
 up one tensor shared by every parameter (``unshare_adam_steps``).
@@ -23,8 +23,6 @@ from pathlib import Path
 
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-
-from launch.compat import MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, require
 
 OPTIMIZER_SHARDING = "fully_reshardable"
 
@@ -94,7 +92,6 @@ def create_adam_state(optimizer) -> None:
     for opt in _optimizers(optimizer):
         if len(opt.optimizer.state) == 0:
             if hasattr(opt, "_init_optimizer_states_with_dummy_values"):  # DistributedOptimizer
-                require(MEGATRON_ADAM_DUMMY_STATE)
                 opt._init_optimizer_states_with_dummy_values()
             elif opt.init_state_fn is not None:
                 opt.init_state_fn(opt.optimizer, opt.config)
@@ -115,7 +112,6 @@ def torch_adam_step_kept(optimizer):
         setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
         if setter is None or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             continue
-        require(MEGATRON_ADAM_SET_STATES)
 
         def set_states(model_param, tensors, _opt=opt, _setter=setter):
             group, order = _opt.model_param_group_index_map[model_param]
