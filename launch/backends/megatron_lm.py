@@ -59,7 +59,7 @@ def to_megatron_lm_args(cfg: Config, d: Derived, *, run_dir: str | None = None,
     _model(cfg, flag)
     _parallel(cfg, d, flag)
     _batch_and_schedule(cfg, d, flag)
-    _data(cfg, flag)
+    _data(cfg, flag, run_dir)
     _checkpoints(cfg, flag, run_dir, save_interval if save_interval is not None else cfg.train.checkpoint_interval)
     _logging(cfg, flag, run_dir)
     flag("--exit-signal-handler")  # save a checkpoint and exit when the signal arrives
@@ -172,10 +172,14 @@ def _batch_and_schedule(cfg: Config, d: Derived, flag) -> None:
     flag("--seed", cfg.train.seed)
 
 
-def _data(cfg: Config, flag) -> None:
+def _data(cfg: Config, flag, run_dir: str | None) -> None:
     paths, weights = blend(cfg)
     pairs = [x for w, path in zip(weights, paths) for x in (w, path)]
     flag("--data-path", *pairs)
+    # The dataset index cache (shuffle and sample indices) in the run directory, where our own trainer keeps
+    # it (launch/train/data.py): without the flag Megatron-LM writes it beside the data, which fails on a
+    # read-only data directory and mixes runs that share the data.
+    flag("--data-cache-path", in_run_dir(run_dir, "data_cache"))
     flag("--split", split_string(cfg))
     if cfg.stage.kind == StageKind.sft:
         # The chat JSONL files themselves ("messages" lists); the tokenizer's own chat template; prompt masked.
