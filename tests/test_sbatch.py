@@ -153,7 +153,8 @@ def test_usr1_is_forwarded_to_the_step_and_the_job_requeues(workdir: Path, stubs
     assert (stubs / "srun.signal").read_text().strip() == "USR1"  # the trap reached srun while bash waited
     assert "requeue 4242" in (stubs / "scontrol.calls").read_text()
     log = (script.parent / "job.log").read_text()
-    assert "got SIGUSR1" in log and "stopped after SIGUSR1" in log and "requeueing (restart 1 of at most 100)" in log
+    # tiny_slurm: 1 job and ~0 expected failures, so the plan's limit is the slack of 10
+    assert "got SIGUSR1" in log and "stopped after SIGUSR1" in log and "requeueing (restart 1 of at most 10)" in log
 
 
 def test_sigterm_is_forwarded_but_not_requeued(workdir: Path, stubs: Path) -> None:

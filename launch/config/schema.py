@@ -89,6 +89,16 @@ class Scheduler(Enum):
     slurm = "slurm"
 
 
+class Network(Enum):
+    """``cluster.network``: the fabric between nodes; it picks the NCCL and libfabric variables the job
+    exports (launch/executors/network.py, each variable with its source)."""
+    infiniband = "infiniband"  # NCCL's IB verbs transport on ConnectX (mlx5) HCAs
+    roce = "roce"  # the same transport over RoCE v2 (Ethernet): a RoCE v2 GID index
+    efa = "efa"  # AWS Elastic Fabric Adapter: libfabric's efa provider through the aws-ofi-nccl plugin
+    tcp = "tcp"  # IP sockets only (no RDMA)
+    none = "none"  # no variables at all: CPU (gloo) profiles, or a site whose setup lines set them
+
+
 class SrunMpi(Enum):
     """``srun --mpi``: torchrun needs none; pmix/pmi2 where the site's srun requires one."""
     none = "none"
@@ -312,8 +322,10 @@ class ClusterConfig:
     container_mounts: List[str] = field(default_factory=list)
     setup: List[str] = field(default_factory=list)
     """Bare metal: shell lines run before launch (modules, venv)."""
+    network: Network = Network.infiniband
+    """The inter-node fabric: the NCCL/libfabric variables the job exports (launch/executors/network.py)."""
     env: Dict[str, str] = field(default_factory=dict)
-    """Environment for the job (NCCL settings); never put secrets here."""
+    """Environment for the job, over trainctl's and ``network``'s defaults; never put secrets here."""
     node_overhead_w: float = 0.0
     """Power per GPU beyond the GPU board (CPUs, NICs, fans), W."""
     grid_kgco2_per_kwh: float = 0.0
@@ -327,7 +339,9 @@ class ClusterConfig:
     exclusive: bool = True
     """``#SBATCH --exclusive``: whole nodes (what a multi-GPU training job wants)."""
     cpus_per_node: Optional[int] = None
-    """``--cpus-per-task`` of the one task (torchrun) per node; None leaves it to the site."""
+    """``--cpus-per-task`` of the one task (torchrun) per node, in #SBATCH and srun. None: with ``exclusive``
+    srun takes every CPU of the node (``--cpus-per-task=$SLURM_CPUS_ON_NODE``; the site default is often
+    1 CPU, which starves the data loaders); without it, the site's default."""
     mem: Optional[str] = None
     """``--mem`` per node (``0`` = all of it, ``500G``); None leaves it to the site."""
     mpi: SrunMpi = SrunMpi.none
@@ -340,8 +354,10 @@ class ClusterConfig:
     signal_lead_s: Optional[int] = None
     """Seconds before the time limit that SIGUSR1 asks the job to checkpoint and requeue;
     None: one step + twice the estimated checkpoint write + 60 s (Slurm's signal timer granularity)."""
-    max_requeues: int = 100
-    """The job requeues itself at most this many times in all (SLURM_RESTART_COUNT)."""
+    max_requeues: Optional[int] = None
+    """The job is requeued at most this many times in all (SLURM_RESTART_COUNT: time limits, crashes,
+    preemptions). None: from the plan, (jobs_needed - 1 + expected_failures) x 1.25 + 10
+    (launch/executors/requeue_limit.py says why); a number below the plan's need is refused at plan."""
     max_crash_requeues: int = 3
     """Of those, at most this many after a crash (the step failed without a stop signal)."""
 

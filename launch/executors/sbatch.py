@@ -20,6 +20,8 @@ from launch.config.slurm_time import parse_time_limit
 from launch.errors import UserError
 from launch.paths import asset_dir
 from launch.estimate.run import checkpoint_write_seconds
+from launch.executors.network import network_env
+from launch.executors.requeue_limit import requeue_limit
 
 TEMPLATE = "job.sbatch.j2"
 PREPARE_TEMPLATE = "prepare.sbatch.j2"
@@ -99,17 +101,18 @@ def resources(cfg: Config) -> dict:
             "cluster.partition": c.partition, "cluster.account": c.account, "cluster.qos": c.qos,
             "cluster.mem": c.mem, "cluster.cpus_per_node": c.cpus_per_node, "cluster.exclusive": c.exclusive,
             "cluster.container_image": c.container_image, "cluster.directives": dict(c.directives),
-            "cluster.python": c.python, "cluster.setup": list(c.setup), "cluster.env": dict(c.env),
+            "cluster.python": c.python, "cluster.setup": list(c.setup), "cluster.env": dict(c.env), "cluster.network": c.network.name,
             "cluster.mpi": c.mpi.name}
 
 
 def job_env(cfg: Config) -> list[tuple[str, str]]:
-    """Environment the job exports: trainctl's defaults, then cluster.env over them."""
+    """Environment the job exports: trainctl's defaults, cluster.network's, then cluster.env over them."""
     env: dict[str, str] = {}
     if cfg.backend.name == BackendName.megatron:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron's TP comm overlap needs kernels issued in order
     if cfg.cluster.cpus_per_node:
         env["OMP_NUM_THREADS"] = str(max(1, cfg.cluster.cpus_per_node // cfg.cluster.gpus_per_node))
+    env.update(network_env(cfg.cluster.network))
     env.update(cfg.cluster.env)
     return sorted(env.items())
 
@@ -117,9 +120,8 @@ def job_env(cfg: Config) -> list[tuple[str, str]]:
 def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
     """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted."""
     c = cfg.cluster
-    srun = ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    if c.cpus_per_node:
-        srun.append(f"--cpus-per-task={c.cpus_per_node}")  # srun does not inherit it from sbatch (22.05+)
+    srun = ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            *_cpus_per_task(c)]
     if c.container_image:
         srun.append(f"--container-image={c.container_image}")
         srun.append("--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"]))
@@ -130,6 +132,23 @@ def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
     lines = [srun, torchrun, rdzv, stop, ["-m", "launch.train"]]
     text = " \\\n    ".join(" ".join(_quote_keeping_vars(w) for w in words) for words in lines)
     return f"{text} {run_dir_var}"
+
+
+def _cpus_per_task(c) -> list[str]:
+    """srun's ``--cpus-per-task`` for the one task per node: every CPU the job holds there.
+
+    srun does not inherit it from sbatch (Slurm 22.05+), and without it a step's
+    task may get the site's default of 1 CPU, which starves torchrun's ranks and
+    their data loaders. ``cluster.cpus_per_node`` when set (also an #SBATCH line);
+    else, on an ``--exclusive`` node, ``$SLURM_CPUS_ON_NODE`` at run time: the
+    batch step's CPUs on its node, all of them when the node is exclusive, so no
+    count has to be guessed for the site's nodes (which must then be alike).
+    """
+    if c.cpus_per_node:
+        return [f"--cpus-per-task={c.cpus_per_node}"]
+    if c.exclusive:
+        return ["--cpus-per-task=$SLURM_CPUS_ON_NODE"]
+    return []
 
 
 def _quote_keeping_vars(word: str) -> str:
@@ -144,7 +163,7 @@ def _quote_keeping_vars(word: str) -> str:
     return "".join(parts)
 
 
-_SCRIPT_VARS = ("$RUN_DIR", "$MASTER_ADDR", "$MASTER_PORT", "$JOB_REF")
+_SCRIPT_VARS = ("$RUN_DIR", "$MASTER_ADDR", "$MASTER_PORT", "$JOB_REF", "$SLURM_CPUS_ON_NODE")
 
 
 def _split_vars(word: str) -> list[str]:
@@ -171,18 +190,21 @@ def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str 
     return _template().render(
         directives=directives(cfg, run_dir, lead, dependency=dependency),
         run_dir=str(run_dir), array_run_dirs=None, gpus_per_node=cfg.cluster.gpus_per_node,
-        signal_lead_s=lead, max_requeues=cfg.cluster.max_requeues,
+        signal_lead_s=lead, max_requeues=requeue_limit(cfg, numbers["run"]),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
         rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead))
 
 
-def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: dict) -> str:
-    """One sbatch script that runs every point of a sweep as a job-array task (same resources each)."""
-    lead = signal_lead_seconds(cfg, numbers)
+def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: list[dict]) -> str:
+    """One sbatch script that runs every point of a sweep as a job-array task (same resources each).
+
+    ``numbers``: each point's plan, in ``run_dirs``' order. The stop signal's lead is the first
+    point's; the requeue limit is the largest point's (every task shares MAX_REQUEUES)."""
+    lead = signal_lead_seconds(cfg, numbers[0])
     return _template().render(
         directives=directives(cfg, sweep_dir, lead, array=f"0-{len(run_dirs) - 1}", log_dir=sweep_dir),
         run_dir=None, array_run_dirs=[str(d) for d in run_dirs], gpus_per_node=cfg.cluster.gpus_per_node,
-        signal_lead_s=lead, max_requeues=cfg.cluster.max_requeues,
+        signal_lead_s=lead, max_requeues=max(requeue_limit(cfg, n["run"]) for n in numbers),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
         rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead))
 
@@ -190,9 +212,7 @@ def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: di
 def render_prepare(cfg: Config, run_dir: Path, sources: list[str]) -> str:
     """RUN_DIR/prepare.sbatch: a job array whose task i tokenizes ``sources[i]`` (``launch.data.array``)."""
     c = cfg.cluster
-    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1"]
-    if c.cpus_per_node:
-        srun.append(f"--cpus-per-task={c.cpus_per_node}")
+    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1", *_cpus_per_task(c)]
     if c.container_image:
         srun += [f"--container-image={c.container_image}",
                  "--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"])]

@@ -17,6 +17,7 @@ from launch.config.validate import validate
 from launch.errors import UserError
 from launch.estimate import estimate
 from launch.estimate.calibration import Calibration, load_calibration
+from launch.executors.requeue_limit import requeue_problem
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,11 @@ def make_plan(composed: DictConfig) -> Plan:
     if problems:
         raise UserError([str(p) for p in problems])
     calibration = load_calibration(cfg)  # the file is read here, once, never inside launch/estimate/
-    return Plan(cfg, d, plan_numbers(cfg, d, calibration), text, calibration)
+    numbers = plan_numbers(cfg, d, calibration)
+    problem = requeue_problem(cfg, numbers["run"])  # the need comes from the estimate, so it is checked after it
+    if problem:
+        raise UserError(problem)
+    return Plan(cfg, d, numbers, text, calibration)
 
 
 def typed_config(composed: DictConfig) -> Config:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from launch.config.schema import Scheduler
+from launch.executors.requeue_limit import requeue_limit
 from launch.fmt import si
 from launch.verbs.plan import Plan
 
@@ -36,6 +38,13 @@ def _calibrated(plan: Plan) -> str:
     return f" ({', '.join(parts)} by cluster.calibration)" if parts else ""
 
 
+def _requeues(plan: Plan) -> str:
+    """The job script's requeue limit (launch/executors/requeue_limit.py), on a SLURM profile."""
+    if plan.cfg.cluster.scheduler != Scheduler.slurm:
+        return ""
+    return f", requeued at most {requeue_limit(plan.cfg, plan.numbers['run'])} times"
+
+
 def plan_table(plan: Plan) -> Table:
     cfg, d, n = plan.cfg, plan.derived, plan.numbers
     mem, thr, run, par = n["memory_gib"], n["throughput"], n["run"], n["parallel"]
@@ -53,7 +62,8 @@ def plan_table(plan: Plan) -> Table:
     table.add_row("how fast?", f"{thr['step_time_s']:.3g} s/step, {si(thr['tokens_per_s_per_gpu'])} tokens/s/GPU, "
                   f"{thr['tflops_per_gpu']:.0f} TFLOP/s/GPU, MFU {100 * thr['mfu']:.1f}%" + _calibrated(plan))
     table.add_row("how long?", f"{_duration(run['wall_clock_days'])}: {run['steps']:,} steps of {si(d.tokens_per_step)} "
-                  f"tokens = {si(run['tokens'])} tokens, {run['jobs_needed']} job(s) of {cfg.cluster.time_limit}")
+                  f"tokens = {si(run['tokens'])} tokens, {run['jobs_needed']} job(s) of {cfg.cluster.time_limit}"
+                  + _requeues(plan))
     co2 = f", {run['co2_tonnes']:.3g} t CO2" if run.get("co2_tonnes") else ""
     table.add_row("how much?", f"{si(run['gpu_hours'])} GPU-hours, ${run['cost_usd']:,.0f}, "
                   f"{_energy(run['energy_mwh'])}{co2}")
