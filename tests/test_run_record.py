@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from launch.config.schema import BackendName, Recompute
+from launch.record import outcome
+from launch.record.outcome import Outcome
 from launch.record.read import RECORD_VERSION, RecordError, read_backend_file, read_config, read_plan
 from tests.conftest import PYTHONPATH, run_trainctl
 
@@ -113,6 +115,8 @@ def test_a_gpu_profile_without_cuda_stops_at_once(tmp_path):
     assert trainer.returncode == 4, trainer.stderr
     assert "cluster.gpu.name=H100-SXM-80GB" in trainer.stderr and "sees no CUDA device on" in trainer.stderr
     assert "Traceback" not in trainer.stderr and not (tmp_path / "runs/tiny_local/checkpoints").exists()
+    record = outcome.read(next((tmp_path / "runs/tiny_local/outcomes").glob("local-*.json")))
+    assert record.outcome is Outcome.node and record.rank == 0 and "sees no CUDA device on" in record.cause
 
 
 @pytest.mark.parametrize("record", ['{"jobs": 3}', '{"jobs": [{}]}', '\xff'])

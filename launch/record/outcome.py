@@ -108,10 +108,13 @@ def write(run_dir: Path, outcome: Outcome, cause: str, *, step: int | None = Non
         tmp.write_text(json.dumps(record) + "\n")
         os.link(tmp, final)
         return True
-    except OSError:  # FileExistsError: another rank won the race
+    except OSError:  # FileExistsError: another rank won the race; or no place to write it
         return False
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def first_line(text: str, limit: int = 300) -> str:
