@@ -84,7 +84,9 @@ def test_submit_sends_a_sweep_as_one_job_array_that_runs(slurm_env, workdir):
     logs = {i: (by_task[i] / "job.log").read_text() if (by_task[i] / "job.log").exists() else "" for i in range(3)}
     assert states == {0: "COMPLETED", 1: "COMPLETED", 2: "COMPLETED"}, (states, logs)
     for i, text in logs.items():
-        assert f"job {array_id}_{i}: job step finished (exit 0)" in text, text
+        assert re.search(rf"job {array_id}_{i}: job step finished on \S+ \(rank check done\): done, not requeued",
+                         text), text
+        assert (by_task[i] / f"outcomes/{array_id}_{i}.0.json").is_file()  # the rank named it as the script does
 
     status = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env)
     assert status.returncode == 0, status.stderr

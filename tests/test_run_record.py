@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from launch.config.schema import BackendName, Recompute
+from launch.record import outcome
+from launch.record.outcome import Outcome
 from launch.record.read import RECORD_VERSION, RecordError, read_backend_file, read_config, read_plan
 from tests.conftest import PYTHONPATH, run_trainctl
 
@@ -106,13 +108,21 @@ def test_submit_writes_a_damaged_record_again(rendered, tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where torch sees no GPU")
 def test_a_gpu_profile_without_cuda_stops_at_once(tmp_path):
-    """cluster=h100 on this CPU machine: no silent training on the CPU, a message with the host and torch."""
+    """cluster=h100 on this CPU machine: no silent training on the CPU, a message with the host and torch.
+
+    Here torch is a CPU-only build: the virtualenv is wrong on every node, a configuration error that is not
+    requeued (exit 2); a CUDA build that sees no device would be the node's fault (exit 4, requeued)."""
+    import torch
+
+    cpu_build = torch.version.cuda is None
     out = run_trainctl("render", "recipe=tiny_local", "cluster=h100", "cluster.nodes=1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     trainer = _trainer(tmp_path / "runs/tiny_local")
-    assert trainer.returncode == 4, trainer.stderr
+    assert trainer.returncode == (2 if cpu_build else 4), trainer.stderr
     assert "cluster.gpu.name=H100-SXM-80GB" in trainer.stderr and "sees no CUDA device on" in trainer.stderr
     assert "Traceback" not in trainer.stderr and not (tmp_path / "runs/tiny_local/checkpoints").exists()
+    record = outcome.read(next((tmp_path / "runs/tiny_local/outcomes").glob("local-*.json")))
+    assert record.outcome is (Outcome.config if cpu_build else Outcome.node) and record.rank == 0 and "sees no CUDA device on" in record.cause
 
 
 @pytest.mark.parametrize("record", ['{"jobs": 3}', '{"jobs": [{}]}', '\xff'])

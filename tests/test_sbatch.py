@@ -2,7 +2,9 @@
 
 The script's shell logic is run here by bash with stub ``srun`` and ``scontrol``
 on PATH (they record their arguments); tests/test_slurm.py runs the same
-scripts on a real Slurm. The stubs stand in only for the commands, and say so.
+scripts on a real Slurm. The stubs stand in only for the commands, and say so:
+the stub srun writes its outcome record with trainctl's own writer
+(``launch.record.outcome.write``), as the trainer's rank would.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from launch.estimate.run import checkpoint_write_seconds
-from tests.conftest import run_trainctl, typed
+from tests.conftest import PYTHONPATH, run_trainctl, typed
 
 
 def render(workdir: Path, *overrides: str) -> Path:
@@ -76,13 +79,22 @@ def test_a_line_break_in_a_directive_is_refused(workdir: Path) -> None:
 # --- running the script's shell with stub srun/scontrol -----------------------------------
 
 STUB_SRUN = """#!/bin/bash
-# stub srun (no Slurm in this test): records its arguments, then behaves as $SRUN_MODE says
+# stub srun (no Slurm in this test): records its arguments, then behaves as $SRUN_MODE says,
+# writing the outcome record a rank would (the last argument is the run directory)
 printf '%s\\n' "$@" > "$STUB_LOG/srun.args"
+run_dir=${@: -1}
+outcome() {
+  "$STUB_PYTHON" -c 'import sys, pathlib; from launch.record.outcome import write
+write(pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3])' "$run_dir" "$1" "$2"
+}
 case "$SRUN_MODE" in
-  ok) exit 0 ;;
-  crash) exit 1 ;;
-  wait) trap 'echo USR1 > "$STUB_LOG/srun.signal"; exit 1' USR1
-        trap 'echo TERM > "$STUB_LOG/srun.signal"; exit 143' TERM
+  ok) outcome done "trained 20 steps"; exit 0 ;;
+  crash) outcome crash 'RuntimeError: boom "quoted" \\ back'; exit 1 ;;
+  silent) exit 1 ;;
+  config) outcome config "data.path=/gone: no prepared shards"; exit 1 ;;
+  node) outcome node "no CUDA device"; exit 1 ;;
+  wait) trap 'outcome stopped "stopped by SIGUSR1"; echo USR1 > "$STUB_LOG/srun.signal"; exit 1' USR1
+        trap 'outcome stopped "stopped by SIGTERM"; echo TERM > "$STUB_LOG/srun.signal"; exit 143' TERM
         while :; do sleep 0.1; done ;;
 esac
 """
@@ -111,7 +123,7 @@ def run_script(script: Path, stubs: Path, mode: str, *, restarts: int = 0, usr1_
                cwd: Path, sig: signal.Signals = signal.SIGUSR1) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(stubs), "SRUN_MODE": mode,
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1",
-           "SLURM_RESTART_COUNT": str(restarts)}
+           "SLURM_RESTART_COUNT": str(restarts), "STUB_PYTHON": sys.executable, "PYTHONPATH": PYTHONPATH}
     proc = subprocess.Popen(["bash", str(script)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if usr1_after is not None:
@@ -143,7 +155,8 @@ def test_a_finished_step_is_not_requeued(workdir: Path, stubs: Path) -> None:
     result = run_script(script, stubs, "ok", cwd=workdir)
     assert result.returncode == 0
     assert "requeue" not in (stubs / "scontrol.calls").read_text()
-    assert "finished (exit 0): done, not requeued" in (script.parent / "job.log").read_text()
+    assert re.search(r"job step finished on \S+ \(trained 20 steps\): done, not requeued",
+                     (script.parent / "job.log").read_text())
 
 
 def test_usr1_is_forwarded_to_the_step_and_the_job_requeues(workdir: Path, stubs: Path) -> None:
@@ -164,7 +177,7 @@ def test_sigterm_is_forwarded_but_not_requeued(workdir: Path, stubs: Path) -> No
     assert result.returncode == 143
     assert (stubs / "srun.signal").read_text().strip() == "TERM"
     assert "requeue" not in (stubs / "scontrol.calls").read_text()
-    assert "not requeued by this script" in (script.parent / "job.log").read_text()
+    assert "after SIGTERM (exit 143): cancelled, preempted" in (script.parent / "job.log").read_text()
 
 
 def test_requeues_stop_at_the_configured_limit(workdir: Path, stubs: Path) -> None:
@@ -175,15 +188,74 @@ def test_requeues_stop_at_the_configured_limit(workdir: Path, stubs: Path) -> No
     assert "NOT requeued: already requeued 2 time(s), cluster.max_requeues=2" in (script.parent / "job.log").read_text()
 
 
-def test_a_crash_is_requeued_a_limited_number_of_times_and_counted(workdir: Path, stubs: Path) -> None:
+def test_crashes_in_a_row_without_a_new_checkpoint_are_budgeted(workdir: Path, stubs: Path) -> None:
+    """cluster.max_crash_requeues=2: a third crash in a row with no checkpoint between them ends the job."""
     script = render(workdir, "recipe=tiny_slurm", "cluster.max_crash_requeues=2")
-    codes = [run_script(script, stubs, "crash", restarts=n, cwd=workdir).returncode for n in range(3)]
+    run_dir = script.parent
+    modes = ["crash", "silent", "crash"]
+    codes = [run_script(script, stubs, mode, restarts=n, cwd=workdir).returncode for n, mode in enumerate(modes)]
     assert codes == [0, 0, 1]  # requeued twice, then the job fails with the step's exit code
     assert (stubs / "scontrol.calls").read_text().count("requeue 4242") == 2
+    log = (run_dir / "job.log").read_text()
+    assert 'crashed on ' in log and 'RuntimeError: boom \\"quoted\\" \\\\ back; crash 1 in a row' in log
+    assert "failed without an outcome record (exit 1; killed" in log and "crash 2 in a row" in log
+    assert re.search(r"crash 3 in a row without a new checkpoint \(latest: none\); "
+                     r"cluster.max_crash_requeues=2; not requeued", log)
+    assert (run_dir / "job.crashes.4242").read_text().split() == ["3"]
+
+
+def test_a_crash_after_a_new_checkpoint_starts_the_count_again(workdir: Path, stubs: Path) -> None:
+    """A crash that made progress is no reason to give up: only crashes without a checkpoint between them count."""
+    script = render(workdir, "recipe=tiny_slurm", "cluster.max_crash_requeues=1")
+    ckpt = script.parent / "checkpoints"
+    ckpt.mkdir()
+    codes = []
+    for n in range(4):  # every job step writes a checkpoint, then crashes
+        (ckpt / "latest").write_text(f"step_{10 * (n + 1):07d}")
+        codes.append(run_script(script, stubs, "crash", restarts=n, cwd=workdir).returncode)
+    assert codes == [0, 0, 0, 0]
     log = (script.parent / "job.log").read_text()
-    assert "crash 1 of at most 2 requeued" in log and "crash 2 of at most 2 requeued" in log
-    assert re.search(r"crash 3: NOT requeued, cluster.max_crash_requeues=2", log)
-    assert (script.parent / "job.crashes.4242").read_text().strip() == "3"
+    assert log.count("crash 1 in a row without a new checkpoint") == 4 and "latest: step_0000040" in log
+    assert run_script(script, stubs, "crash", restarts=4, cwd=workdir).returncode == 1  # no new checkpoint
+    assert "crash 2 in a row without a new checkpoint (latest: step_0000040); cluster.max_crash_requeues=1" \
+        in (script.parent / "job.log").read_text()
+
+
+def test_the_crash_budget_reads_a_moved_checkpoint_dir(workdir: Path, stubs: Path) -> None:
+    elsewhere = workdir / "ckpt-elsewhere"
+    script = render(workdir, "recipe=tiny_slurm", f"train.checkpoint_dir={elsewhere}")
+    assert f"CKPT_DIR={elsewhere}" in script.read_text()
+    elsewhere.mkdir()
+    (elsewhere / "latest").write_text("step_0000007")
+    assert run_script(script, stubs, "silent", cwd=workdir).returncode == 0
+    assert "(latest: step_0000007)" in (script.parent / "job.log").read_text()
+
+
+def test_a_configuration_error_on_the_node_is_not_requeued(workdir: Path, stubs: Path) -> None:
+    script = render(workdir, "recipe=tiny_slurm")
+    result = run_script(script, stubs, "config", cwd=workdir)
+    assert result.returncode == 1
+    assert "requeue" not in (stubs / "scontrol.calls").read_text()
+    assert re.search(r"configuration error found on \S+: data.path=/gone: no prepared shards \(a requeue would "
+                     r"fail the same way: fix it and submit again\); not requeued", (script.parent / "job.log").read_text())
+
+
+def test_an_unhealthy_node_is_requeued_and_not_counted_as_a_crash(workdir: Path, stubs: Path) -> None:
+    script = render(workdir, "recipe=tiny_slurm", "cluster.max_crash_requeues=0")
+    assert run_script(script, stubs, "node", cwd=workdir).returncode == 0
+    assert "requeue 4242" in (stubs / "scontrol.calls").read_text()
+    assert re.search(r"node unhealthy on \S+: no CUDA device .*requeueing \(restart 1",
+                     (script.parent / "job.log").read_text())
+    assert not (script.parent / "job.crashes.4242").exists()
+
+
+def test_each_job_step_reads_its_own_record(workdir: Path, stubs: Path) -> None:
+    """A record of an earlier step (restart 0: stopped) is not this step's (restart 1: killed, no record)."""
+    script = render(workdir, "recipe=tiny_slurm", "cluster.max_crash_requeues=0")
+    assert run_script(script, stubs, "wait", usr1_after=1.5, cwd=workdir).returncode == 0
+    assert run_script(script, stubs, "silent", restarts=1, cwd=workdir).returncode == 1
+    assert sorted(p.name for p in (script.parent / "outcomes").iterdir()) == ["4242.0.json"]
+    assert "failed without an outcome record" in (script.parent / "job.log").read_text()
 
 
 def test_prepare_array_values_cannot_run_commands(workdir: Path, stubs: Path, monkeypatch) -> None:

@@ -160,6 +160,23 @@ def test_stages_after_a_failed_stage_never_run_and_status_says_so(workdir: Path,
     assert run_trainctl("cancel", "runs/tiny_slurm_pipeline", cwd=workdir, env=slurm_env).returncode == 0
 
 
+def test_a_configuration_error_found_on_the_node_stops_the_job_without_a_requeue(workdir: Path,
+                                                                                 slurm_env: dict) -> None:
+    """No prepared data where the job looks (as when it is removed after submit): torchrun exits 1 like a
+    crash, but the rank's outcome record says config, so the script does not requeue a job that would fail
+    the same way."""
+    job = submit(workdir, slurm_env, "recipe=tiny_slurm", f"data.prepared_dir={workdir}/gone")
+    run_dir = workdir / "runs/tiny_slurm"
+    log_file = run_dir / "job.log"
+    wait_for(lambda: log_file.exists() and "requeue" in log_file.read_text(), 180, "the script's decision")
+    log = (run_dir / "job.log").read_text()
+    assert re.search(r"configuration error found on \S+: the prepared data is missing .*gone.*; not requeued", log), log
+    wait_state(slurm_env, job, "FAILED")
+    assert job_field(slurm_env, job, "Restarts") == "0" and not (run_dir / f"job.crashes.{job}").exists()
+    status = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env).stdout
+    assert re.search(r"config on \S+ \(rank \d\): the prepared data", status), status
+
+
 def test_submit_refuses_a_stage_whose_training_is_not_built(workdir: Path, slurm_env: dict) -> None:
     out = run_trainctl("submit", "recipe=tiny_slurm_pipeline", "train.rank_check_s=0", cwd=workdir, env=slurm_env)
     assert out.returncode == 2

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from launch.record import outcome
+from launch.record.outcome import Outcome
 from tests.conftest import PYTHONPATH, ROOT, run_trainctl
 
 STEPS = 14
@@ -162,9 +164,19 @@ def test_missing_shards_say_run_prepare(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert "run `trainctl prepare" in out.stderr and "prose.bin" in out.stderr
+    (record,) = [outcome.read(f) for f in (run_dir / "outcomes").iterdir()]  # a record of what the job script
+    assert record.outcome is Outcome.config and "prose.bin" in record.cause  # must not requeue
 
 
 # --- the real run -----------------------------------------------------------------------------
+
+def test_the_stopped_and_the_finished_run_each_record_their_outcome(trained):
+    """Two local launches (torchrun --standalone: a run id each), two records; rank 0 wrote both."""
+    records = sorted((outcome.read(f) for f in (trained["run_dir"] / "outcomes").iterdir()), key=lambda r: r.step)
+    assert [r.outcome for r in records] == [Outcome.stopped, Outcome.done], records
+    assert records[0].cause.startswith("stopped by SIGUSR1 at step") and records[0].step < STEPS
+    assert records[1].step == STEPS and records[1].job == "local" and {r.rank for r in records} == {0}
+
 
 def test_sigusr1_saves_a_checkpoint_and_stops(trained):
     out1, run_dir = trained["out1"], trained["run_dir"]

@@ -359,7 +359,10 @@ class ClusterConfig:
     preemptions). None: from the plan, (jobs_needed - 1 + expected_failures) x 1.25 + 10
     (launch/executors/requeue_limit.py says why); a number below the plan's need is refused at plan."""
     max_crash_requeues: int = 3
-    """Of those, at most this many after a crash (the step failed without a stop signal)."""
+    """A crash (an unexpected error, or a step that ended without an outcome record) is requeued while it
+    is at most the Nth in a row without a new checkpoint between them; a crash after a new checkpoint
+    counts 1 again, so a long run survives its expected hardware faults as long as it makes progress.
+    0: never requeue a crash. Counted in RUN_DIR/job.crashes.JOBREF (the streak and the ``latest`` it saw)."""
 
 
 @dataclass

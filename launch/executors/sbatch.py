@@ -22,6 +22,7 @@ from launch.paths import asset_dir
 from launch.estimate.run import checkpoint_write_seconds
 from launch.executors.network import network_env
 from launch.executors.requeue_limit import requeue_limit
+from launch.record.checkpoints import checkpoint_dir
 
 TEMPLATE = "job.sbatch.j2"
 PREPARE_TEMPLATE = "prepare.sbatch.j2"
@@ -192,21 +193,27 @@ def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str 
         run_dir=str(run_dir), array_run_dirs=None, gpus_per_node=cfg.cluster.gpus_per_node,
         signal_lead_s=lead, max_requeues=requeue_limit(cfg, numbers["run"]),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
-        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead))
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead),
+        checkpoint_dir=str(checkpoint_dir(cfg, run_dir)), array_checkpoint_dirs=None)
 
 
-def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: list[dict]) -> str:
+def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: list[dict],
+                 checkpoint_dirs: list[Path] | None = None) -> str:
     """One sbatch script that runs every point of a sweep as a job-array task (same resources each).
 
     ``numbers``: each point's plan, in ``run_dirs``' order. The stop signal's lead is the first
-    point's; the requeue limit is the largest point's (every task shares MAX_REQUEUES)."""
+    point's; the requeue limit is the largest point's (every task shares MAX_REQUEUES).
+    ``checkpoint_dirs``: each point's (its own ``train.checkpoint_dir``); the crash budget reads its ``latest``.
+    """
     lead = signal_lead_seconds(cfg, numbers[0])
+    checkpoint_dirs = checkpoint_dirs or [checkpoint_dir(cfg, d) for d in run_dirs]
     return _template().render(
         directives=directives(cfg, sweep_dir, lead, array=f"0-{len(run_dirs) - 1}", log_dir=sweep_dir),
         run_dir=None, array_run_dirs=[str(d) for d in run_dirs], gpus_per_node=cfg.cluster.gpus_per_node,
         signal_lead_s=lead, max_requeues=max(requeue_limit(cfg, n["run"]) for n in numbers),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
-        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead))
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead),
+        checkpoint_dir=None, array_checkpoint_dirs=[str(d) for d in checkpoint_dirs])
 
 
 def render_prepare(cfg: Config, run_dir: Path, sources: list[str]) -> str:

@@ -8,6 +8,10 @@ or trains: ``launch.train.preflight`` (no torch yet), the backend's ``TrainModul
 Exit codes: 0 done or stopped (checkpoint saved); 2 a user error found on the
 node (a damaged record, missing data, a changed config on resume, a private API an
 installed engine lacks); 3 not built; 4 a GPU profile on a node without a usable GPU.
+torchrun turns all of them into 1, so the job script reads the outcome record instead
+(``launch.record.outcome``), written here for every engine: done or stopped by rank 0,
+config (2, 3), node (4) or crash (an exception, which still propagates with its traceback)
+by the first rank that fails.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from launch.errors import UserError
+from launch.record import outcome
+from launch.record.outcome import Outcome
 from launch.record.read import read_config, read_plan
 from launch.train import preflight, stop
 from launch.train.metrics import err
@@ -30,37 +38,70 @@ ENGINE_NOTICES = (
 (thousands per run): none of them is about this run."""
 
 
+@dataclass(frozen=True)
+class Ending:
+    code: int
+    outcome: Outcome
+    cause: str
+    step: int | None = None
+
+
+EXIT_OUTCOME = {preflight.EXIT_USER: Outcome.config, preflight.EXIT_NOT_BUILT: Outcome.config,
+                preflight.EXIT_NO_DEVICE: Outcome.node}
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m launch.train RUN_DIR", file=sys.stderr)
         return preflight.EXIT_USER
     run_dir = Path(argv[0]).absolute()
+    seen = SimpleNamespace(trainer=None)  # _run puts its Trainer here: a crash record names the step it reached
     try:
-        return _run(run_dir)
+        ending = _run(run_dir, seen)
     except UserError as exc:
-        err("\n".join(exc.problems))
-        return preflight.EXIT_USER
+        ending = Ending(preflight.EXIT_USER, Outcome.config, "\n".join(exc.problems), _step(seen))
+        err(ending.cause)
+    except (Exception, KeyboardInterrupt) as exc:  # a crash: recorded, then the traceback goes to the log
+        outcome.write(run_dir, Outcome.crash, f"{type(exc).__name__}: {outcome.first_line(str(exc))}",
+                      step=_step(seen))
+        raise
+    if ending.outcome in (Outcome.done, Outcome.stopped) and os.environ.get("RANK", "0") != "0":
+        return ending.code  # rank 0 speaks for a run that ended together
+    outcome.write(run_dir, ending.outcome, ending.cause, step=ending.step)
+    return ending.code
 
 
-def _run(run_dir: Path) -> int:
+def _step(seen: SimpleNamespace) -> int | None:
+    return seen.trainer.step if seen.trainer is not None else None
+
+
+def _problem(code: int, problem: str) -> Ending:
+    err(problem)
+    return Ending(code, EXIT_OUTCOME[code], problem)
+
+
+def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
     record, plan = read_config(run_dir), read_plan(run_dir)
     cfg = record.cfg
-    problem = preflight.device_problem(cfg)
+    problem, code = preflight.device_problem(cfg)
     if problem:
-        err(problem)
-        return preflight.EXIT_NO_DEVICE
+        return _problem(code, problem)
     if cfg.train.rank_check_s > 0:
         from launch.train.rankcheck import rank_check
 
-        return rank_check(cfg, plan)
+        code = rank_check(cfg, plan)
+        if code:
+            return Ending(code, Outcome.crash, "the allocation check failed; its message is in the job's log")
+        why = stop.requested()
+        return Ending(0, Outcome.stopped if why else Outcome.done,
+                      f"rank check stopped by {why}" if why else "rank check done")
     engine = preflight.ENGINES.get(cfg.backend.name)
     if engine is None:
-        err(f"there is no {cfg.backend.name.name} trainer; train.rank_check_s=60 runs an allocation check instead")
-        return preflight.EXIT_NOT_BUILT
+        return _problem(preflight.EXIT_NOT_BUILT, f"there is no {cfg.backend.name.name} trainer; "
+                                                  "train.rank_check_s=60 runs an allocation check instead")
     problem, code, resume = preflight.preflight(run_dir, record, engine)
     if problem:
-        err(problem)
-        return code
+        return _problem(code, problem)
     stop.install()
     if preflight.cpu_devices(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA where there is one
@@ -70,7 +111,7 @@ def _run(run_dir: Path) -> int:
 
     module = engine.build(run_dir, record, plan)
     try:
-        trainer = Trainer(run_dir, record, plan, module)
+        trainer = seen.trainer = Trainer(run_dir, record, plan, module)
     except BaseException:
         module.close()
         raise
@@ -79,9 +120,14 @@ def _run(run_dir: Path) -> int:
             trainer.resume(resume)
         elif preflight.init_checkpoint(cfg):
             trainer.init_from(Path(preflight.init_checkpoint(cfg)))
-        return trainer.train()
+        code = trainer.train()
     finally:
         trainer.close()
+    if trainer.step < trainer.steps:  # train() returns early only after a stop signal, with a checkpoint
+        why = stop.requested() or "a stop signal on another rank"
+        return Ending(code, Outcome.stopped, f"stopped by {why} at step {trainer.step}, checkpoint saved",
+                      trainer.step)
+    return Ending(code, Outcome.done, f"trained {trainer.step} steps", trainer.step)
 
 
 if __name__ == "__main__":

@@ -100,16 +100,21 @@ def cpu_devices(cfg: Config) -> bool:
     return cfg.cluster.gpu.name.strip().lower() == "cpu"
 
 
-def device_problem(cfg: Config) -> str | None:
-    """Why this GPU profile cannot train on this node (torch sees no CUDA device), or None."""
+def device_problem(cfg: Config) -> tuple[str | None, int]:
+    """(why this GPU profile cannot train here, its exit code), or (None, 0).
+
+    A torch built without CUDA is this virtualenv's problem on every node: a configuration
+    error (exit 2, not requeued). A CUDA build that sees no device is this node's: exit 4.
+    """
     import torch
 
     if cpu_devices(cfg) or torch.cuda.is_available():
-        return None
+        return None, 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build of torch)"
+    code = EXIT_NO_DEVICE if torch.version.cuda else EXIT_USER
     return (f"cluster.gpu.name={cfg.cluster.gpu.name}: this job asks for GPUs, but torch {torch.__version__} "
             f"({built}) sees no CUDA device on {socket.gethostname()}"
             f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; nothing was trained\n"
             "  fix: check the node's driver (nvidia-smi) and that this virtualenv has a CUDA build of torch; "
-            "to train on CPU processes, use cluster=local or cluster=slurm_local")
+            "to train on CPU processes, use cluster=local or cluster=slurm_local"), code

@@ -4,8 +4,9 @@ A path is a run directory (``job.json``), a sweep directory (``sweep.json``:
 each point) or a pipeline directory (``pipeline.json``: each stage, in order);
 no path means every run under ./runs that has been submitted. The state comes
 from Slurm; progress from the run's own files: ``metrics.jsonl`` (the trainer's
-last logged step and loss), ``job.log`` (the job script's last decision: started,
-requeued and why, finished) and the crash count the script keeps.
+last logged step and loss), ``outcomes/`` (how the job's last step ended, where, and
+why: ``launch.record.outcome``), ``job.log`` (the job script's last decision: started,
+requeued and why, finished) and the crash streak the script keeps.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from launch.errors import UserError
 from launch.executors import slurm
-from launch.record import jobs
+from launch.record import jobs, outcome
 from launch.record.read import PLAN, read_config, read_plan
 
 
@@ -66,7 +67,7 @@ def status_main(args: list[str]) -> int:
     rows = runs_of(args)
     states = _states(rows)
     table = Table(box=None, header_style="bold")
-    for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last word from the job"):
+    for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last outcome", "last word from the job"):
         table.add_column(column, overflow="fold")
     doomed: set[str] = set()  # pipelines with a failed stage
     for row in rows:
@@ -81,7 +82,8 @@ def status_main(args: list[str]) -> int:
                 doomed.add(row.pipeline)
         cells = [row.label, row.job_id or "-", state, s.elapsed if s else "",
                  str(s.restarts) if s else "", str(crashes(row.run_dir, row.job_id)),
-                 "" if step is None else f"{step}/{total}" if total else str(step), "" if loss is None else f"{loss:.4g}", last_log_line(row.run_dir)]
+                 "" if step is None else f"{step}/{total}" if total else str(step), "" if loss is None else f"{loss:.4g}",
+                 last_outcome(row.run_dir, row.job_id), last_log_line(row.run_dir)]
         table.add_row(*map(escape, cells))  # a run directory may contain [brackets]
     Console(width=200).print(table)
     return 0
@@ -156,10 +158,30 @@ def last_log_line(run_dir: Path) -> str:
 
 
 def crashes(run_dir: Path, job_id: str | None) -> int:
+    """The job's crashes in a row without a new checkpoint (``job.crashes.JOBREF``: "N LATEST")."""
     try:
-        return int((run_dir / f"job.crashes.{job_id}").read_text().strip())
-    except (FileNotFoundError, ValueError):
+        return int((run_dir / f"job.crashes.{job_id}").read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
         return 0
+
+
+def last_outcome(run_dir: Path, job_id: str | None) -> str:
+    """How the job's latest step ended: "crash on node3 (rank 5, step 120): RuntimeError: ...".
+
+    A damaged record is named in the cell instead of failing the whole table: status is
+    what one runs to look at a broken run, and the job script already treats that step
+    as one without a record (a crash).
+    """
+    path = outcome.last(run_dir, job_id)
+    if path is None:
+        return ""
+    try:
+        r = outcome.read(path)
+    except UserError:
+        return f"damaged record {path.parent.name}/{path.name}"
+    where = ", ".join(x for x in (f"rank {r.rank}" if r.rank is not None else "",
+                                  f"step {r.step}" if r.step is not None else "") if x)
+    return f"{r.outcome.value} on {r.node}{f' ({where})' if where else ''}: {r.cause}"
 
 
 def _last_line(path: Path) -> str:

@@ -18,7 +18,7 @@ from launch.errors import UserError
 from launch.executors import local, slurm
 from launch.record import jobs
 from launch.executors.sbatch import render_array, resources
-from launch.record.checkpoints import resume_problem
+from launch.record.checkpoints import checkpoint_dir, resume_problem
 
 ARRAY: list | None = None
 """While the job-array launcher runs a sweep (plugins/hydra_plugins), the points
@@ -113,7 +113,7 @@ def submit_array(points: list, sweep_dir: Path) -> str | None:
                             "(one job per point, each with its own resources)")
     script = sweep_dir / "array.sbatch"
     script.write_text(render_array(points[0][0].cfg, [p[1] for p in points], sweep_dir,
-                                   [p[0].numbers for p in points]))
+                                   [p[0].numbers for p in points], [checkpoint_dir(p[0].cfg, p[1]) for p in points]))
     script.chmod(0o755)
     if points[0][0].cfg.submit.preflight:
         print(f"preflight of the job array (sbatch --test-only, nothing queued): {slurm.test_only(script)}")
