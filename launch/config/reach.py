@@ -64,6 +64,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "cluster.mem": ("login", "#SBATCH --mem"),
     "cluster.mpi": ("login", "srun --mpi"),
     "cluster.python": ("login", "the interpreter launch.sh and the sbatch script start torchrun with"),
+    "cluster.shared_paths": ("login", "submit's check that the run directory and interpreter are on node-visible storage"),
     "cluster.rdzv_port": ("login", "torchrun's rendezvous port in the sbatch script"),
     "cluster.directives": ("login", "extra #SBATCH lines"),
     "cluster.signal_lead_s": ("login", "#SBATCH --signal lead time"),

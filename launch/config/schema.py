@@ -346,7 +346,11 @@ class ClusterConfig:
     """``--mem`` per node (``0`` = all of it, ``500G``); None leaves it to the site."""
     mpi: SrunMpi = SrunMpi.none
     python: str = "python3"
-    """The interpreter on the nodes (inside the container, or after ``setup``) that has trainctl[train]."""
+    """The interpreter on the nodes (inside the container, or after ``setup``) that has trainctl[train];
+    on bare metal without ``setup``, submit checks it has the backend's engines (launch/executors/interpreter.py)."""
+    shared_paths: List[str] = field(default_factory=list)
+    """File systems every node mounts at the same path (``/lustre``, ``/shared``): submit refuses a run
+    directory, or a bare-metal interpreter, outside them, which the nodes could not see. Empty: not checked."""
     rdzv_port: int = 20000
     """Base of torchrun's c10d rendezvous port on the first node; a job adds its job id mod 10000."""
     directives: Dict[str, str] = field(default_factory=dict)

@@ -17,6 +17,7 @@ import platform
 import shlex
 import shutil
 import socket
+import sys
 import subprocess
 import tempfile
 from importlib import metadata
@@ -84,6 +85,7 @@ def meta(argv: list[str]) -> dict:
         "workdir": str(cwd),
         "workdir_git": _git_state(cwd) if cwd != root else None,
         "python": platform.python_version(),
+        "python_executable": sys.executable,  # the ${python:} that cluster profiles default cluster.python to
         "packages": {name: v for name in _PACKAGES if (v := _version(name))},
         "host": socket.gethostname(),
         "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

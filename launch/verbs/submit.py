@@ -2,7 +2,8 @@
 
 Before anything is written, submit refuses what cannot run: a run directory
 whose job is still pending or running, a stage whose trainer is not built, a
-scheduler it cannot submit to. After the records are written it calls
+scheduler it cannot submit to, an interpreter without the backend's engines or
+a run directory the nodes cannot see (launch/executors/interpreter.py). After the records are written it calls
 ``sbatch`` once (or ``sbatch --test-only`` with ``submit.preflight=true``) and
 records the job in ``RUN_DIR/job.json``; in a sweep, each point also lands in
 the sweep directory's ``sweep.json``.
@@ -16,6 +17,7 @@ from launch.config.schema import Config, Scheduler
 from launch.config.stages import trains
 from launch.errors import UserError
 from launch.executors import local, slurm
+from launch.executors.interpreter import engines_problem, shared_problem
 from launch.record import jobs
 from launch.executors.sbatch import render_array, resources
 from launch.record.checkpoints import checkpoint_dir, resume_problem
@@ -34,9 +36,12 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
                         "yet, so a job would start and fail\n  fix: `trainctl plan`/`render` work for it; to check "
                         "an allocation instead, submit with train.rank_check_s=60")
     if cfg.train.rank_check_s <= 0:
-        refusal = resume_problem(cfg, run_dir)
+        refusal = resume_problem(cfg, run_dir) or engines_problem(cfg)
         if refusal:
             raise UserError(refusal)
+    refusal = shared_problem(cfg, run_dir)  # a rank check runs on the nodes too
+    if refusal:
+        raise UserError(refusal)
 
 
 def submit_written(written: list, run_dir: Path, sweep_dir: Path | None) -> None:
