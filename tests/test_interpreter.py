@@ -41,11 +41,11 @@ def test_submit_refuses_an_interpreter_that_does_not_exist(workdir: Path) -> Non
 @pytest.mark.skipif(not _lacks_torch(SYSTEM_PYTHON), reason=f"needs a {SYSTEM_PYTHON} without torch")
 def test_an_interpreter_without_the_engines_is_refused_with_what_is_missing(workdir: Path) -> None:
     cfg, _ = typed("recipe=tiny_slurm", f"cluster.python={SYSTEM_PYTHON}")
-    with pytest.raises(UserError, match=r"lacks torch, deepspeed, which backend=deepspeed needs") as err:
+    with pytest.raises(UserError, match=r"lacks trainctl, torch, deepspeed, which backend=deepspeed needs") as err:
         check_submittable(cfg, workdir / "runs" / "x")
     assert f"{SYSTEM_PYTHON} -m pip install 'trainctl[train]'" in str(err.value)
     cfg, _ = typed("recipe=tiny_slurm", f"cluster.python={SYSTEM_PYTHON}", "backend=megatron")
-    with pytest.raises(UserError, match=r"lacks torch, megatron-core"):
+    with pytest.raises(UserError, match=r"lacks trainctl, torch, megatron-core"):
         check_submittable(cfg, workdir / "runs" / "x")
 
 

@@ -44,7 +44,7 @@ def engines_problem(cfg: Config) -> str | None:
     """Why ``cluster.python`` cannot run this training job on the nodes, or None.
 
     Runs that interpreter once, here on the login node, to read the package
-    metadata of torch and the backend's engine (never importing them). Skipped,
+    metadata of trainctl, torch and the backend's engine (never importing them). Skipped,
     returning None, where the interpreter is only known on the node: with
     ``cluster.setup`` lines (a module or venv they load) or a
     ``cluster.container_image`` (the image's interpreter); and on cluster=local,
@@ -53,7 +53,7 @@ def engines_problem(cfg: Config) -> str | None:
     c = cfg.cluster
     if c.scheduler != Scheduler.slurm or c.setup or c.container_image:
         return None
-    names = ENGINES[cfg.backend.name]
+    names = ("trainctl", *ENGINES[cfg.backend.name])  # the job runs `python -m launch.train`: trainctl too
     try:
         out = subprocess.run([c.python, "-c", _PROBE, *names], capture_output=True, text=True, timeout=TIMEOUT_S)
     except OSError as exc:
