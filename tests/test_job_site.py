@@ -56,7 +56,8 @@ def test_a_one_job_run_needs_no_requeue_and_keeps_a_slack() -> None:
 def test_a_job_array_gets_the_limit_of_its_longest_point(tmp_path: Path) -> None:
     short, long = make_plan(compose(["recipe=tiny_slurm"])), make_plan(compose(["recipe=tiny_slurm", "train.steps=100000"]))
     assert (short.numbers["run"]["jobs_needed"], long.numbers["run"]["jobs_needed"]) == (1, 9)
-    text = render_array(short.cfg, [tmp_path / "a", tmp_path / "b"], tmp_path, [short.numbers, long.numbers])
+    text = render_array(short.cfg, [tmp_path / "a", tmp_path / "b"], tmp_path, [short.numbers, long.numbers],
+                        [tmp_path / "a/checkpoints", tmp_path / "b/checkpoints"])
     assert "\nMAX_REQUEUES=20  #" in text  # (9 - 1) x 1.25 + 10, not the short point's 10
 
 

@@ -235,12 +235,13 @@ def test_recompute_reaches_megatron_cores_transformer_config(bases, recompute, g
     from launch.backends import megatron as mb
     from launch.config.derive import derive
     from launch.config.schema import Recompute
+    from launch.record.read import read_backend_file
 
     cfg = copy.deepcopy(bases["megatron"])
     cfg.parallel.recompute = Recompute[recompute]
     path = tmp_path / "megatron.yaml"
     path.write_text(mb.to_megatron_yaml(cfg, derive(cfg)))  # as render writes it, read back as the trainer does
-    tc = TransformerConfig(**mb.resolve(mb.load(path), "transformer_config"))
+    tc = TransformerConfig(**mb.resolve(read_backend_file(tmp_path, "megatron.yaml"), "transformer_config"))
     assert tc.recompute_granularity == granularity
     if recompute == "selective":
         assert tc.recompute_modules == ["core_attn"]

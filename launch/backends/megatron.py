@@ -306,12 +306,6 @@ def _tokenizer(cfg: Config) -> dict:
 
 # --- the trainer's side: build the objects ------------------------------------
 
-def load(path) -> dict:
-    """Read a megatron.yaml written by ``to_megatron_yaml``."""
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
 def resolve(doc: dict, name: str, **given: Any) -> dict:
     """Keyword arguments for the megatron-core object ``name``: ``doc[name]`` plus its built objects.
 

@@ -52,7 +52,11 @@ def requeue_limit(cfg: Config, run: dict) -> int:
     """``cluster.max_requeues``, or when it is null the plan's need x MARGIN + SLACK."""
     if cfg.cluster.max_requeues is not None:
         return cfg.cluster.max_requeues
-    return math.ceil(MARGIN * requeues_needed(run)) + SLACK
+    return _with_margin(requeues_needed(run))
+
+
+def _with_margin(needed: int) -> int:
+    return math.ceil(MARGIN * needed) + SLACK
 
 
 def requeue_problem(cfg: Config, run: dict) -> str | None:
@@ -71,5 +75,5 @@ def requeue_problem(cfg: Config, run: dict) -> str | None:
             f"{cfg.cluster.time_limit} = {run['jobs_needed'] - 1} at the time limit, plus "
             f"{run['expected_failures']:.3g} expected failures), so the run would stop for good part-way\n"
             f"  fix: cluster.max_requeues=null (the plan's {needed} with a margin: "
-            f"{math.ceil(MARGIN * needed) + SLACK}), cluster.max_requeues={needed} or more, or a longer "
+            f"{_with_margin(needed)}), cluster.max_requeues={needed} or more, or a longer "
             "cluster.time_limit")

@@ -198,15 +198,15 @@ def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str 
 
 
 def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: list[dict],
-                 checkpoint_dirs: list[Path] | None = None) -> str:
+                 checkpoint_dirs: list[Path]) -> str:
     """One sbatch script that runs every point of a sweep as a job-array task (same resources each).
 
     ``numbers``: each point's plan, in ``run_dirs``' order. The stop signal's lead is the first
     point's; the requeue limit is the largest point's (every task shares MAX_REQUEUES).
-    ``checkpoint_dirs``: each point's (its own ``train.checkpoint_dir``); the crash budget reads its ``latest``.
+    ``checkpoint_dirs``: each point's own (``train.checkpoint_dir`` may differ by point); the crash budget reads
+    its ``latest``.
     """
     lead = signal_lead_seconds(cfg, numbers[0])
-    checkpoint_dirs = checkpoint_dirs or [checkpoint_dir(cfg, d) for d in run_dirs]
     return _template().render(
         directives=directives(cfg, sweep_dir, lead, array=f"0-{len(run_dirs) - 1}", log_dir=sweep_dir),
         run_dir=None, array_run_dirs=[str(d) for d in run_dirs], gpus_per_node=cfg.cluster.gpus_per_node,
