@@ -40,6 +40,24 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def debian_tool(command: str, package: str) -> str:
+    """The path of ``command``, installing Debian's ``package`` first when it is missing and we are root
+    (as slurm/cluster.sh does for Slurm; .ci/run installs them up front). Skips the test otherwise."""
+    import shutil
+
+    found = shutil.which(command)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
+        if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+            subprocess.run(install, capture_output=True, env=env, timeout=600)
+        found = shutil.which(command)
+    if found is None:
+        pytest.skip(f"{command} is not installed and cannot be installed here (apt-get install {package}, as root)")
+    return found
+
+
 # --- the local Slurm test cluster (slurm/cluster.sh) ---------------------------------------
 
 SLURM_STATE = Path(os.environ.get("TRAINCTL_SLURM_DIR", "/tmp/trainctl-slurm"))

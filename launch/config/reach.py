@@ -58,6 +58,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "cluster.container_mounts": ("login", "srun --container-mounts in the sbatch script"),
     "cluster.setup": ("login", "shell lines of the sbatch script before torchrun"),
     "cluster.env": ("login", "exported by the sbatch script"),
+    "cluster.export_env": ("login", "#SBATCH --export: the submitting shell's variables the job gets"),
     "cluster.network": ("login", "the NCCL/libfabric variables the sbatch script exports"),
     "cluster.exclusive": ("login", "#SBATCH --exclusive"),
     "cluster.cpus_per_node": ("login", "#SBATCH --cpus-per-task"),

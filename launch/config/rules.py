@@ -338,18 +338,24 @@ def no_secrets_in_files(cfg: Config, d: Derived) -> Iterator[Problem]:
     for key in cfg.cluster.env:
         if _SECRET.search(key):
             yield Problem({f"cluster.env.{key}": "<hidden>"}, "looks like a secret, and cluster.env is written to disk",
-                          f"remove it and export {key} where you run trainctl; jobs inherit the environment")
+                          f"remove it and export {key} where you run trainctl; jobs inherit the environment "
+                          "(list it in cluster.export_env when that is set)")
 
 
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
 def env_names(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """cluster.env keys become ``export NAME=...`` lines: each must be a shell variable name."""
+    """cluster.env keys become ``export NAME=...`` lines and cluster.export_env ``--export=NAME,...``: each
+    must be a shell variable name (``NAME=value`` in --export would write a value, perhaps a secret, to disk)."""
+    fix = "use letters, digits and _ only, not starting with a digit (NCCL_IB_HCA)"
     for key in cfg.cluster.env:
         if not _ENV_NAME.fullmatch(key):
-            yield Problem({f"cluster.env.{key}": cfg.cluster.env[key]}, "is not an environment variable name",
-                          "use letters, digits and _ only, not starting with a digit (NCCL_IB_HCA)")
+            yield Problem({f"cluster.env.{key}": cfg.cluster.env[key]}, "is not an environment variable name", fix)
+    for i, name in enumerate(cfg.cluster.export_env or []):
+        if not _ENV_NAME.fullmatch(name):
+            yield Problem({f"cluster.export_env[{i}]": name}, "is not an environment variable name", fix +
+                          "; values come from the shell that runs trainctl submit, never from the config")
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -326,6 +326,11 @@ class ClusterConfig:
     """The inter-node fabric: the NCCL/libfabric variables the job exports (launch/executors/network.py)."""
     env: Dict[str, str] = field(default_factory=dict)
     """Environment for the job, over trainctl's and ``network``'s defaults; never put secrets here."""
+    export_env: Optional[List[str]] = None
+    """Names of the submitting shell's variables the job gets (``#SBATCH --export=NAME,...``, values never
+    written: list secrets such as WANDB_API_KEY and HF_TOKEN here by name), for sites that want a job's
+    environment to be only what it names. None: Slurm's default, the whole submitting environment.
+    Either way every srun step gets the batch script's environment (``srun --export=ALL``)."""
     node_overhead_w: float = 0.0
     """Power per GPU beyond the GPU board (CPUs, NICs, fans), W."""
     grid_kgco2_per_kwh: float = 0.0

@@ -28,6 +28,10 @@ TEMPLATE = "job.sbatch.j2"
 PREPARE_TEMPLATE = "prepare.sbatch.j2"
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 """Signals torchrun forwards to its ranks (its default set plus SIGUSR1, the time-limit warning)."""
+EXPORT_ALL = "--export=ALL"
+"""Every srun step gets the batch script's environment (its exports: NCCL, MASTER_ADDR...). Without it, a job
+submitted with ``--export=NAMES`` (cluster.export_env) passes that list on to srun in SLURM_EXPORT_ENV, and the
+step starts without PATH or anything the script exported (seen on Slurm 22.05: ``execve(): bash: No such file``)."""
 SIGNAL_GRANULARITY_S = 60
 """Slurm checks --signal timers about once a minute, so the signal may come up to 60 s late."""
 
@@ -81,7 +85,8 @@ def _format(c, opts: dict[str, str | None], *, dependency: str | None = None, ar
     """Add the cluster profile's options to ``opts``; sorted ``--key=value`` strings, values quoted."""
     optional = {"partition": c.partition, "account": c.account, "qos": c.qos, "mem": c.mem,
                 "cpus-per-task": None if c.cpus_per_node is None else str(c.cpus_per_node),
-                "dependency": dependency, "array": array}
+                "dependency": dependency, "array": array,
+                "export": None if c.export_env is None else ",".join(c.export_env) or "NONE"}
     opts.update({k: v for k, v in optional.items() if v is not None})
     if c.exclusive:
         opts["exclusive"] = None
@@ -102,7 +107,8 @@ def resources(cfg: Config) -> dict:
             "cluster.partition": c.partition, "cluster.account": c.account, "cluster.qos": c.qos,
             "cluster.mem": c.mem, "cluster.cpus_per_node": c.cpus_per_node, "cluster.exclusive": c.exclusive,
             "cluster.container_image": c.container_image, "cluster.directives": dict(c.directives),
-            "cluster.python": c.python, "cluster.setup": list(c.setup), "cluster.env": dict(c.env), "cluster.network": c.network.name,
+            "cluster.python": c.python, "cluster.setup": list(c.setup), "cluster.env": dict(c.env),
+            "cluster.export_env": None if c.export_env is None else list(c.export_env), "cluster.network": c.network.name,
             "cluster.mpi": c.mpi.name}
 
 
@@ -122,7 +128,7 @@ def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
     """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted."""
     c = cfg.cluster
     srun = ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            *_cpus_per_task(c)]
+            *_cpus_per_task(c), EXPORT_ALL]
     if c.container_image:
         srun.append(f"--container-image={c.container_image}")
         srun.append("--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"]))
@@ -219,7 +225,7 @@ def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: li
 def render_prepare(cfg: Config, run_dir: Path, sources: list[str]) -> str:
     """RUN_DIR/prepare.sbatch: a job array whose task i tokenizes ``sources[i]`` (``launch.data.array``)."""
     c = cfg.cluster
-    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1", *_cpus_per_task(c)]
+    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1", *_cpus_per_task(c), EXPORT_ALL]
     if c.container_image:
         srun += [f"--container-image={c.container_image}",
                  "--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"])]
