@@ -26,6 +26,8 @@ CASES = {
         ["train.tokens=1000000", "train.steps=null"],
         [(["train.tokens=1000"], "exactly one of train.tokens and train.steps"),
          (["train.steps=0"], "at least one step")]),
+    r.rank_check_floor: (["train.rank_check_min_busbw_gbps=0"], [
+        (["train.rank_check_min_busbw_gbps=-1"], "train.rank_check_min_busbw_gbps=-1.0: a bandwidth floor cannot")]),
     r.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a positive SLURM time limit"),
                                                               (["cluster.time_limit=00:00:00"], "not a positive")]),
     r.world_divisible_by_model_parallel: (

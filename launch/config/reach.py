@@ -42,6 +42,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     # --- training run
     "train.save_final": ("trainer", "the step loop's final save and export (launch/train/loop.py)"),
     "train.rank_check_s": ("trainer", "launch/train/__main__.py runs the rank check instead of training"),
+    "train.rank_check_min_busbw_gbps": ("trainer", "the rank check's bus-bandwidth floor (launch/train/rankcheck.py)"),
     # --- wandb: the trainers' Reporter opens the run (launch/train/metrics.py)
     "wandb.mode": ("trainer", "offline/online/disabled: wandb.init in launch/train/metrics.py (Megatron-LM's flags "
                    "only tell disabled from the rest)"),
@@ -82,8 +83,10 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "cluster.gpu.peak_fp8_tflops": ("trainer", "the step-time estimate; the trainers' MFU at estimate.mfu_basis=fp8"),
     "cluster.gpu.hbm_gib": ("login", "the memory estimate's limit (validation, OOM check, tune)"),
     "cluster.gpu.hbm_bandwidth_tbps": ("login", "validation of the GPU spec"),
-    "cluster.gpu.nvlink_gbps": ("login", "the step-time estimate's tensor-parallel traffic"),
-    "cluster.gpu.ib_gbps": ("login", "the step-time estimate's data/pipeline-parallel traffic"),
+    "cluster.gpu.nvlink_gbps": ("trainer", "the step-time estimate's tensor-parallel traffic; the rank check's "
+                                "expected bus bandwidth inside a node (launch/train/rankcheck.py)"),
+    "cluster.gpu.ib_gbps": ("trainer", "the step-time estimate's data/pipeline-parallel traffic; the rank check's "
+                            "expected bus bandwidth across nodes"),
     "cluster.gpu.power_w": ("login", "the estimate's energy"),
     "cluster.gpu.mtbf_hours": ("login", "the estimate's failure rate and checkpoint interval"),
     # --- the estimator's assumptions (plan.json; the trainer logs plan.json's predictions, not these)

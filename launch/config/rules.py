@@ -67,6 +67,14 @@ def tokens_or_steps(cfg: Config, d: Derived) -> Iterator[Problem]:
         yield Problem(keys, "the run must train on at least one step", "train.steps=1000")
 
 
+def rank_check_floor(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The rank check's floor is a bandwidth (launch/train/rankcheck.py)."""
+    floor = cfg.train.rank_check_min_busbw_gbps
+    if floor is not None and not floor >= 0:
+        yield Problem({"train.rank_check_min_busbw_gbps": floor}, "a bandwidth floor cannot be negative",
+                      "train.rank_check_min_busbw_gbps=null (half of cluster.gpu.nvlink_gbps), or 0 to only report")
+
+
 def time_limit_format(cfg: Config, d: Derived) -> Iterator[Problem]:
     try:
         seconds = parse_time_limit(cfg.cluster.time_limit)

@@ -290,9 +290,11 @@ class GPUSpec:
     """Usable memory as the driver reports it, in GiB (H100 80 GB: 79.6)."""
     hbm_bandwidth_tbps: float = MISSING
     nvlink_gbps: float = MISSING
-    """NVLink bandwidth per GPU per direction, GB/s."""
+    """NVLink bandwidth per GPU per direction, GB/s (H100 SXM: 450, half of the 900 GB/s datasheet figure,
+    which counts both directions). The rank check holds a node's all-reduce bus bandwidth against it."""
     ib_gbps: float = MISSING
-    """InfiniBand bandwidth per GPU per direction, GB/s (NDR 400 Gb/s = 50)."""
+    """InfiniBand bandwidth per GPU per direction, GB/s (NDR 400 Gb/s = 50). The rank check expects
+    gpus_per_node x this (at most nvlink_gbps) as the all-reduce bus bandwidth across nodes."""
     power_w: float = MISSING
     """Board power at full load, W."""
     mtbf_hours: float = MISSING
@@ -405,8 +407,15 @@ class TrainConfig:
     """Save a checkpoint (and the Hugging Face export) when the run ends. false: a measurement run
     (``trainctl tune``'s probes) that keeps nothing."""
     rank_check_s: float = 0.0
-    """> 0: the job trains nothing; every rank joins the process group and all-reduces for this
-    many seconds, then exits (checks an allocation, the rendezvous and the stop signals)."""
+    """> 0: the job trains nothing; every rank joins the process group, measures the all-reduce bus
+    bandwidth inside each node and across nodes (rank 0 prints one line per node and names the slowest
+    against cluster.gpu.nvlink_gbps), then all-reduces for this many seconds and exits (checks an
+    allocation, its links, the rendezvous and the stop signals: launch/train/rankcheck.py)."""
+    rank_check_min_busbw_gbps: Optional[float] = None
+    """The rank check's floor, GB/s of NCCL-tests' all-reduce bus bandwidth inside a node: the slowest
+    node below it ends the job with the ``node`` outcome (so it can be excluded). None: half of
+    cluster.gpu.nvlink_gbps (225 GB/s on H100 SXM), no floor on a cpu profile; 0: report only. Set
+    your own nodes' figure (nccl-tests' all_reduce_perf at 256 MiB) times a margin to tighten it."""
 
 
 @dataclass

@@ -7,11 +7,13 @@ or trains: ``launch.train.preflight`` (no torch yet), the backend's ``TrainModul
 
 Exit codes: 0 done or stopped (checkpoint saved); 2 a user error found on the
 node (a damaged record, missing data, a changed config on resume, a private API an
-installed engine lacks); 3 not built; 4 a GPU profile on a node without a usable GPU.
+installed engine lacks); 3 not built; 4 a GPU profile on a node without a usable GPU,
+or the node the rank check found below its bus-bandwidth floor; 5 (rank check) another
+node was below it, and its ranks write the record.
 torchrun turns all of them into 1, so the job script reads the outcome record instead
 (``launch.record.outcome``), written here for every engine: done or stopped by rank 0,
 config (2, 3), node (4) or crash (an exception, which still propagates with its traceback)
-by the first rank that fails.
+by the first rank that fails; nothing for 5.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ ENGINE_NOTICES = (
 @dataclass(frozen=True)
 class Ending:
     code: int
-    outcome: Outcome
+    outcome: Outcome | None
+    """None: another rank records this job step's outcome."""
     cause: str
     step: int | None = None
 
@@ -65,6 +68,8 @@ def main(argv: list[str]) -> int:
         outcome.write(run_dir, Outcome.crash, f"{type(exc).__name__}: {outcome.first_line(str(exc))}",
                       step=_step(seen))
         raise
+    if ending.outcome is None:
+        return ending.code
     if ending.outcome in (Outcome.done, Outcome.stopped) and os.environ.get("RANK", "0") != "0":
         return ending.code  # rank 0 speaks for a run that ended together
     outcome.write(run_dir, ending.outcome, ending.cause, step=ending.step)
@@ -87,9 +92,14 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
     if problem:
         return _problem(code, problem)
     if cfg.train.rank_check_s > 0:
-        from launch.train.rankcheck import rank_check
+        from launch.train import rankcheck
 
-        code = rank_check(cfg, plan)
+        code = rankcheck.rank_check(cfg, plan)
+        if code == rankcheck.EXIT_SLOW_NODE:  # the node to exclude: this rank's, so this rank writes the record
+            return Ending(code, Outcome.node, "the rank check found this node's all-reduce bus bandwidth below "
+                                              "train.rank_check_min_busbw_gbps (its figures are in the job's log)")
+        if code == rankcheck.EXIT_OTHER_NODE:
+            return Ending(code, None, "another node failed the rank check")
         if code:
             return Ending(code, Outcome.crash, "the allocation check failed; its message is in the job's log")
         why = stop.requested()
