@@ -79,10 +79,17 @@ def test_a_line_break_in_a_directive_is_refused(workdir: Path) -> None:
 # --- running the script's shell with stub srun/scontrol -----------------------------------
 
 STUB_SRUN = """#!/bin/bash
-# stub srun (no Slurm in this test): records its arguments, then behaves as $SRUN_MODE says,
-# writing the outcome record a rank would (the last argument is the run directory)
-printf '%s\\n' "$@" > "$STUB_LOG/srun.args"
+# stub srun (no Slurm in this test). The node health step runs the real launch.train.health
+# (HEALTH_MODE=bare: under /usr/bin/python3 without trainctl, as a bare image would).
+# The training step records its arguments, then behaves as $SRUN_MODE says, writing the
+# outcome record a rank would (the last argument is the run directory).
 run_dir=${@: -1}
+if printf '%s\\n' "$@" | grep -qx launch.train.health; then
+  printf '%s\\n' "$@" > "$STUB_LOG/srun.health.args"
+  if [ "${HEALTH_MODE:-}" = bare ]; then exec env -u PYTHONPATH /usr/bin/python3 -m launch.train.health "$run_dir"; fi
+  exec "$STUB_PYTHON" -m launch.train.health "$run_dir"
+fi
+printf '%s\\n' "$@" > "$STUB_LOG/srun.args"
 outcome() {
   "$STUB_PYTHON" -c 'import sys, pathlib; from launch.record.outcome import write
 write(pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3])' "$run_dir" "$1" "$2"
@@ -102,10 +109,16 @@ STUB_SCONTROL = """#!/bin/bash
 # stub scontrol (no Slurm in this test)
 echo "$*" >> "$STUB_LOG/scontrol.calls"
 case "$1 $2" in
-  "show hostnames") echo node1 ;;
+  "show hostnames") tr ',' '\\n' <<< "$3" ;;
   "show node") echo "NodeName=node1 Arch=x86_64 NodeAddr=10.0.0.7 NodeHostName=node1" ;;
 esac
 exit 0
+"""
+STUB_SINFO = """#!/bin/bash
+# stub sinfo (no Slurm in this test): the partition's nodes and states, from $STUB_NODES
+echo "$*" >> "$STUB_LOG/sinfo.calls"
+printf '%s\\n' "${STUB_NODES:-node1 mix
+node2 idle}"
 """
 
 
@@ -113,17 +126,18 @@ exit 0
 def stubs(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "stub-bin"
     bin_dir.mkdir()
-    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL)):
+    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL), ("sinfo", STUB_SINFO)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return bin_dir
 
 
 def run_script(script: Path, stubs: Path, mode: str, *, restarts: int = 0, usr1_after: float | None = None,
-               cwd: Path, sig: signal.Signals = signal.SIGUSR1) -> subprocess.CompletedProcess:
+               cwd: Path, sig: signal.Signals = signal.SIGUSR1, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(stubs), "SRUN_MODE": mode,
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1",
-           "SLURM_RESTART_COUNT": str(restarts), "STUB_PYTHON": sys.executable, "PYTHONPATH": PYTHONPATH}
+           "SLURM_JOB_PARTITION": "debug", "SLURMD_NODENAME": "node1", "SLURM_RESTART_COUNT": str(restarts),
+           "STUB_PYTHON": sys.executable, "PYTHONPATH": PYTHONPATH, **(env or {})}
     proc = subprocess.Popen(["bash", str(script)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if usr1_after is not None:
@@ -240,13 +254,129 @@ def test_a_configuration_error_on_the_node_is_not_requeued(workdir: Path, stubs:
                      r"fail the same way: fix it and submit again\); not requeued", (script.parent / "job.log").read_text())
 
 
-def test_an_unhealthy_node_is_requeued_and_not_counted_as_a_crash(workdir: Path, stubs: Path) -> None:
+def test_an_unhealthy_node_is_requeued_without_it_and_not_counted_as_a_crash(workdir: Path, stubs: Path) -> None:
+    """The trainer's own node outcome (torch sees no GPU): requeued, the node left out after the requeue."""
     script = render(workdir, "recipe=tiny_slurm", "cluster.max_crash_requeues=0")
     assert run_script(script, stubs, "node", cwd=workdir).returncode == 0
-    assert "requeue 4242" in (stubs / "scontrol.calls").read_text()
-    assert re.search(r"node unhealthy on \S+: no CUDA device .*requeueing \(restart 1",
-                     (script.parent / "job.log").read_text())
+    calls = (stubs / "scontrol.calls").read_text().splitlines()
+    # Slurm refuses ExcNodeList on a running job: it is set after the requeue (tested on Slurm 22.05).
+    assert calls[-2:] == ["requeue 4242", "update JobId=4242 ExcNodeList=node1"]
+    assert "node unhealthy on node1: no CUDA device; requeueing (restart 1 of at most 10), leaving out node1" \
+        in (script.parent / "job.log").read_text()
+    assert (script.parent / "job.excluded.4242").read_text() == "node1\tno CUDA device\n"
     assert not (script.parent / "job.crashes.4242").exists()
+
+
+def test_a_failed_health_check_skips_torchrun_and_leaves_the_node_out(workdir: Path, stubs: Path) -> None:
+    """The real launch.train.health under the stub srun, failed by the test-only knob."""
+    script = render(workdir, "recipe=tiny_slurm")
+    result = run_script(script, stubs, "ok", cwd=workdir, env={"TRAINCTL_FAULT_UNHEALTHY_NODES": "node9,node1"})
+    assert result.returncode == 0, result.stderr
+    assert not (stubs / "srun.args").exists()  # torchrun never started
+    assert (stubs / "srun.health.args").read_text().splitlines()[-3:] == ["-m", "launch.train.health",
+                                                                         str(script.parent)]
+    log = (script.parent / "job.log").read_text()
+    knob = "node1 is listed in TRAINCTL_FAULT_UNHEALTHY_NODES=node9,node1 (test-only fault knob)"
+    assert f"node1 UNHEALTHY: {knob}" in log
+    assert f"node unhealthy on node1: health check: {knob}; requeueing (restart 1 of at most 10), leaving out " \
+           "node1" in log
+    assert "update JobId=4242 ExcNodeList=node1" in (stubs / "scontrol.calls").read_text()
+
+
+def test_a_healthy_node_says_so_in_one_line_and_trains(workdir: Path, stubs: Path) -> None:
+    script = render(workdir, "recipe=tiny_slurm")
+    assert run_script(script, stubs, "ok", cwd=workdir).returncode == 0
+    log = (script.parent / "job.log").read_text()
+    assert re.search(r"node1 healthy: GPUs not checked \(cluster.gpu.name=cpu: CPU processes\); network not "
+                     r"checked \(cluster.network=none.*\); run dir, data cache, checkpoints \(\S+\): [\d.]+ GiB free "
+                     r"\(expected >= [\d.]+\)\n", log), log
+    assert "launch.train" in (stubs / "srun.args").read_text()  # then torchrun ran
+    assert "update" not in (stubs / "scontrol.calls").read_text()
+
+
+def test_an_interpreter_without_trainctl_stops_the_job_as_a_configuration_error(workdir: Path, stubs: Path) -> None:
+    """/usr/bin/python3 without trainctl on its path, as a stock image's: found by the health step, not requeued."""
+    from launch.record import outcome
+
+    script = render(workdir, "recipe=tiny_slurm")
+    result = run_script(script, stubs, "ok", cwd=workdir, env={"HEALTH_MODE": "bare"})
+    assert result.returncode == 1
+    assert not (stubs / "srun.args").exists() and "requeue" not in (stubs / "scontrol.calls").read_text()
+    assert "No module named 'launch'" in result.stderr  # the step's own output, in the job's slurm log
+    record = outcome.read(script.parent / "outcomes/4242.0.json")  # written by the script, read by trainctl
+    assert record.outcome.value == "config" and record.node == "node1"
+    assert record.cause.startswith(f"cluster.python {sys.executable} on the nodes cannot import trainctl: install "
+                                   "trainctl[train] into it") and record.cause.endswith("(No module named 'launch')")
+    assert f"configuration error found on node1: {record.cause} (a requeue would fail the same way" \
+        in (script.parent / "job.log").read_text()
+
+
+def test_the_image_without_trainctl_is_named(workdir: Path) -> None:
+    from launch.executors.sbatch import health_values
+
+    cfg, _ = typed("recipe=tiny_slurm", "cluster.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
+                   "cluster.python=python")
+    assert health_values(cfg)["no_trainctl_cause"] == (
+        "cluster.python python in image nvcr.io/nvidia/pytorch:25.01-py3 cannot import trainctl: build the image "
+        "from slurm/Containerfile or install trainctl[train] there")
+
+
+def test_a_crash_requeue_leaves_out_the_crashed_rank_s_node(workdir: Path, stubs: Path) -> None:
+    script = render(workdir, "recipe=tiny_slurm", "cluster.max_crash_requeues=3")
+    assert run_script(script, stubs, "crash", cwd=workdir, env={"SLURMD_NODENAME": "node2"}).returncode == 0
+    assert "update JobId=4242 ExcNodeList=node2" in (stubs / "scontrol.calls").read_text()
+    assert (script.parent / "job.excluded.4242").read_text().startswith("node2\tcrash: RuntimeError: boom")
+    assert run_script(script, stubs, "silent", restarts=1, cwd=workdir).returncode == 0  # no record: no node
+    assert (stubs / "scontrol.calls").read_text().count("update") == 1
+
+
+def test_exclusions_are_capped_oldest_first(workdir: Path, stubs: Path) -> None:
+    script = render(workdir, "recipe=tiny_slurm", "cluster.max_excluded_nodes=2")
+    nodes = "\n".join(f"node{i} idle" for i in range(1, 6))
+    for restart, node in enumerate(["node1", "node2", "node3"]):
+        run_script(script, stubs, "node", restarts=restart, cwd=workdir,
+                   env={"SLURMD_NODENAME": node, "STUB_NODES": nodes})
+    assert (stubs / "scontrol.calls").read_text().splitlines()[-1] == "update JobId=4242 ExcNodeList=node2,node3"
+    assert "node1 no longer left out: at most cluster.max_excluded_nodes=2, the oldest goes first" \
+        in (script.parent / "job.log").read_text()
+    assert [line.split("\t")[0] for line in (script.parent / "job.excluded.4242").read_text().splitlines()] == \
+        ["node2", "node3"]
+
+
+def test_exclusions_never_leave_the_partition_fewer_usable_nodes_than_the_job_needs(workdir: Path,
+                                                                                    stubs: Path) -> None:
+    """A 2-node job on node1-3 (node4 down, node5 drained): leaving out node1, then node2, would leave
+    one usable node, so node1 comes back."""
+    script = render(workdir, "recipe=tiny_slurm")
+    nodes = "node1 alloc\nnode2 alloc\nnode3 idle\nnode4 down*\nnode5 drain"
+    for restart, node in enumerate(["node1", "node2"]):
+        run_script(script, stubs, "node", restarts=restart, cwd=workdir,
+                   env={"SLURMD_NODENAME": node, "STUB_NODES": nodes, "SLURM_JOB_NUM_NODES": "2"})
+    calls = (stubs / "scontrol.calls").read_text().splitlines()
+    assert [c for c in calls if c.startswith("update")] == ["update JobId=4242 ExcNodeList=node1",
+                                                            "update JobId=4242 ExcNodeList=node2"]
+    assert "node1 no longer left out: partition debug would have 1 usable node(s) for a job of 2" \
+        in (script.parent / "job.log").read_text()
+    assert "-p debug" in (stubs / "sinfo.calls").read_text()
+
+
+def test_the_submission_s_own_exclude_is_kept_and_counted(workdir: Path, stubs: Path) -> None:
+    """cluster.directives.exclude=node3: every ExcNodeList keeps it, and node3 is no usable node."""
+    script = render(workdir, "recipe=tiny_slurm", "+cluster.directives.exclude=node3")
+    nodes = "node1 mix\nnode2 idle\nnode3 idle"
+    run_script(script, stubs, "node", cwd=workdir, env={"STUB_NODES": nodes, "SLURM_JOB_NUM_NODES": "2"})
+    assert "update JobId=4242 ExcNodeList=node3" in (stubs / "scontrol.calls").read_text().splitlines()
+    assert "node1 no longer left out: partition debug would have 1 usable node(s) for a job of 2" \
+        in (script.parent / "job.log").read_text()
+    run_script(script, stubs, "node", restarts=1, cwd=workdir, env={"STUB_NODES": nodes})
+    assert (stubs / "scontrol.calls").read_text().splitlines()[-1] == "update JobId=4242 ExcNodeList=node3,node1"
+
+
+def test_max_excluded_nodes_0_leaves_no_node_out(workdir: Path, stubs: Path) -> None:
+    script = render(workdir, "recipe=tiny_slurm", "cluster.max_excluded_nodes=0")
+    assert run_script(script, stubs, "node", cwd=workdir).returncode == 0
+    assert "update" not in (stubs / "scontrol.calls").read_text()
+    assert "node1 not left out: cluster.max_excluded_nodes=0" in (script.parent / "job.log").read_text()
 
 
 def test_each_job_step_reads_its_own_record(workdir: Path, stubs: Path) -> None:

@@ -177,6 +177,51 @@ def test_a_configuration_error_found_on_the_node_stops_the_job_without_a_requeue
     assert re.search(r"config on \S+ \(rank \d\): the prepared data", status), status
 
 
+def test_a_node_failing_its_health_check_is_left_out_of_the_requeue(workdir: Path, slurm_env: dict) -> None:
+    """The test-only knob fails node1's health check: the job is requeued without node1 and completes on node2.
+
+    Other jobs may share this cluster, so the job is submitted held and kept off node2 by hand until it
+    has started on node1; the script's own ExcNodeList=node1 replaces that on the requeue.
+    """
+    env = {**slurm_env, "TRAINCTL_FAULT_UNHEALTHY_NODES": "node1"}
+    job = submit(workdir, env, "recipe=tiny_slurm", "train.rank_check_s=1", "+cluster.directives.hold=''")
+    slurm(slurm_env, "scontrol", "update", f"JobId={job}", "ExcNodeList=node2")
+    slurm(slurm_env, "scontrol", "release", job)
+    run_dir = workdir / "runs/tiny_slurm"
+    wait_state(slurm_env, job, "COMPLETED", "FAILED", timeout=90)  # the requeued job waits ~10 s to start
+    log = (run_dir / "job.log").read_text()
+    assert state(slurm_env, job) == "COMPLETED", log
+    assert job_field(slurm_env, job, "Restarts") == "1" and job_field(slurm_env, job, "NodeList") == "node2"
+    assert job_field(slurm_env, job, "ExcNodeList") == "node1"
+    knob = "node1 is listed in TRAINCTL_FAULT_UNHEALTHY_NODES=node1 (test-only fault knob)"
+    lines = [line.split(": ", 2)[-1] for line in log.splitlines()]
+    assert lines[:3] == [f"starting on 1 node(s) (node1), restart 0, run dir {run_dir}", f"node1 UNHEALTHY: {knob}",
+                         f"node unhealthy on node1: health check: {knob}; requeueing (restart 1 of at most 10), "
+                         "leaving out node1"], log
+    assert lines[3].startswith("starting on 1 node(s) (node2), restart 1") and lines[4].startswith("node2 healthy: ")
+    assert lines[5] == "job step finished on node2 (rank check done): done, not requeued"
+    assert (run_dir / f"job.excluded.{job}").read_text() == f"node1\thealth check: {knob}\n"
+    out = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env).stdout
+    assert "nodes left out" in out and re.search(r"\snode1: health check: ", out), out
+
+
+def test_an_interpreter_without_trainctl_stops_the_job_in_its_first_seconds(workdir: Path, slurm_env: dict) -> None:
+    """The system python3, its path cleared by a setup line (so submit's own probe is skipped): the health
+    step cannot import trainctl; the script records a configuration error and does not requeue."""
+    job = submit(workdir, slurm_env, "recipe=tiny_slurm", "train.rank_check_s=1", "cluster.python=/usr/bin/python3",
+                 "cluster.setup=['unset PYTHONPATH']")
+    run_dir = workdir / "runs/tiny_slurm"
+    wait_state(slurm_env, job, "FAILED", "COMPLETED", timeout=60)
+    log = (run_dir / "job.log").read_text()
+    assert re.search(r"configuration error found on node\d: cluster.python /usr/bin/python3 on the nodes cannot "
+                     r"import trainctl after cluster.setup: install trainctl\[train\] into it, .* \(No module named "
+                     r"'launch'\) \(a requeue would fail the same way: fix it and submit again\); not requeued", log), log
+    assert job_field(slurm_env, job, "Restarts") == "0" and not (run_dir / f"job.crashes.{job}").exists()
+    assert "torch.distributed" not in (run_dir / f"slurm-{job}.log").read_text()  # torchrun never started
+    status = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env).stdout
+    assert re.search(r"config on node\d: cluster.python", status), status
+
+
 def test_submit_refuses_a_stage_whose_training_is_not_built(workdir: Path, slurm_env: dict) -> None:
     out = run_trainctl("submit", "recipe=tiny_slurm_pipeline", "train.rank_check_s=0", cwd=workdir, env=slurm_env)
     assert out.returncode == 2

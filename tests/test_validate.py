@@ -100,6 +100,8 @@ CASES = {
         ["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=128"],
         [(["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=64"], "needs a multiple of pp = 8 micro-batches"),
          (["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=192"], "this layout has 12")]),
+    r.exclusion_cap: (["cluster.max_excluded_nodes=0"], [(["cluster.max_excluded_nodes=-1"],
+                                                          "cluster.max_excluded_nodes=-1: the number of nodes")]),
     r.no_secrets_in_files: (
         ["+cluster.env.NCCL_IB_HCA=mlx5"],
         [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN")]),

@@ -72,6 +72,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "cluster.signal_lead_s": ("login", "#SBATCH --signal lead time"),
     "cluster.max_requeues": ("login", "the sbatch script's requeue limit"),
     "cluster.max_crash_requeues": ("login", "the sbatch script's crash budget (crashes in a row without a new checkpoint)"),
+    "cluster.max_excluded_nodes": ("login", "the sbatch script's cap on nodes left out of a requeued job"),
     "cluster.calibration": ("login", "scales the estimate (launch/estimate/calibration.py)"),
     "cluster.checkpoint_write_gbps": ("login", "the estimate's checkpoint cost and interval; sbatch's signal lead"),
     "cluster.usd_per_gpu_hour": ("login", "the estimate's cost"),

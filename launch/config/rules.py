@@ -341,6 +341,15 @@ def interleaved_schedule_microbatches(cfg: Config, d: Derived) -> Iterator[Probl
                       f"train.global_batch_size as a multiple of {per_step}, or parallel.vpp=1")
 
 
+def exclusion_cap(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The job script compares the exclusion list's length with it: a negative cap would drop every entry
+    while saying it keeps some."""
+    if cfg.cluster.max_excluded_nodes < 0:
+        yield Problem({"cluster.max_excluded_nodes": cfg.cluster.max_excluded_nodes},
+                      "the number of nodes a requeued job may leave out cannot be negative",
+                      "cluster.max_excluded_nodes=0 (never exclude a node) or 8 (the default)")
+
+
 def no_secrets_in_files(cfg: Config, d: Derived) -> Iterator[Problem]:
     """cluster.env is written into the job script; secrets stay in the submitting environment."""
     for key in cfg.cluster.env:

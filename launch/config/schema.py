@@ -374,6 +374,12 @@ class ClusterConfig:
     is at most the Nth in a row without a new checkpoint between them; a crash after a new checkpoint
     counts 1 again, so a long run survives its expected hardware faults as long as it makes progress.
     0: never requeue a crash. Counted in RUN_DIR/job.crashes.JOBREF (the streak and the ``latest`` it saw)."""
+    max_excluded_nodes: int = 8
+    """A job requeued after a ``node`` outcome (its health check failed, or torch saw no GPU) or a crash
+    leaves that node out (``scontrol update ExcNodeList``), at most this many nodes at once: the oldest
+    exclusion falls off, and so does any that would leave the partition fewer usable nodes than the job
+    needs, so a long run cannot exclude itself out of nodes. 0: never exclude. Kept in
+    RUN_DIR/job.excluded.JOBREF ("NODE<TAB>why" a line, oldest first)."""
 
 
 @dataclass

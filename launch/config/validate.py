@@ -39,6 +39,7 @@ GENERAL_RULES: tuple[Rule, ...] = (
     rules.sequence_parallel_splits_sequence,
     rules.moe_settings,
     rules.interleaved_schedule_microbatches,
+    rules.exclusion_cap,
     rules.no_secrets_in_files,
     rules.env_names,
     rules.mixture_weights,

@@ -124,14 +124,32 @@ def job_env(cfg: Config) -> list[tuple[str, str]]:
     return sorted(env.items())
 
 
+def srun_prefix(c) -> list[str]:
+    """The srun options every per-node job step shares: one task on each of the job's nodes, its CPUs, the image.
+
+    The health check and the training step run under the same prefix, so the check
+    sees the nodes, CPUs, GPUs and image (with its mounts) that torchrun will.
+    """
+    return ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", *_cpus_per_task(c),
+            EXPORT_ALL, *_container(c)]
+
+
+def _container(c) -> list[str]:
+    """pyxis's ``--container-image`` and ``--container-mounts`` (the run directory added), or nothing on bare metal."""
+    if not c.container_image:
+        return []
+    return [f"--container-image={c.container_image}",
+            "--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"])]
+
+
 def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
-    """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted."""
+    """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted.
+
+    ``--kill-on-bad-exit``: a node whose torchrun fails ends the others' at once instead of
+    leaving them in a collective that never completes.
+    """
     c = cfg.cluster
-    srun = ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            *_cpus_per_task(c), EXPORT_ALL]
-    if c.container_image:
-        srun.append(f"--container-image={c.container_image}")
-        srun.append("--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"]))
+    srun = [*srun_prefix(c), "--kill-on-bad-exit=1"]
     torchrun = [c.python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}", f"--nproc-per-node={c.gpus_per_node}"]
     rdzv = ["--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$JOB_REF",
             "--max-restarts=0"]
@@ -139,6 +157,29 @@ def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
     lines = [srun, torchrun, rdzv, stop, ["-m", "launch.train"]]
     text = " \\\n    ".join(" ".join(_quote_keeping_vars(w) for w in words) for words in lines)
     return f"{text} {run_dir_var}"
+
+
+def health_values(cfg: Config) -> dict:
+    """The template's values for the node health step (``launch.train.health``) and what follows it.
+
+    No ``--kill-on-bad-exit``: the check takes seconds, and every node's line is worth
+    having. ``no_trainctl_cause``: the configuration error the script records when the
+    step could not even import trainctl (the image or interpreter lacks it).
+    ``site_excluded``: the submission's own ``--exclude`` (``cluster.directives.exclude``), which
+    the script's ``scontrol update ExcNodeList`` would otherwise replace.
+    """
+    c = cfg.cluster
+    words = [*srun_prefix(c), c.python, "-m", "launch.train.health"]
+    line = " ".join(_quote_keeping_vars(w) for w in words) + ' "$RUN_DIR"'
+    if c.container_image:
+        cause = (f"cluster.python {c.python} in image {c.container_image} cannot import trainctl: build the image "
+                 "from slurm/Containerfile or install trainctl[train] there")
+    else:
+        cause = (f"cluster.python {c.python} on the nodes cannot import trainctl"
+                 f"{' after cluster.setup' if c.setup else ''}: install trainctl[train] into it, or point "
+                 "cluster.python (and cluster.setup) at an interpreter that has it")
+    return {"health_line": line, "no_trainctl_cause": cause, "max_excluded_nodes": c.max_excluded_nodes,
+            "site_excluded": c.directives.get("exclude") or ""}
 
 
 def _cpus_per_task(c) -> list[str]:
@@ -199,7 +240,7 @@ def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str 
         run_dir=str(run_dir), array_run_dirs=None, gpus_per_node=cfg.cluster.gpus_per_node,
         signal_lead_s=lead, max_requeues=requeue_limit(cfg, numbers["run"]),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
-        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead),
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead), **health_values(cfg),
         checkpoint_dir=str(checkpoint_dir(cfg, run_dir)), array_checkpoint_dirs=None)
 
 
@@ -218,17 +259,14 @@ def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: li
         run_dir=None, array_run_dirs=[str(d) for d in run_dirs], gpus_per_node=cfg.cluster.gpus_per_node,
         signal_lead_s=lead, max_requeues=max(requeue_limit(cfg, n["run"]) for n in numbers),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
-        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead),
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead), **health_values(cfg),
         checkpoint_dir=None, array_checkpoint_dirs=[str(d) for d in checkpoint_dirs])
 
 
 def render_prepare(cfg: Config, run_dir: Path, sources: list[str]) -> str:
     """RUN_DIR/prepare.sbatch: a job array whose task i tokenizes ``sources[i]`` (``launch.data.array``)."""
     c = cfg.cluster
-    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1", *_cpus_per_task(c), EXPORT_ALL]
-    if c.container_image:
-        srun += [f"--container-image={c.container_image}",
-                 "--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"])]
+    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1", *_cpus_per_task(c), EXPORT_ALL, *_container(c)]
     words = [*srun, c.python, "-m", "launch.data.array"]
     line = " ".join(_quote_keeping_vars(w) for w in words) + ' "$RUN_DIR" "$SOURCE"'
     return _template(PREPARE_TEMPLATE).render(

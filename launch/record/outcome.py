@@ -44,7 +44,7 @@ class Outcome(str, enum.Enum):
     stopped = "stopped"
     """A stop signal handled, checkpoint written: requeue after SIGUSR1, stop after SIGTERM."""
     node = "node"
-    """This node cannot train (no usable GPU): requeue."""
+    """This node cannot train (no usable GPU, a failed health check): requeue without it."""
     crash = "crash"
     """An unexpected exception: requeue within the crash budget (``cluster.max_crash_requeues``)."""
 
@@ -70,6 +70,15 @@ def job_ref(env=os.environ) -> str:
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return env.get("SLURM_JOB_ID") or "local"
+
+
+def node_name(env=os.environ) -> str:
+    """Slurm's name for this node (``SLURMD_NODENAME``), else the host name.
+
+    The job script excludes a node by this name (``scontrol update ExcNodeList``), and
+    host names need not be Slurm's: the local test cluster's two nodes share one host.
+    """
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def step_key(env=os.environ) -> str:
@@ -99,7 +108,7 @@ def write(run_dir: Path, outcome: Outcome, cause: str, *, step: int | None = Non
     ref = job_ref(env)
     record = {"outcome": Outcome(outcome).value, "job": ref,
               "restart": int(env.get("SLURM_RESTART_COUNT") or 0) if ref != "local" else 0,
-              "node": socket.gethostname(), "rank": int(rank) if rank and rank.isdigit() else None,
+              "node": node_name(env), "rank": int(rank) if rank and rank.isdigit() else None,
               "step": step, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "cause": first_line(cause)}
     tmp = folder / f".{final.name}.{socket.gethostname()}.{os.getpid()}"

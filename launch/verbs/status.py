@@ -6,7 +6,8 @@ no path means every run under ./runs that has been submitted. The state comes
 from Slurm; progress from the run's own files: ``metrics.jsonl`` (the trainer's
 last logged step and loss), ``outcomes/`` (how the job's last step ended, where, and
 why: ``launch.record.outcome``), ``job.log`` (the job script's last decision: started,
-requeued and why, finished) and the crash streak the script keeps.
+requeued and why, finished), the crash streak the script keeps and the nodes its
+requeues leave out (``job.excluded.JOBREF``), with why.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def status_main(args: list[str]) -> int:
     rows = runs_of(args)
     states = _states(rows)
     table = Table(box=None, header_style="bold")
-    for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last outcome", "last word from the job"):
+    for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last outcome",
+                   "nodes left out", "last word from the job"):
         table.add_column(column, overflow="fold")
     doomed: set[str] = set()  # pipelines with a failed stage
     for row in rows:
@@ -83,7 +85,7 @@ def status_main(args: list[str]) -> int:
         cells = [row.label, row.job_id or "-", state, s.elapsed if s else "",
                  str(s.restarts) if s else "", str(crashes(row.run_dir, row.job_id)),
                  "" if step is None else f"{step}/{total}" if total else str(step), "" if loss is None else f"{loss:.4g}",
-                 last_outcome(row.run_dir, row.job_id), last_log_line(row.run_dir)]
+                 last_outcome(row.run_dir, row.job_id), excluded(row.run_dir, row.job_id), last_log_line(row.run_dir)]
         table.add_row(*map(escape, cells))  # a run directory may contain [brackets]
     Console(width=200).print(table)
     return 0
@@ -163,6 +165,20 @@ def crashes(run_dir: Path, job_id: str | None) -> int:
         return int((run_dir / f"job.crashes.{job_id}").read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return 0
+
+
+def excluded(run_dir: Path, job_id: str | None) -> str:
+    """The nodes the job's requeues leave out and why, one a line: "node3: health check: GPU 2 ...".
+
+    The job script keeps them in ``job.excluded.JOBREF`` ("NODE<TAB>why", oldest first; bounded by
+    ``cluster.max_excluded_nodes``), where a requeue after a ``node`` outcome or a crash adds one.
+    """
+    try:
+        lines = (run_dir / f"job.excluded.{job_id}").read_text(errors="replace").splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    return "\n".join(f"{node}: {why}" if why else node
+                     for node, _, why in (line.partition("\t") for line in lines) if node)
 
 
 def last_outcome(run_dir: Path, job_id: str | None) -> str:
