@@ -18,8 +18,9 @@ from pathlib import Path
 from launch.config.schema import BackendName, Config
 from launch.config.slurm_time import parse_time_limit
 from launch.errors import UserError
-from launch.paths import asset_dir
+from launch.paths import asset_dir, project_root
 from launch.estimate.run import checkpoint_write_seconds
+from launch.executors import container
 from launch.executors.network import network_env
 from launch.executors.requeue_limit import requeue_limit
 from launch.record.checkpoints import checkpoint_dir
@@ -118,14 +119,17 @@ def job_env(cfg: Config) -> list[tuple[str, str]]:
     return sorted(env.items())
 
 
-def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
-    """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted."""
+def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"', mounts: list[str] | None = None) -> str:
+    """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted.
+
+    ``mounts``: srun's container options from ``container_mounts`` (container mode only).
+    """
     c = cfg.cluster
     srun = ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
             *_cpus_per_task(c)]
     if c.container_image:
         srun.append(f"--container-image={c.container_image}")
-        srun.append("--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"]))
+        srun += mounts or []
     torchrun = [c.python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}", f"--nproc-per-node={c.gpus_per_node}"]
     rdzv = ["--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$JOB_REF",
             "--max-restarts=0"]
@@ -133,6 +137,16 @@ def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
     lines = [srun, torchrun, rdzv, stop, ["-m", "launch.train"]]
     text = " \\\n    ".join(" ".join(_quote_keeping_vars(w) for w in words) for words in lines)
     return f"{text} {run_dir_var}"
+
+
+def container_mounts(cfgs: list[Config], run_dirs: list[Path], checkpoint_dirs: list[Path]) -> list[str]:
+    """srun's ``--container-mounts`` for these runs: every path their configs name (launch/executors/container.py).
+
+    Empty on bare metal. Relative config paths are the submitting directory's: this process's.
+    """
+    if not cfgs[0].cluster.container_image:
+        return []
+    return container.srun_options(cfgs, run_dirs, checkpoint_dirs, cwd=Path.cwd(), code=project_root())
 
 
 def _cpus_per_task(c) -> list[str]:
@@ -193,26 +207,29 @@ def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str 
         run_dir=str(run_dir), array_run_dirs=None, gpus_per_node=cfg.cluster.gpus_per_node,
         signal_lead_s=lead, max_requeues=requeue_limit(cfg, numbers["run"]),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
-        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead),
+        rdzv_port=cfg.cluster.rdzv_port,
+        srun_line=srun_line(cfg, lead, mounts=container_mounts([cfg], [run_dir], [checkpoint_dir(cfg, run_dir)])),
         checkpoint_dir=str(checkpoint_dir(cfg, run_dir)), array_checkpoint_dirs=None)
 
 
 def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: list[dict],
-                 checkpoint_dirs: list[Path]) -> str:
+                 checkpoint_dirs: list[Path], cfgs: list[Config] | None = None) -> str:
     """One sbatch script that runs every point of a sweep as a job-array task (same resources each).
 
     ``numbers``: each point's plan, in ``run_dirs``' order. The stop signal's lead is the first
     point's; the requeue limit is the largest point's (every task shares MAX_REQUEUES).
     ``checkpoint_dirs``: each point's own (``train.checkpoint_dir`` may differ by point); the crash budget reads
-    its ``latest``.
+    its ``latest``. ``cfgs``: each point's config (default: ``cfg`` alone); the container mounts
+    cover what every point names.
     """
     lead = signal_lead_seconds(cfg, numbers[0])
+    mounts = container_mounts(cfgs or [cfg], run_dirs, checkpoint_dirs)
     return _template().render(
         directives=directives(cfg, sweep_dir, lead, array=f"0-{len(run_dirs) - 1}", log_dir=sweep_dir),
         run_dir=None, array_run_dirs=[str(d) for d in run_dirs], gpus_per_node=cfg.cluster.gpus_per_node,
         signal_lead_s=lead, max_requeues=max(requeue_limit(cfg, n["run"]) for n in numbers),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
-        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead),
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead, mounts=mounts),
         checkpoint_dir=None, array_checkpoint_dirs=[str(d) for d in checkpoint_dirs])
 
 
@@ -221,8 +238,7 @@ def render_prepare(cfg: Config, run_dir: Path, sources: list[str]) -> str:
     c = cfg.cluster
     srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1", *_cpus_per_task(c)]
     if c.container_image:
-        srun += [f"--container-image={c.container_image}",
-                 "--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"])]
+        srun += [f"--container-image={c.container_image}", *container_mounts([cfg], [run_dir], [])]
     words = [*srun, c.python, "-m", "launch.data.array"]
     line = " ".join(_quote_keeping_vars(w) for w in words) + ' "$RUN_DIR" "$SOURCE"'
     return _template(PREPARE_TEMPLATE).render(
