@@ -40,24 +40,6 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def debian_tool(command: str, package: str) -> str:
-    """The path of ``command``, installing Debian's ``package`` first when it is missing and we are root
-    (as slurm/cluster.sh does for Slurm; .ci/run installs them up front). Skips the test otherwise."""
-    import shutil
-
-    found = shutil.which(command)
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
-        if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-            subprocess.run(install, capture_output=True, env=env, timeout=600)
-        found = shutil.which(command)
-    if found is None:
-        pytest.skip(f"{command} is not installed and cannot be installed here (apt-get install {package}, as root)")
-    return found
-
-
 # --- the local Slurm test cluster (slurm/cluster.sh) ---------------------------------------
 
 SLURM_STATE = Path(os.environ.get("TRAINCTL_SLURM_DIR", "/tmp/trainctl-slurm"))
@@ -105,3 +87,27 @@ def wait_for(predicate, timeout: float = 120, what: str = "condition") -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def debian_tool(command: str, package: str) -> str:
+    """The path of ``command``, installing Debian's ``package`` first when it is missing and we are root.
+
+    As slurm/cluster.sh does for Slurm: CI images are bare Debian, and root may install. Skips the
+    calling test where the tool is missing and cannot be installed (not root, no apt-get, no network).
+    """
+    import shutil
+
+    found = shutil.which(command)
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"{command} is missing and cannot be installed here (needs root and apt-get: "
+                    f"apt-get install {package})")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+        out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
+        if out.returncode != 0:
+            pytest.skip(f"apt-get install {package} failed: {out.stderr[-300:]}")
+    return shutil.which(command) or pytest.skip(f"{package} installed but {command} still not on PATH")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from launch.estimate.run import checkpoint_write_seconds
-from tests.conftest import PYTHONPATH, run_trainctl, typed
+from tests.conftest import PYTHONPATH, ROOT, run_trainctl, typed
 
 
 def render(workdir: Path, *overrides: str) -> Path:
@@ -157,7 +157,8 @@ def test_config_values_cannot_run_commands(workdir: Path, stubs: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert not list(workdir.glob("pwned*")) and not list(script.parent.glob("pwned*"))
     args = (stubs / "srun.args").read_text().splitlines()
-    assert f"--container-mounts={evil}:/x,{script.parent}:{script.parent}" in args
+    # the user's mount as given, then what the config names (the checkout this trainctl runs from, the run)
+    assert f"--container-mounts={evil}:/x,{ROOT}:{ROOT},{script.parent}:{script.parent}" in args
     assert "--container-image=img;touch pwned4" in args and f"python3 {evil}" in args
     assert "--rdzv-endpoint=10.0.0.7:24242" in args  # first node NodeAddr; base port + job id 4242
     assert args[-1] == str(script.parent)
@@ -316,7 +317,7 @@ def test_the_image_without_trainctl_is_named(workdir: Path) -> None:
 
     cfg, _ = typed("recipe=tiny_slurm", "cluster.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
                    "cluster.python=python")
-    assert health_values(cfg)["no_trainctl_cause"] == (
+    assert health_values(cfg, [])["no_trainctl_cause"] == (
         "cluster.python python in image nvcr.io/nvidia/pytorch:25.01-py3 cannot import trainctl: build the image "
         "from slurm/Containerfile or install trainctl[train] there")
 

@@ -22,7 +22,8 @@ RENDERS = {
                         "cluster.setup=[\"module load cuda\"]", "cluster.python=python"],
     "h100_container": ["recipe=llama3_70b_pretrain_h100", "cluster.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
                        "cluster.network=efa", "cluster.export_env=[PATH,HF_TOKEN,WANDB_API_KEY]",
-                       "cluster.cpus_per_node=64", "cluster.python=python"],
+                       "cluster.cpus_per_node=64", "cluster.python=python",
+                       "cluster.container_mounts=[/data:/data,/checkpoints:/checkpoints]"],  # not on this machine
 }
 
 

@@ -322,6 +322,8 @@ class ClusterConfig:
     container_image: Optional[str] = None
     """Run inside this image (pyxis/enroot); None is bare metal."""
     container_mounts: List[str] = field(default_factory=list)
+    """Extra pyxis mounts, ``SRC:DST[:FLAGS]``, kept as given; every path the config names, the run and
+    checkpoint directories are mounted without them (launch/executors/container.py)."""
     setup: List[str] = field(default_factory=list)
     """Bare metal: shell lines run before launch (modules, venv)."""
     network: Network = Network.infiniband

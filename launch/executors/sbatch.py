@@ -18,8 +18,9 @@ from pathlib import Path
 from launch.config.schema import BackendName, Config
 from launch.config.slurm_time import parse_time_limit
 from launch.errors import UserError
-from launch.paths import asset_dir
+from launch.paths import asset_dir, project_root
 from launch.estimate.run import checkpoint_write_seconds
+from launch.executors import container
 from launch.executors.network import network_env
 from launch.executors.requeue_limit import requeue_limit
 from launch.record.checkpoints import checkpoint_dir
@@ -124,32 +125,25 @@ def job_env(cfg: Config) -> list[tuple[str, str]]:
     return sorted(env.items())
 
 
-def srun_prefix(c) -> list[str]:
+def srun_prefix(c, container_options: list[str]) -> list[str]:
     """The srun options every per-node job step shares: one task on each of the job's nodes, its CPUs, the image.
 
     The health check and the training step run under the same prefix, so the check
     sees the nodes, CPUs, GPUs and image (with its mounts) that torchrun will.
+    ``container_options``: from ``container_options`` (empty on bare metal).
     """
     return ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", *_cpus_per_task(c),
-            EXPORT_ALL, *_container(c)]
+            EXPORT_ALL, *container_options]
 
 
-def _container(c) -> list[str]:
-    """pyxis's ``--container-image`` and ``--container-mounts`` (the run directory added), or nothing on bare metal."""
-    if not c.container_image:
-        return []
-    return [f"--container-image={c.container_image}",
-            "--container-mounts=" + ",".join([*c.container_mounts, "$RUN_DIR:$RUN_DIR"])]
-
-
-def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
+def srun_line(cfg: Config, lead_s: int, container_options: list[str], run_dir_var: str = '"$RUN_DIR"') -> str:
     """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted.
 
     ``--kill-on-bad-exit``: a node whose torchrun fails ends the others' at once instead of
     leaving them in a collective that never completes.
     """
     c = cfg.cluster
-    srun = [*srun_prefix(c), "--kill-on-bad-exit=1"]
+    srun = [*srun_prefix(c, container_options), "--kill-on-bad-exit=1"]
     torchrun = [c.python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}", f"--nproc-per-node={c.gpus_per_node}"]
     rdzv = ["--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$JOB_REF",
             "--max-restarts=0"]
@@ -159,7 +153,7 @@ def srun_line(cfg: Config, lead_s: int, run_dir_var: str = '"$RUN_DIR"') -> str:
     return f"{text} {run_dir_var}"
 
 
-def health_values(cfg: Config) -> dict:
+def health_values(cfg: Config, container_options: list[str]) -> dict:
     """The template's values for the node health step (``launch.train.health``) and what follows it.
 
     No ``--kill-on-bad-exit``: the check takes seconds, and every node's line is worth
@@ -169,7 +163,7 @@ def health_values(cfg: Config) -> dict:
     the script's ``scontrol update ExcNodeList`` would otherwise replace.
     """
     c = cfg.cluster
-    words = [*srun_prefix(c), c.python, "-m", "launch.train.health"]
+    words = [*srun_prefix(c, container_options), c.python, "-m", "launch.train.health"]
     line = " ".join(_quote_keeping_vars(w) for w in words) + ' "$RUN_DIR"'
     if c.container_image:
         cause = (f"cluster.python {c.python} in image {c.container_image} cannot import trainctl: build the image "
@@ -180,6 +174,19 @@ def health_values(cfg: Config) -> dict:
                  "cluster.python (and cluster.setup) at an interpreter that has it")
     return {"health_line": line, "no_trainctl_cause": cause, "max_excluded_nodes": c.max_excluded_nodes,
             "site_excluded": c.directives.get("exclude") or ""}
+
+
+def container_options(cfgs: list[Config], run_dirs: list[Path], checkpoint_dirs: list[Path]) -> list[str]:
+    """srun's pyxis options for these runs: ``--container-image``, and ``--container-mounts`` of every path
+    their configs name (launch/executors/container.py). Empty on bare metal.
+
+    Relative config paths are the submitting directory's: this process's.
+    """
+    c = cfgs[0].cluster
+    if not c.container_image:
+        return []
+    return [f"--container-image={c.container_image}",
+            *container.srun_options(cfgs, run_dirs, checkpoint_dirs, cwd=Path.cwd(), code=project_root())]
 
 
 def _cpus_per_task(c) -> list[str]:
@@ -235,38 +242,42 @@ def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str 
         raise UserError(f"cluster.time_limit: {cfg.cluster.time_limit!r} leaves too little time: the stop "
                         f"signal must come {lead} s before the limit (one step and two checkpoint writes)\n"
                         "  fix: a longer cluster.time_limit, or cluster.signal_lead_s=SECONDS if you know better")
+    options = container_options([cfg], [run_dir], [checkpoint_dir(cfg, run_dir)])
     return _template().render(
         directives=directives(cfg, run_dir, lead, dependency=dependency),
         run_dir=str(run_dir), array_run_dirs=None, gpus_per_node=cfg.cluster.gpus_per_node,
         signal_lead_s=lead, max_requeues=requeue_limit(cfg, numbers["run"]),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
-        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead), **health_values(cfg),
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead, options), **health_values(cfg, options),
         checkpoint_dir=str(checkpoint_dir(cfg, run_dir)), array_checkpoint_dirs=None)
 
 
 def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: list[dict],
-                 checkpoint_dirs: list[Path]) -> str:
+                 checkpoint_dirs: list[Path], cfgs: list[Config] | None = None) -> str:
     """One sbatch script that runs every point of a sweep as a job-array task (same resources each).
 
     ``numbers``: each point's plan, in ``run_dirs``' order. The stop signal's lead is the first
     point's; the requeue limit is the largest point's (every task shares MAX_REQUEUES).
     ``checkpoint_dirs``: each point's own (``train.checkpoint_dir`` may differ by point); the crash budget reads
-    its ``latest``.
+    its ``latest``. ``cfgs``: each point's config (default: ``cfg`` alone); the container mounts
+    cover what every point names.
     """
     lead = signal_lead_seconds(cfg, numbers[0])
+    options = container_options(cfgs or [cfg], run_dirs, checkpoint_dirs)
     return _template().render(
         directives=directives(cfg, sweep_dir, lead, array=f"0-{len(run_dirs) - 1}", log_dir=sweep_dir),
         run_dir=None, array_run_dirs=[str(d) for d in run_dirs], gpus_per_node=cfg.cluster.gpus_per_node,
         signal_lead_s=lead, max_requeues=max(requeue_limit(cfg, n["run"]) for n in numbers),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
-        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead), **health_values(cfg),
+        rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead, options), **health_values(cfg, options),
         checkpoint_dir=None, array_checkpoint_dirs=[str(d) for d in checkpoint_dirs])
 
 
 def render_prepare(cfg: Config, run_dir: Path, sources: list[str]) -> str:
     """RUN_DIR/prepare.sbatch: a job array whose task i tokenizes ``sources[i]`` (``launch.data.array``)."""
     c = cfg.cluster
-    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1", *_cpus_per_task(c), EXPORT_ALL, *_container(c)]
+    srun = ["srun", f"--mpi={c.mpi.name}", "--ntasks=1", *_cpus_per_task(c), EXPORT_ALL,
+            *container_options([cfg], [run_dir], [])]
     words = [*srun, c.python, "-m", "launch.data.array"]
     line = " ".join(_quote_keeping_vars(w) for w in words) + ' "$RUN_DIR" "$SOURCE"'
     return _template(PREPARE_TEMPLATE).render(

@@ -118,7 +118,8 @@ def submit_array(points: list, sweep_dir: Path) -> str | None:
                             "(one job per point, each with its own resources)")
     script = sweep_dir / "array.sbatch"
     script.write_text(render_array(points[0][0].cfg, [p[1] for p in points], sweep_dir,
-                                   [p[0].numbers for p in points], [checkpoint_dir(p[0].cfg, p[1]) for p in points]))
+                                   [p[0].numbers for p in points], [checkpoint_dir(p[0].cfg, p[1]) for p in points],
+                                   cfgs=[p[0].cfg for p in points]))
     script.chmod(0o755)
     if points[0][0].cfg.submit.preflight:
         print(f"preflight of the job array (sbatch --test-only, nothing queued): {slurm.test_only(script)}")
