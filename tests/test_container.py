@@ -248,13 +248,16 @@ def test_the_tiny_job_trains_in_the_emulated_container_and_sees_only_its_mounts(
         d.mkdir(parents=True)
     data = [f"data.prepared_dir={shards}"]
     assert run_trainctl("prepare", "recipe=tiny_slurm", *data, cwd=submit_dir, env=slurm_env).returncode == 0
-    image = [f"export PATH={PYXIS}:$PATH",  # the wrapper first on the job's PATH, however the job was exported
+    # the wrapper first on the job's PATH, however the job was exported; then the "image's" python
+    # (cluster.python=python, as with a real image: the submitting interpreter is refused in container mode)
+    image = [f"export PATH={PYXIS}:{sys.prefix}/bin:$PATH",
              f"export PYXIS_EMULATED_IMAGE={sys.prefix}:{sys.base_prefix}", f"export PYXIS_EMULATED_LOG={log}"]
     # DeepSpeed JIT-compiles an op for its CPU ranks into ~/.cache/torch_extensions (a minute, in a fresh
     # container every time): mount the host's cache, as a site mounts a shared cache (a user mount, kept as given)
     jit_cache = Path(_default_build_root())
     jit_cache.mkdir(parents=True, exist_ok=True)
-    common = ["recipe=tiny_slurm", *data, "cluster.container_image=trainctl-emulated", "train.steps=8",
+    common = ["recipe=tiny_slurm", *data, "cluster.container_image=trainctl-emulated", "cluster.python=python",
+              "train.steps=8",
               "train.checkpoint_interval=4", f"cluster.container_mounts=['{jit_cache}:{jit_cache}']"]
     jobs = {}
     for name, extra in (("hidden", [f"export PYXIS_EMULATED_DROP={shards}"]), ("tiny_slurm", [])):

@@ -86,3 +86,17 @@ def test_the_h100_profile_runs_the_submitting_interpreter_and_meta_records_it() 
     cfg, _ = typed("recipe=llama3_8b_pretrain_h100")
     assert cfg.cluster.python == sys.executable and cfg.cluster.shared_paths == []
     assert meta(["trainctl", "plan"])["python_executable"] == sys.executable
+
+
+def test_the_submitting_interpreter_is_refused_inside_an_image(workdir: Path) -> None:
+    """The h100 profile's default (${python:}) with a container image: the image would not have it."""
+    image = "cluster.container_image=nvcr.io/nvidia/pytorch:25.01-py3"
+    cfg, _ = typed("recipe=tiny_slurm", image, f"cluster.python={sys.executable}", "train.rank_check_s=5")
+    with pytest.raises(UserError, match=r"the interpreter running trainctl here, but the job runs in") as err:
+        check_submittable(cfg, workdir / "runs" / "x")
+    assert "fix: cluster.python=python" in str(err.value)
+    check_submittable(typed("recipe=tiny_slurm", image, "cluster.python=python")[0], workdir / "runs" / "x")
+    root = Path(sys.executable).parts[1]
+    mounted, _ = typed("recipe=tiny_slurm", image, f"cluster.python={sys.executable}",
+                       f"cluster.container_mounts=[/{root}:/{root}]")
+    check_submittable(mounted, workdir / "runs" / "x")  # mounted: the image sees it

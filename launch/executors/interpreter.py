@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from launch.config.schema import BackendName, Config, Scheduler
@@ -72,6 +73,27 @@ def engines_problem(cfg: Config) -> str | None:
         return (f"cluster.python={c.python}: lacks {', '.join(missing)}, which backend={cfg.backend.name.name} "
                 f"needs on every rank\n{_ways_out(c.python)}")
     return None
+
+
+def image_problem(cfg: Config) -> str | None:
+    """Container mode with ``cluster.python`` still the submitting interpreter (the h100 profile's ``${python:}``).
+
+    The image has its own Python; this path exists there only if a mount brings it. An
+    interpreter that is not found at all (``execve``) leaves no outcome record on the node, so
+    the job would take the crash path and be requeued instead of stopping: refused here.
+    """
+    c = cfg.cluster
+    if c.scheduler != Scheduler.slurm or not c.container_image:
+        return None
+    python = Path(os.path.abspath(c.python))
+    if python != Path(os.path.abspath(sys.executable)):
+        return None
+    if any(python.is_relative_to(m.split(":")[0]) for m in c.container_mounts):
+        return None
+    return (f"cluster.python={c.python}: the interpreter running trainctl here, but the job runs in "
+            f"cluster.container_image={c.container_image}, which has its own Python and does not see this one\n"
+            "  fix: cluster.python=python (the image's interpreter, with trainctl[train] installed: "
+            "slurm/Containerfile), or mount this interpreter's file system with cluster.container_mounts")
 
 
 def shared_problem(cfg: Config, run_dir: Path) -> str | None:

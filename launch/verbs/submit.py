@@ -17,7 +17,7 @@ from launch.config.schema import Config, Scheduler
 from launch.config.stages import trains
 from launch.errors import UserError
 from launch.executors import local, slurm
-from launch.executors.interpreter import engines_problem, shared_problem
+from launch.executors.interpreter import engines_problem, image_problem, shared_problem
 from launch.record import jobs
 from launch.executors.sbatch import render_array, resources
 from launch.record.checkpoints import checkpoint_dir, resume_problem
@@ -39,7 +39,7 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
         refusal = resume_problem(cfg, run_dir) or engines_problem(cfg)
         if refusal:
             raise UserError(refusal)
-    refusal = shared_problem(cfg, run_dir)  # a rank check runs on the nodes too
+    refusal = image_problem(cfg) or shared_problem(cfg, run_dir)  # a rank check runs on the nodes too
     if refusal:
         raise UserError(refusal)
 
