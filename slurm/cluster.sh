@@ -138,6 +138,9 @@ SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1,sched_min_interval=0
 # Tests cancel jobs: do not wait 30 s between SIGTERM and SIGKILL.
 KillWait=5
+# A node whose slurmd stops answering is DOWN (and its jobs requeued) after 10 s, not 300:
+# tests/test_faults_slurm.py loses a node on purpose.
+SlurmdTimeout=10
 # Finished jobs stay in 'scontrol show job' for 10 minutes.
 MinJobAge=600
 JobRequeue=1

@@ -59,6 +59,8 @@ class Trainer:
     def train(self) -> int:
         m, r = self.module, self.report
         r.event(self._start_message())
+        if not self.step:  # a fresh start after a job that died before its first checkpoint
+            r.rewind(0)
         window_time, window_steps, window = 0.0, 0, []
         log_every = max(1, self.cfg.train.log_interval)
         eval_every = self.cfg.train.eval_interval or 0

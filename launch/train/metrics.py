@@ -134,10 +134,9 @@ class Reporter:
               f"{'peak RSS' if kind == 'cpu_peak_rss' else 'peak mem'} {mem:.2f} GiB "
               f"(plan {self._p('plan_peak_memory_gib')})", flush=True)
         self._write(rec)
-        if self.wandb is not None:
-            self.wandb.log({"trainer/step": step, **{f"train/{k}": v for k, v in rec.items()
-                                                     if isinstance(v, (int, float)) and v is not None
-                                                     and k not in ("step", "time")}})
+        self._to_wandb("log", {"trainer/step": step, **{f"train/{k}": v for k, v in rec.items()
+                                                       if isinstance(v, (int, float)) and v is not None
+                                                       and k not in ("step", "time")}})
         return rec
 
     def eval(self, *, step: int, loss: float, iters: int) -> None:
@@ -148,8 +147,7 @@ class Reporter:
         ppl = math.exp(loss) if loss < 50 else float("inf")
         print(f"validation at step {step}: loss {loss:.4f} | perplexity {ppl:.2f} ({iters} batches)", flush=True)
         self._write({"kind": "eval", "step": step, "val_loss": loss, "val_ppl": ppl, "time": time.time()})
-        if self.wandb is not None:
-            self.wandb.log({"trainer/step": step, "val/loss": loss, "val/ppl": ppl})
+        self._to_wandb("log", {"trainer/step": step, "val/loss": loss, "val/ppl": ppl})
 
     def rewind(self, step: int) -> int:
         """On resume from ``step``: records of later steps describe work a crash threw away.
@@ -184,9 +182,31 @@ class Reporter:
         if self._file:
             self._file.close()
             self._file = None
-        if self.wandb is not None:
-            self.wandb.finish()
+        self._to_wandb("finish")
+        self.wandb = None
+
+    def _to_wandb(self, method: str, *args) -> None:
+        """Call the wandb run's ``method``; wandb is a side channel that must never end a run.
+
+        Its service process is one more process of the job step, so the SIGTERM Slurm sends every
+        process of a preempted or cancelled step ends it while the ranks are still saving their
+        checkpoint. Then: one line, wandb off for the rest of this job, metrics.jsonl keeps every record.
+        """
+        if self.wandb is None:
+            return
+        try:
+            getattr(self.wandb, method)(*args)
+        except Exception as exc:  # noqa: BLE001 -- whatever wandb raises, training goes on
             self.wandb = None
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            self.event(f"wandb stopped ({type(exc).__name__}: {first}); metrics go to metrics.jsonl only "
+                       "for the rest of this job")
+            try:
+                import wandb
+
+                wandb.teardown()  # unregisters its exit hook, which would print the same error again
+            except Exception:  # noqa: BLE001
+                pass
 
     def _p(self, key: str) -> str:
         v = self.predicted.get(key)
