@@ -10,6 +10,10 @@
 - Stop signals: after every step all ranks agree (``launch.train.stop``); on
   SIGUSR1/SIGTERM they save (unless this step just did) and return 0; the sbatch
   script requeues the job, which resumes from ``latest``.
+- Bad numbers (``launch.train.guard``): each step is judged from its agreed loss and grad norm;
+  a non-finite one was skipped by the engine, a loss spike rewinds to the newest checkpoint and
+  skips its data, too many of either raise ``Diverged``, and so does a non-finite parameter
+  before a save or the export.
 - Checkpoints (``launch.record.checkpoints``): every rank writes its shards and RNG
   states into ``.tmp_step_N``, rank 0 marks and commits it. Resume restores the
   module, the data position (a count of samples: ``launch.train.data``) and, on the
