@@ -8,8 +8,8 @@ few steps of the tiny model:
 - NaN at step 2 and a spike at step 5 (checkpoints every 3 steps): step 2 is skipped without an update
   (the validation loss after it equals the one before, to the last bit), the spike rewinds to step 3
   and the data moves past it, and the run ends ``done``;
-- DeepSpeed: NaN at steps 2 and 3 with ``max_consecutive_skips=2``: ``diverged``, exit code 6, nothing
-  saved after it, every tensor saved before it finite;
+- DeepSpeed, ``optim.lr=1e6`` (a real divergence) with ``max_consecutive_skips=2``: ``diverged``, exit
+  code 6, nothing saved after it, every tensor saved before it finite;
 - Megatron-Core: spikes at steps 3 and 4 with ``max_rewinds=1``: ``diverged`` at the second; the job
   run again (as a requeue would) resumes from the checkpoint before the first spike and still skips
   its data window (recorded in RUN_DIR/guard.json, no checkpoint after the rewind).
@@ -198,27 +198,31 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def test_nan_steps_in_a_row_end_diverged_with_nothing_non_finite_saved(tmp_path_factory, prepared):  # noqa: F811
+def test_a_real_divergence_ends_diverged_with_nothing_non_finite_saved(tmp_path_factory, prepared):  # noqa: F811
+    """The issue's reproduction, optim.lr=1e6 on DeepSpeed: it once trained to "done" and saved NaN. Now its
+    gradient norms overflow (DeepSpeed discards those steps) until two in a row end the run."""
     import torch
 
     cwd = tmp_path_factory.mktemp("diverged_ds")
-    run_dir = _render(cwd, prepared, "deepspeed", 6, "train.checkpoint_interval=1",
+    run_dir = _render(cwd, prepared, "deepspeed", 8, "optim.lr=1e6", "train.checkpoint_interval=2",
                       "train.guard.max_consecutive_skips=2")
-    run = _torchrun(run_dir, TRAINCTL_FAULT_NAN_AT_STEP="2-6")
+    run = _torchrun(run_dir)
     assert run.returncode != 0
     assert re.search(r"exitcode\s*:\s*6\b", run.stdout), run.stdout[-4000:]  # each rank's code, as torchrun says
     [record] = _outcomes(run_dir)
-    assert record.outcome == Outcome.diverged and record.step == 3 and "2 non-finite step(s) in a row" in record.cause
-    assert run.stdout.count("trainctl: training diverged: step 3") == 1
+    assert record.outcome == Outcome.diverged and "2 non-finite step(s) in a row" in record.cause, record
+    assert run.stdout.count(f"trainctl: training diverged: step {record.step}: grad norm inf") == 1
     assert not re.search(r'File ".*/launch/', run.stdout)  # no traceback of a rank (torchrun prints its own)
+    skips = _records(run_dir, "skip")
+    assert skips and all(r["step"] < record.step for r in skips)
+    assert _records(run_dir, "diverged")[0]["skipped_steps"] == len(skips)
     ckpts = run_dir / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000001", "step_0000002"]
-    assert not (ckpts / "final").exists()
+    saved = sorted(int(p.name.removeprefix("step_")) for p in ckpts.glob("step_*"))
+    assert saved and max(saved) < record.step and not (ckpts / "final").exists()
     files = list(ckpts.glob("step_*/*.pt"))
     assert files and all(torch.isfinite(t).all() for f in files
                          for t in _tensors(torch.load(f, weights_only=False, map_location="cpu"))
                          if t.is_floating_point())
-    assert _records(run_dir, "diverged")[0]["skipped_steps"] == 1
 
 
 def test_rewinds_are_bounded_and_a_requeue_keeps_the_skipped_window(tmp_path_factory, prepared):  # noqa: F811
