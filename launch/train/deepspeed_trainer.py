@@ -110,6 +110,8 @@ class DeepSpeedModule(TrainModule):
                                  f"the update (ZeRO stage {self.engine.zero_optimization_stage()} discards no "
                                  "non-finite step at this precision): the weights are no longer trustworthy",
                                  step + 1)
+        if self.rank == 0 and self.faults.weight:
+            guard.corrupt_weight(self.faults, step + 1, (getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()))
         return total / len(batches), self.lr_fn(step), gn
 
     def params_finite(self) -> bool:

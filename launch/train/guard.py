@@ -180,6 +180,7 @@ class Faults:
     def __init__(self, env=os.environ):
         self.nan = fault_steps("TRAINCTL_FAULT_NAN_AT_STEP", env)
         self.spike = fault_steps("TRAINCTL_FAULT_SPIKE_AT_STEP", env)
+        self.weight = fault_steps("TRAINCTL_FAULT_NAN_WEIGHT_AT_STEP", env)
         self.fired: set[tuple[str, int]] = set()
 
     def kind(self, step: int) -> str | None:
@@ -189,6 +190,15 @@ class Faults:
                 self.fired.add((kind, step))
                 return kind
         return None
+
+
+def corrupt_weight(faults: Faults, step: int, tensors) -> None:
+    """``TRAINCTL_FAULT_NAN_WEIGHT_AT_STEP``: after step ``step``'s update, the first element of the first
+    non-empty tensor of ``tensors`` (this rank's parameters) becomes NaN, as silent corruption would."""
+    if step in faults.weight and ("weight", step) not in faults.fired:
+        faults.fired.add(("weight", step))
+        first = next(t for t in tensors if t.numel())
+        first.data.view(-1)[0] = float("nan")
 
 
 def apply_fault(loss, kind: str | None, *, here: bool):
