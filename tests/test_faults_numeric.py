@@ -123,19 +123,19 @@ def test_absurd_guard_values_are_refused(tmp_path):
 
 
 def test_a_diverged_job_step_stops_without_a_requeue(workdir: Path):
-    from tests.test_sbatch import STUB_SRUN, render, run_script
+    """The stub srun of tests/test_sbatch.py, taught one more mode: the trainer's diverged record."""
+    from tests import test_sbatch
 
     bin_dir = workdir / "stub-bin"
     bin_dir.mkdir()
-    srun = STUB_SRUN.replace("  silent) exit 1 ;;", "  silent) exit 1 ;;\n  diverged) outcome diverged "
-                             "'step 9: loss nan: 5 non-finite step(s) in a row'; exit 1 ;;")
-    from tests import test_sbatch
-
+    srun = test_sbatch.STUB_SRUN.replace("  silent) exit 1 ;;", "  silent) exit 1 ;;\n  diverged) outcome diverged "
+                                         "'step 9: loss nan: 5 non-finite step(s) in a row'; exit 1 ;;")
+    assert srun != test_sbatch.STUB_SRUN
     for name, text in (("srun", srun), ("scontrol", test_sbatch.STUB_SCONTROL), ("sinfo", test_sbatch.STUB_SINFO)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    script = render(workdir, "recipe=tiny_slurm")
-    result = run_script(script, bin_dir, "diverged", cwd=workdir)
+    script = test_sbatch.render(workdir, "recipe=tiny_slurm")
+    result = test_sbatch.run_script(script, bin_dir, "diverged", cwd=workdir)
     assert result.returncode == 1
     assert "requeue" not in (bin_dir / "scontrol.calls").read_text()
     log = (script.parent / "job.log").read_text()
