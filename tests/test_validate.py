@@ -28,6 +28,11 @@ CASES = {
          (["train.steps=0"], "at least one step")]),
     r.rank_check_floor: (["train.rank_check_min_busbw_gbps=0"], [
         (["train.rank_check_min_busbw_gbps=-1"], "train.rank_check_min_busbw_gbps=-1.0: a bandwidth floor cannot")]),
+    r.guard_policy: (["train.guard.spike_zscore=null", "train.guard.max_rewinds=0"], [
+        (["train.guard.max_consecutive_skips=0"], "train.guard.max_consecutive_skips=0: must be at least 1"),
+        (["train.guard.max_skipped_steps=3"], "below the bound on skips in a row"),
+        (["train.guard.spike_window=1"], "train.guard.spike_window=1: must be at least 2"),
+        (["train.guard.spike_zscore=1"], "flags ordinary steps")]),
     r.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a positive SLURM time limit"),
                                                               (["cluster.time_limit=00:00:00"], "not a positive")]),
     r.world_divisible_by_model_parallel: (

@@ -194,7 +194,9 @@ def _ddp_config(cfg: Config) -> dict:
         "overlap_grad_reduce": gpu,
         "overlap_param_gather": gpu and p.distributed_optimizer,
         "align_param_gather": gpu and p.distributed_optimizer and p.vpp > 1,  # Megatron-LM's choice with interleaving
-        "check_for_nan_in_grad": True,  # stop at the first NaN gradient (Megatron-LM's default)
+        # No: launch/train/guard.py decides on the agreed loss and grad norm (a NaN skips the step;
+        # megatron-core would raise on the first rank that sees one, before any agreement).
+        "check_for_nan_in_grad": False,
         "bucket_size": None,
     }
 

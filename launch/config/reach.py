@@ -43,6 +43,12 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "train.save_final": ("trainer", "the step loop's final save and export (launch/train/loop.py)"),
     "train.rank_check_s": ("trainer", "launch/train/__main__.py runs the rank check instead of training"),
     "train.rank_check_min_busbw_gbps": ("trainer", "the rank check's bus-bandwidth floor (launch/train/rankcheck.py)"),
+    "train.guard.max_consecutive_skips": ("trainer", "the trainers' stop after non-finite steps in a row (launch/train/guard.py)"),
+    "train.guard.max_skipped_steps": ("trainer", "the trainers' stop after non-finite steps in all (launch/train/guard.py)"),
+    "train.guard.spike_zscore": ("trainer", "the trainers' loss-spike test (launch/train/guard.py)"),
+    "train.guard.spike_window": ("trainer", "the trainers' loss-spike test (launch/train/guard.py)"),
+    "train.guard.spike_skip_batches": ("trainer", "the data the trainers skip after a rewind (launch/train/guard.py)"),
+    "train.guard.max_rewinds": ("trainer", "the trainers' bound on rewinds past loss spikes (launch/train/guard.py)"),
     # --- wandb: the trainers' Reporter opens the run (launch/train/metrics.py)
     "wandb.mode": ("trainer", "offline/online/disabled: wandb.init in launch/train/metrics.py (Megatron-LM's flags "
                    "only tell disabled from the rest)"),

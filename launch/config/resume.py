@@ -20,6 +20,7 @@ RESUMABLE = (
     "train.log_interval", "train.eval_interval", "train.eval_iters",
     "train.checkpoint_interval", "train.checkpoint_dir", "train.rank_check_s",
     "train.rank_check_min_busbw_gbps",
+    "train.guard.*",  # the policy for bad numbers: a run that diverged resumes with its bounds changed
     "data.prepared_dir",  # the shards' location; their content is the sources below
     "data.tokenizer", "data.sources.*.path", "data.sources.*.text_key",  # read by prepare, not here
     "data.prepare_on",  # how the shards were made

@@ -75,6 +75,26 @@ def rank_check_floor(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "train.rank_check_min_busbw_gbps=null (half of cluster.gpu.nvlink_gbps), or 0 to only report")
 
 
+def guard_policy(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The divergence policy's bounds and the spike test (launch/train/guard.py)."""
+    g = cfg.train.guard
+    for key, value, least in (("max_consecutive_skips", g.max_consecutive_skips, 1),
+                              ("max_skipped_steps", g.max_skipped_steps, 1), ("spike_window", g.spike_window, 2),
+                              ("spike_skip_batches", g.spike_skip_batches, 0), ("max_rewinds", g.max_rewinds, 0)):
+        if value < least:
+            yield Problem({f"train.guard.{key}": value}, f"must be at least {least}",
+                          f"train.guard.{key}={getattr(type(g), key)} (the default)")
+    if g.max_skipped_steps < g.max_consecutive_skips:
+        yield Problem({"train.guard.max_skipped_steps": g.max_skipped_steps,
+                       "train.guard.max_consecutive_skips": g.max_consecutive_skips},
+                      "the run's bound on skipped steps is below the bound on skips in a row, which never counts",
+                      f"train.guard.max_skipped_steps={max(g.max_consecutive_skips, 50)}")
+    if g.spike_zscore is not None and not g.spike_zscore > 1:
+        yield Problem({"train.guard.spike_zscore": g.spike_zscore},
+                      "a spike threshold of 1 standard deviation or less flags ordinary steps (a sixth of them)",
+                      "train.guard.spike_zscore=6, or null for no spike detection")
+
+
 def time_limit_format(cfg: Config, d: Derived) -> Iterator[Problem]:
     try:
         seconds = parse_time_limit(cfg.cluster.time_limit)

@@ -385,6 +385,31 @@ class ClusterConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Bad numbers during training (launch/train/guard.py): non-finite steps skipped, spikes rewound,
+    divergence stopped with the outcome ``diverged`` (no requeue)."""
+
+    max_consecutive_skips: int = 5
+    """Non-finite steps (loss or gradient norm) in a row that end the run ``diverged``; each one before is
+    skipped without an optimizer update. A transient overflow passes in a step or two; five in a row is a
+    run that will not recover by itself."""
+    max_skipped_steps: int = 50
+    """Non-finite steps in the whole run (across requeues) that end it ``diverged``."""
+    spike_zscore: Optional[float] = 6.0
+    """A step's loss this many standard deviations above the mean of the last ``spike_window`` losses is
+    a spike: rewind to the last checkpoint and skip the data (OLMo-core's skip-step optimizers use 6).
+    null: no spike detection."""
+    spike_window: int = 50
+    """Finite losses the spike test compares against; no test until that many steps have run (after a
+    start, a resume or a rewind)."""
+    spike_skip_batches: int = 200
+    """Global batches skipped past the spike's own after a rewind (PaLM skipped 200-500)."""
+    max_rewinds: int = 10
+    """Rewinds per run (across requeues); the next spike ends the run ``diverged`` (PaLM saw ~20 spikes
+    in 780B tokens)."""
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = MISSING
     """Sequences per optimizer step."""
@@ -424,6 +449,8 @@ class TrainConfig:
     node below it ends the job with the ``node`` outcome (so it can be excluded). None: half of
     cluster.gpu.nvlink_gbps (225 GB/s on H100 SXM), no floor on a cpu profile; 0: report only. Set
     your own nodes' figure (nccl-tests' all_reduce_perf at 256 MiB) times a margin to tighten it."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Non-finite steps, loss spikes and divergence (launch/train/guard.py)."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ shows the last one.
 beside its final name and ``os.link``-ed into place: a link fails when the name
 exists, so when many ranks fail at once (every rank finds the same missing data;
 a crash brings its peers down) exactly one record lands, the first, and nothing
-is ever half-written under the final name. ``done`` and ``stopped`` come from
+is ever half-written under the final name. ``done``, ``stopped`` and ``diverged`` come from
 rank 0 only; ``config``, ``node`` and ``crash`` from whichever rank failed first.
 
 **One line, ``outcome`` first, ``cause`` last**, so the script reads it with
@@ -47,6 +47,9 @@ class Outcome(str, enum.Enum):
     """This node cannot train (no usable GPU, a failed health check): requeue without it."""
     crash = "crash"
     """An unexpected exception: requeue within the crash budget (``cluster.max_crash_requeues``)."""
+    diverged = "diverged"
+    """Training diverged (non-finite steps or loss spikes past train.guard's bounds, or non-finite weights
+    before a save): stop, no requeue (replaying the same data diverges again; a human must look)."""
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,12 @@ Exit codes: 0 done or stopped (checkpoint saved); 2 a user error found on the
 node (a damaged record, missing data, a changed config on resume, a private API an
 installed engine lacks); 3 not built; 4 a GPU profile on a node without a usable GPU,
 or the node the rank check found below its bus-bandwidth floor; 5 (rank check) another
-node was below it, and its ranks write the record.
+node was below it, and its ranks write the record; 6 (``launch.train.guard.EXIT_DIVERGED``) training
+diverged: too many non-finite steps or loss spikes, or a non-finite weight found before a save (no
+checkpoint or export was written with it).
 torchrun turns all of them into 1, so the job script reads the outcome record instead
 (``launch.record.outcome``), written here for every engine: done or stopped by rank 0,
-config (2, 3), node (4) or crash (an exception, which still propagates with its traceback)
+diverged (6) by rank 0, config (2, 3), node (4) or crash (an exception, which still propagates with its traceback)
 by the first rank that fails; nothing for 5.
 """
 
@@ -30,6 +32,7 @@ from launch.record import outcome
 from launch.record.outcome import Outcome
 from launch.record.read import read_config, read_plan
 from launch.train import preflight, stop
+from launch.train.guard import EXIT_DIVERGED, Diverged
 from launch.train.metrics import err
 
 ENGINE_NOTICES = (
@@ -61,6 +64,9 @@ def main(argv: list[str]) -> int:
     seen = SimpleNamespace(trainer=None)  # _run puts its Trainer here: a crash record names the step it reached
     try:
         ending = _run(run_dir, seen)
+    except Diverged as exc:  # every rank together (an agreed verdict); rank 0 records it
+        ending = Ending(EXIT_DIVERGED, Outcome.diverged, str(exc.cause), exc.step)
+        err(f"training diverged: {exc.cause}; stopped, nothing saved after it (outcome diverged, not requeued)")
     except UserError as exc:
         ending = Ending(preflight.EXIT_USER, Outcome.config, "\n".join(exc.problems), _step(seen))
         err(ending.cause)
@@ -70,7 +76,7 @@ def main(argv: list[str]) -> int:
         raise
     if ending.outcome is None:
         return ending.code
-    if ending.outcome in (Outcome.done, Outcome.stopped) and os.environ.get("RANK", "0") != "0":
+    if ending.outcome in (Outcome.done, Outcome.stopped, Outcome.diverged) and os.environ.get("RANK", "0") != "0":
         return ending.code  # rank 0 speaks for a run that ended together
     outcome.write(run_dir, ending.outcome, ending.cause, step=ending.step)
     return ending.code

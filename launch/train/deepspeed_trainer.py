@@ -26,6 +26,7 @@ import torch.distributed as dist
 from launch.compat import DEEPSPEED_MICRO_STEPS, DEEPSPEED_ZERO3_GATHER, require
 from launch.errors import UserError
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
+from launch.train import guard
 from launch.train import model as model_mod
 from launch.train.data import eod_id
 from launch.train.loss import lm_loss
@@ -68,6 +69,7 @@ class DeepSpeedModule(TrainModule):
             model=model, model_parameters=_param_groups(model, cfg.optim.weight_decay),
             config=str(run_dir / "ds_config.json"), lr_scheduler=scheduler)
         self.device = self.engine.device
+        self.faults = guard.Faults()
 
     def describe(self) -> str:
         return f"{self.world} rank(s), ZeRO {self.ds_config.get('zero_optimization', {}).get('stage', 0)}"
@@ -78,18 +80,47 @@ class DeepSpeedModule(TrainModule):
         self.micro_batches = micro_batches
 
     def train_step(self, step: int, batches: list) -> tuple[float, float, float | None]:
-        """One optimizer step: (this rank's mean loss, the step's learning rate, the global grad norm)."""
+        """One optimizer step: (this rank's mean loss, the step's learning rate, the global grad norm).
+
+        A step whose gradient norm is not finite DeepSpeed discards itself (ZeRO-3 and its bf16 optimizer:
+        ``engine.skipped_steps``); a non-finite loss on any rank makes every rank's gradients non-finite
+        through the reduction. Such a step is ``step_skipped``; the LR schedule still advances (it follows
+        the step count, as a skipped step's batch is consumed)."""
         total = 0.0
+        fault = self.faults.kind(step + 1)
+        skipped = self.engine.skipped_steps
         self.engine.train()
         for i, (tokens, labels, mask) in enumerate(batches):
             # Said explicitly: DeepSpeed's own count (micro-steps mod gas) breaks when a ramp-up changes gas.
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-            loss = self._loss(tokens, labels, mask)
+            loss = guard.apply_fault(self._loss(tokens, labels, mask), fault, here=self.rank == 0)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
         gn = self.engine.get_global_grad_norm()
-        return total / len(batches), self.lr_fn(step), float(gn) if gn is not None else None
+        gn = float(gn) if gn is not None else None
+        agreed = torch.tensor([total, len(batches)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(agreed)  # guard's one collective: a non-finite loss anywhere makes the sum non-finite
+        self.step_loss = (agreed[0] / agreed[1]).item()
+        self.step_skipped = self.engine.skipped_steps > skipped
+        if self.step_skipped and self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.step()  # DeepSpeed holds the schedule on a step it discards
+        elif not (guard.finite(self.step_loss) and (gn is None or guard.finite(gn))):
+            raise guard.Diverged(f"step {step + 1}: loss {self.step_loss}, grad norm {gn}, and DeepSpeed applied "
+                                 f"the update (ZeRO stage {self.engine.zero_optimization_stage()} discards no "
+                                 "non-finite step at this precision): the weights are no longer trustworthy",
+                                 step + 1)
+        if self.rank == 0 and self.faults.weight:
+            guard.corrupt_weight(self.faults, step + 1, (getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()))
+        return total / len(batches), self.lr_fn(step), gn
+
+    def params_finite(self) -> bool:
+        """This rank's parameters (its ZeRO-3 partitions) all finite, on every rank."""
+        ok = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p).data).all()
+                          for p in self.engine.module.parameters()]).all()
+        bad = (~ok).to(torch.float32).reshape(1).to(self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bad.item()
 
     def eval_step(self, batches: list) -> float:
         return (sum(self._loss(*batch).detach() for batch in batches) / len(batches)).item()  # one sync

@@ -10,6 +10,10 @@
 - Stop signals: after every step all ranks agree (``launch.train.stop``); on
   SIGUSR1/SIGTERM they save (unless this step just did) and return 0; the sbatch
   script requeues the job, which resumes from ``latest``.
+- Bad numbers (``launch.train.guard``): each step is judged from its agreed loss and grad norm;
+  a non-finite one was skipped by the engine, a loss spike rewinds to the newest checkpoint and
+  skips its data, too many of either raise ``Diverged``, and so does a non-finite parameter
+  before a save or the export.
 - Checkpoints (``launch.record.checkpoints``): every rank writes its shards and RNG
   states into ``.tmp_step_N``, rank 0 marks and commits it. Resume restores the
   module, the data position (a count of samples: ``launch.train.data``) and, on the
@@ -33,6 +37,7 @@ from launch.config.rampup import Rampup, batch_at, micro_batches
 from launch.record import checkpoints as ckpt
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig
 from launch.train import stop
+from launch.train.guard import Diverged, Guard
 from launch.train.data import build_datasets, micro_batch
 from launch.train.metrics import Reporter
 from launch.train.module import TrainModule
@@ -53,6 +58,7 @@ class Trainer:
                                    valid_samples=cfg.train.eval_iters * self.full_gbs,
                                    cache_dir=run_dir / "data_cache")
         self.step, self.consumed = 0, 0
+        self.guard = Guard(cfg.train.guard, run_dir, self.report, writer=module.rank == 0)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -73,13 +79,20 @@ class Trainer:
             stopping = stop.agree(m.stop_group)  # every rank, every step: timed with the step, part of its cost
             window_time += time.perf_counter() - t0
             window_steps += 1
-            window.append(item)
             self.step += 1
             self.consumed += self.gbs
+            verdict = self.guard.judge(self.step, m.step_loss, grad_norm, m.step_skipped, saved_at is not None)
+            if verdict.action == "rewind":  # to the last checkpoint, past the spike's data (launch/train/guard.py)
+                saved_at = self.rewind(verdict.cause)
+                window_time, window_steps, window = 0.0, 0, []
+                continue
+            if verdict.action == "ok":
+                window.append(item)
             if self.step % log_every == 0 or self.step == self.steps:
-                r.train_step(step=self.step, loss=m.mean_loss(window), lr=lr, grad_norm=grad_norm,
-                             steps=self.steps, step_time_s=window_time / window_steps, tokens=self.gbs * self.seq,
-                             consumed_samples=self.consumed, global_batch_size=self.gbs)
+                r.train_step(step=self.step, loss=m.mean_loss(window) if window else m.step_loss, lr=lr,
+                             grad_norm=grad_norm, steps=self.steps, step_time_s=window_time / window_steps,
+                             tokens=self.gbs * self.seq, consumed_samples=self.consumed,
+                             global_batch_size=self.gbs, counters=self.guard.fields())
                 window_time, window_steps, window = 0.0, 0, []
             if eval_every and self.data.valid is not None and self.step % eval_every == 0 and self.step < self.steps:
                 self.evaluate()
@@ -139,6 +152,7 @@ class Trainer:
 
     def save(self) -> Path:
         m = self.module
+        self._refuse_non_finite("checkpoint")
         tmp = self.ckpt_dir / f".tmp_{ckpt.step_name(self.step)}"
         if m.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +186,23 @@ class Trainer:
         self.report.event(f"resumed from {step_dir}: step {self.step}, {self.consumed} samples consumed "
                           f"(saved with layout {saved_layout})")
         self.report.rewind(self.step)
+        self.consumed = self.guard.on_resume(self.step, self.consumed)
+
+    def rewind(self, cause: str) -> int:
+        """A loss spike at ``self.step``: back to the newest checkpoint, the data past the spike's window."""
+        step_dir = ckpt.find_resume(self.ckpt_dir)
+        if step_dir is None:
+            raise Diverged(f"{cause}; no committed checkpoint found in {self.ckpt_dir}", self.step)
+        marker = ckpt.read_marker(step_dir)
+        self.guard.plan_rewind(self.step, self.consumed, self.gbs, int(marker["step"]),
+                               int(marker["consumed_samples"]), cause)
+        self.resume(step_dir)
+        return self.step
+
+    def _refuse_non_finite(self, what: str) -> None:
+        """Nothing non-finite is ever saved: one all-reduced flag over every rank's parameters."""
+        if not self.module.params_finite():
+            raise Diverged(f"step {self.step}: a parameter is not finite; no {what} written", self.step)
 
     def init_from(self, path: Path) -> None:
         """``stage.init_checkpoint``'s weights, for an engine that loads them after building."""
@@ -182,6 +213,7 @@ class Trainer:
         """``{checkpoint_dir}/final``: the module's export, marked and renamed into place by rank 0."""
         m = self.module
         final, tmp = self.ckpt_dir / "final", self.ckpt_dir / ".tmp_final"
+        self._refuse_non_finite("final export")
         if m.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

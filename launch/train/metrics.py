@@ -113,7 +113,7 @@ class Reporter:
 
     def train_step(self, *, step: int, loss: float, lr: float, grad_norm: float | None, steps: int,
                    step_time_s: float, tokens: int, consumed_samples: int,
-                   global_batch_size: int | None = None) -> dict | None:
+                   global_batch_size: int | None = None, counters: dict | None = None) -> dict | None:
         """Log one training step: ``tokens`` processed (all ranks) in ``step_time_s`` seconds (averaged)."""
         if not self.enabled:
             return None
@@ -125,7 +125,7 @@ class Reporter:
             "step_time_s": step_time_s, "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / self.world,
             "tflops_per_gpu": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_memory_gib": mem, "memory_kind": kind, "consumed_samples": consumed_samples,
-            "global_batch_size": global_batch_size, "time": time.time(), **self.predicted,
+            "global_batch_size": global_batch_size, "time": time.time(), **self.predicted, **(counters or {}),
         }
         gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         print(f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
@@ -170,9 +170,14 @@ class Reporter:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
             os.replace(tmp, path)
             self._file = open(path, "a")
-            self.event(f"{marked} record(s) in metrics.jsonl after step {step} came from work lost when the "
-                       "last job ended without a checkpoint; marked discarded_*")
+            self.event(f"{marked} record(s) in metrics.jsonl after step {step} came from work thrown away (a job "
+                       "that ended without a checkpoint, or a rewind past a loss spike); marked discarded_*")
         return marked
+
+    def record(self, kind: str, **fields) -> None:
+        """One event record in metrics.jsonl (``kind``: skip, rewind, diverged: launch/train/guard.py)."""
+        if self.enabled:
+            self._write({"kind": kind, **fields, "time": time.time()})
 
     def event(self, text: str) -> None:
         if self.enabled:

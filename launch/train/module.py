@@ -30,6 +30,11 @@ class TrainModule(ABC):
     """The process group stop flags are agreed on (None: the default group)."""
     export_kind = "model"
     """What ``export`` writes, for the closing line ("Hugging Face model", ...)."""
+    step_loss: float = float("nan")
+    """The last step's loss, the same on every rank (``train_step`` agrees it with one all-reduce):
+    ``launch.train.guard`` judges the step from it."""
+    step_skipped: bool = False
+    """True when the last ``train_step`` applied no optimizer update (a non-finite loss or gradient)."""
 
     @abstractmethod
     def describe(self) -> str:
@@ -46,6 +51,10 @@ class TrainModule(ABC):
     @abstractmethod
     def train_step(self, step: int, batches: list) -> tuple[object, float, float | None]:
         """Optimizer step ``step`` (0-based) over ``batches``: (a window item, its learning rate, the grad norm)."""
+
+    @abstractmethod
+    def params_finite(self) -> bool:
+        """True on every rank when every rank's parameters are finite (one all-reduced flag)."""
 
     @abstractmethod
     def eval_step(self, batches: list) -> object:

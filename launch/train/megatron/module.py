@@ -24,6 +24,7 @@ import torch.distributed as dist
 from launch.compat import MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, require
 from launch.errors import UserError
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
+from launch.train import guard
 from launch.train.module import TrainModule
 from launch.train.preflight import cpu_devices
 
@@ -58,6 +59,7 @@ class MegatronModule(TrainModule):
         self.built = build.build(self.doc, self.device)
         self.ps = build.ps
         self.dp, self.dp_rank = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
+        self.faults, self._fault = guard.Faults(), None
         self.last_stage_reporter = self.ps.is_pipeline_last_stage() and self.ps.get_tensor_model_parallel_rank() == 0
         self.position_ids = torch.arange(self.seq, device=self.device).unsqueeze(0).expand(self.mbs, -1)
         # Parameters counted once: every rank's local count over the tp x pp x ep ranks of one dp replica.
@@ -96,7 +98,7 @@ class MegatronModule(TrainModule):
     def _forward_step(self, data_iterator, model):
         tokens, labels, mask = next(data_iterator)
         output = model(tokens, self.position_ids, None, labels=labels)
-        return output, partial(_loss_func, mask)
+        return output, partial(_loss_func, mask, self._fault, self.dp_rank == 0)
 
     def train_step(self, step: int, batches: list):
         """One optimizer step: (loss sums of this rank, the step's learning rate, the global grad norm)."""
@@ -105,13 +107,36 @@ class MegatronModule(TrainModule):
             chunk.zero_grad_buffer()
         optimizer = self.built.optimizer
         optimizer.zero_grad()
-        sums = self._run_schedule(batches, forward_only=False)
+        self._fault = self.faults.kind(step + 1)
+        try:
+            sums = self._run_schedule(batches, forward_only=False)
+        finally:
+            self._fault = None
         self.built.scheduler.step(increment=1)
         lr = optimizer.param_groups[0]["lr"]
-        ok, grad_norm, _ = optimizer.step()
-        if not ok:
-            raise RuntimeError(f"step {step + 1}: the optimizer skipped the update (non-finite gradients)")
-        return sums, lr, float(grad_norm) if grad_norm is not None else None
+        agreed = sums.to(self.device)
+        dist.all_reduce(agreed)  # guard's one collective: [loss sum, tokens] from the loss-reporting ranks
+        self.step_loss = (agreed[0] / agreed[1].clamp(min=1)).item()
+        self.step_skipped, grad_norm = True, None
+        if guard.finite(self.step_loss):
+            # megatron-core's step discards non-finite gradients only under an fp16 loss scale, which
+            # trainctl never uses: ask the norm first (one more norm pass; prepare_grads copies the
+            # gradients and runs again, the same, inside step()), then step only on a finite one.
+            optimizer.prepare_grads()
+            grad_norm = float(optimizer.get_grad_norm())
+            if guard.finite(grad_norm):
+                ok, grad_norm, _ = optimizer.step()
+                self.step_skipped = not ok
+                grad_norm = float(grad_norm) if grad_norm is not None else None
+        return sums, lr, grad_norm
+
+    def params_finite(self) -> bool:
+        """Every model chunk's parameters on this rank finite, on every rank (the flag over the world)."""
+        with self._params_gathered():
+            ok = torch.stack([torch.isfinite(p.data).all() for c in self.built.chunks for p in c.parameters()]).all()
+        bad = (~ok).to(torch.float32).reshape(1).to(self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bad.item()
 
     def eval_step(self, batches: list):
         return self._run_schedule(batches, forward_only=True)
@@ -162,6 +187,7 @@ class MegatronModule(TrainModule):
                             f"saved with ({marker.get('layout')}); this run is {self.layout()}\n  fix: resume with "
                             "that layout")
         self._state.load(self.built.chunks, self.built.optimizer, step_dir, weights_only=False, sharding=sharding)
+        self.built.scheduler.num_steps = 0  # a rewind in process (launch/train/guard.py): from step 0 again
         self.built.scheduler.step(increment=step)
 
     def init_from(self, path: Path) -> bool:
@@ -182,10 +208,11 @@ class MegatronModule(TrainModule):
             dist.destroy_process_group()
 
 
-def _loss_func(mask, output):
-    """Megatron's per-micro-batch loss: (sum over unmasked tokens, their count, what to report)."""
+def _loss_func(mask, fault, here, output):
+    """Megatron's per-micro-batch loss: (sum over unmasked tokens, their count, what to report);
+    ``fault``: a test-only fault on this step (``launch.train.guard.Faults``), NaN only where ``here``."""
     losses = output.float().reshape(-1)
     weights = mask.reshape(-1).float()
-    loss = torch.sum(losses * weights)
+    loss = guard.apply_fault(torch.sum(losses * weights), fault, here=here)
     tokens = weights.sum().detach().to(torch.int)
     return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.float()])}
