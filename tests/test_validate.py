@@ -28,6 +28,8 @@ CASES = {
          (["train.steps=0"], "at least one step")]),
     r.rank_check_floor: (["train.rank_check_min_busbw_gbps=0"], [
         (["train.rank_check_min_busbw_gbps=-1"], "train.rank_check_min_busbw_gbps=-1.0: a bandwidth floor cannot")]),
+    r.checkpoints_kept: (["train.keep_checkpoints=1"], [
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints=0: at least one checkpoint must be kept")]),
     r.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a positive SLURM time limit"),
                                                               (["cluster.time_limit=00:00:00"], "not a positive")]),
     r.world_divisible_by_model_parallel: (
