@@ -33,6 +33,8 @@ CASES = {
         (["train.guard.max_skipped_steps=3"], "below the bound on skips in a row"),
         (["train.guard.spike_window=1"], "train.guard.spike_window=1: must be at least 2"),
         (["train.guard.spike_zscore=1"], "flags ordinary steps")]),
+    r.checkpoints_kept: (["train.keep_checkpoints=1"], [
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints=0: at least one checkpoint must be kept")]),
     r.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a positive SLURM time limit"),
                                                               (["cluster.time_limit=00:00:00"], "not a positive")]),
     r.world_divisible_by_model_parallel: (

@@ -41,6 +41,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "optim.z_loss": ("trainer", "the DeepSpeed trainer's loss (launch/train/loss.py); megatron refuses it in validation"),
     # --- training run
     "train.save_final": ("trainer", "the step loop's final save and export (launch/train/loop.py)"),
+    "train.keep_checkpoints": ("trainer", "the pruning after each save (launch/record/checkpoints.py prune)"),
     "train.rank_check_s": ("trainer", "launch/train/__main__.py runs the rank check instead of training"),
     "train.rank_check_min_busbw_gbps": ("trainer", "the rank check's bus-bandwidth floor (launch/train/rankcheck.py)"),
     "train.guard.max_consecutive_skips": ("trainer", "the trainers' stop after non-finite steps in a row (launch/train/guard.py)"),

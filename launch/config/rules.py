@@ -95,6 +95,14 @@ def guard_policy(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "train.guard.spike_zscore=6, or null for no spike detection")
 
 
+def checkpoints_kept(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """At least one checkpoint must survive pruning, or a resume has nothing to load."""
+    keep = cfg.train.keep_checkpoints
+    if keep < 1:
+        yield Problem({"train.keep_checkpoints": keep}, "at least one checkpoint must be kept to resume from",
+                      "train.keep_checkpoints=3 (the default), or 1 where space is short")
+
+
 def time_limit_format(cfg: Config, d: Derived) -> Iterator[Problem]:
     try:
         seconds = parse_time_limit(cfg.cluster.time_limit)

@@ -436,6 +436,11 @@ class TrainConfig:
     """Steps between checkpoints; None lets the estimator choose (Young/Daly)."""
     checkpoint_dir: Optional[str] = None
     """None means RUN_DIR/checkpoints."""
+    keep_checkpoints: int = 3
+    """Good checkpoints (sealed marker with a manifest) kept; older step directories are deleted at each
+    save. 3: one damaged newest checkpoint still leaves two to fall back to, at three checkpoints'
+    space. At least 1; damaged ones never count, so the newest good one is never pruned
+    (launch/record/checkpoints.py)."""
     save_final: bool = True
     """Save a checkpoint (and the Hugging Face export) when the run ends. false: a measurement run
     (``trainctl tune``'s probes) that keeps nothing."""

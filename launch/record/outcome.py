@@ -11,7 +11,7 @@ beside its final name and ``os.link``-ed into place: a link fails when the name
 exists, so when many ranks fail at once (every rank finds the same missing data;
 a crash brings its peers down) exactly one record lands, the first, and nothing
 is ever half-written under the final name. ``done``, ``stopped`` and ``diverged`` come from
-rank 0 only; ``config``, ``node`` and ``crash`` from whichever rank failed first.
+rank 0 only; ``config``, ``node``, ``storage`` and ``crash`` from whichever rank failed first.
 
 **One line, ``outcome`` first, ``cause`` last**, so the script reads it with
 ``sed`` and does not need a Python with trainctl beside it (in container mode the
@@ -45,6 +45,9 @@ class Outcome(str, enum.Enum):
     """A stop signal handled, checkpoint written: requeue after SIGUSR1, stop after SIGTERM."""
     node = "node"
     """This node cannot train (no usable GPU, a failed health check): requeue without it."""
+    storage = "storage"
+    """A checkpoint save ran out of space or quota; the partial save removed, older checkpoints intact: stop,
+    no requeue (the next save would fail the same way, an interval of steps later, until space is freed)."""
     crash = "crash"
     """An unexpected exception: requeue within the crash budget (``cluster.max_crash_requeues``)."""
     diverged = "diverged"

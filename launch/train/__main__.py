@@ -7,14 +7,15 @@ or trains: ``launch.train.preflight`` (no torch yet), the backend's ``TrainModul
 
 Exit codes: 0 done or stopped (checkpoint saved); 2 a user error found on the
 node (a damaged record, missing data, a changed config on resume, a private API an
-installed engine lacks); 3 not built; 4 a GPU profile on a node without a usable GPU,
-or the node the rank check found below its bus-bandwidth floor; 5 (rank check) another
-node was below it, and its ranks write the record; 6 (``launch.train.guard.EXIT_DIVERGED``) training
-diverged: too many non-finite steps or loss spikes, or a non-finite weight found before a save (no
-checkpoint or export was written with it).
+installed engine lacks; checkpoints of which none verifies; a checkpoint directory that cannot
+be written); 3 not built; 4 a GPU profile on a node without a usable GPU, or the node the rank
+check found below its bus-bandwidth floor; 5 (rank check) another node was below it, and its
+ranks write the record; 6 (``launch.train.guard.EXIT_DIVERGED``) training diverged: too many
+non-finite steps or loss spikes, or a non-finite weight found before a save (no checkpoint or
+export was written with it); 7 a checkpoint save ran out of space or quota (``storage``).
 torchrun turns all of them into 1, so the job script reads the outcome record instead
-(``launch.record.outcome``), written here for every engine: done or stopped by rank 0,
-diverged (6) by rank 0, config (2, 3), node (4) or crash (an exception, which still propagates with its traceback)
+(``launch.record.outcome``), written here for every engine: done, stopped or diverged (6) by rank 0,
+config (2, 3), node (4), storage (7) or crash (an exception, which still propagates with its traceback)
 by the first rank that fails; nothing for 5.
 """
 
@@ -29,6 +30,7 @@ from types import SimpleNamespace
 
 from launch.errors import UserError
 from launch.record import outcome
+from launch.record.checkpoints import StorageFull
 from launch.record.outcome import Outcome
 from launch.record.read import read_config, read_plan
 from launch.train import preflight, stop
@@ -69,6 +71,9 @@ def main(argv: list[str]) -> int:
         err(f"training diverged: {exc.cause}; stopped, nothing saved after it (outcome diverged, not requeued)")
     except UserError as exc:
         ending = Ending(preflight.EXIT_USER, Outcome.config, "\n".join(exc.problems), _step(seen))
+        err(ending.cause)
+    except StorageFull as exc:  # every rank: the save agreed on it; the record's first writer wins
+        ending = Ending(preflight.EXIT_STORAGE, Outcome.storage, str(exc), _step(seen))
         err(ending.cause)
     except (Exception, KeyboardInterrupt) as exc:  # a crash: recorded, then the traceback goes to the log
         outcome.write(run_dir, Outcome.crash, f"{type(exc).__name__}: {outcome.first_line(str(exc))}",

@@ -15,9 +15,10 @@
   skips its data, too many of either raise ``Diverged``, and so does a non-finite parameter
   before a save or the export.
 - Checkpoints (``launch.record.checkpoints``): every rank writes its shards and RNG
-  states into ``.tmp_step_N``, rank 0 marks and commits it. Resume restores the
+  states into ``.tmp_step_N``, all checksum them in parallel (``launch.train.trust``),
+  rank 0 marks and commits it with its manifest. Resume verifies and restores the
   module, the data position (a count of samples: ``launch.train.data``) and, on the
-  layout they were saved with, the RNG states.
+  layout they were saved with, the RNG states, from the newest checkpoint that verifies.
 - Export: the module writes into ``.tmp_final``, rank 0 marks it and renames it ``final``.
 """
 
@@ -34,9 +35,11 @@ import torch
 import torch.distributed as dist
 
 from launch.config.rampup import Rampup, batch_at, micro_batches
+from launch.errors import UserError
 from launch.record import checkpoints as ckpt
+from launch.record import manifest
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig
-from launch.train import stop
+from launch.train import stop, trust
 from launch.train.guard import Diverged, Guard
 from launch.train.data import build_datasets, micro_batch
 from launch.train.metrics import Reporter
@@ -151,40 +154,86 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> Path:
+        """Every rank writes into ``.tmp_step_N``; all checksum the files (each its share); rank 0 commits
+        with the manifest. Out of space or quota on any rank: the partial save is removed, and every rank
+        raises ``StorageFull`` (the older checkpoints and ``latest`` untouched)."""
         m = self.module
         self._refuse_non_finite("checkpoint")
         tmp = self.ckpt_dir / f".tmp_{ckpt.step_name(self.step)}"
-        if m.rank == 0:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that a kill interrupted
-            tmp.mkdir()
-        dist.barrier()
-        t0 = time.perf_counter()
-        m.save_shards(tmp, {"step": self.step, "consumed_samples": self.consumed})
-        torch.save(rng_state(), tmp / f"rng_rank{m.rank}.pt")
-        dist.barrier()
         final = self.ckpt_dir / ckpt.step_name(self.step)
+        t0 = time.perf_counter()
+        failure = trust.agree(trust.storage_error(self._fresh_tmp, tmp) if m.rank == 0 else None)
+        if failure is None:
+            failure = trust.agree(trust.storage_error(self._write_shards, tmp))
+        if failure is None:
+            sizes, sums = trust.file_checksums(tmp, m.rank, m.world)
+            if m.rank == 0:
+                failure = trust.storage_error(ckpt.commit, self.ckpt_dir, tmp.name, self.step, {
+                    "step": self.step, "consumed_samples": self.consumed, "world_size": m.world,
+                    "layout": m.layout(), "config": self.raw, "record_version": RECORD_VERSION, "time": time.time(),
+                    "manifest": manifest.build(sizes, sums, step=self.step, config=self.raw,
+                                               rng_ranks=list(range(m.world)), consumed_samples=self.consumed)},
+                    self.cfg.train.keep_checkpoints)
+            failure = trust.agree(failure)
+        if failure:
+            if m.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()
+            line = ckpt.storage_line(self.ckpt_dir, self.step, failure, _latest(self.ckpt_dir))
+            raise ckpt.StorageFull(line)
         if m.rank == 0:
-            ckpt.commit(self.ckpt_dir, tmp.name, self.step, {
-                "step": self.step, "consumed_samples": self.consumed, "world_size": m.world,
-                "layout": m.layout(), "config": self.raw, "record_version": RECORD_VERSION, "time": time.time()})
-            self.report.event(f"checkpoint {final} ({time.perf_counter() - t0:.1f} s)")
+            self.report.event(f"checkpoint {final} ({time.perf_counter() - t0:.1f} s, {len(sizes)} files, "
+                              f"{sum(sizes.values()) / 1e6:.1f} MB checksummed)")
         dist.barrier()
         return final
 
-    def resume(self, step_dir: Path) -> None:
-        """Continue from ``step_dir``: the module's state, the data position, the RNG states if the layout holds."""
+    def _fresh_tmp(self, tmp: Path) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that a kill interrupted
+        tmp.mkdir()
+
+    def _write_shards(self, tmp: Path) -> None:
         m = self.module
-        marker = ckpt.read_marker(step_dir)
+        m.save_shards(tmp, {"step": self.step, "consumed_samples": self.consumed})
+        trust.inject_disk_full(self.step, m.rank, m.world, tmp)
+        torch.save(rng_state(), tmp / f"rng_rank{m.rank}.pt")
+
+    def resume(self, step_dir: Path) -> None:
+        """Continue from the newest checkpoint that verifies (``step_dir``, preflight's pick after the cheap
+        checks, or one before it): the module's state, the data position, the RNG states if the layout holds.
+
+        Each candidate is verified across the ranks (sizes, checksums, every rank's RNG file); one skipped
+        says so in one line. None verifies: ``UserError`` (the ``config`` outcome), never a run from step 0.
+        """
+        m = self.module
+        skipped = []
+        for candidate in ckpt.candidates(self.ckpt_dir):
+            t0 = time.perf_counter()
+            found, problem = trust.verify(candidate, m.rank, m.world, m.layout())
+            if problem:
+                skipped.append((candidate, problem))
+                self.report.event(ckpt.skip_line(candidate, problem))
+                continue
+            if candidate != step_dir:  # preflight checked step_dir's config only
+                refusal = ckpt.resume_refusal(candidate, self.raw, self.cfg.backend.name)
+                if refusal:
+                    raise UserError(refusal)
+            self._load(candidate, found, time.perf_counter() - t0)
+            return
+        raise ckpt.none_verifies(self.ckpt_dir, skipped)
+
+    def _load(self, step_dir: Path, found: ckpt.Inspection, verify_s: float) -> None:
+        m, marker = self.module, found.marker
         step = int(marker["step"])
         m.load(step_dir, marker, step)
         self.step, self.consumed = step, int(marker["consumed_samples"])
-        saved_layout = marker.get("layout") or {"world": marker.get("world_size")}
-        rng = step_dir / f"rng_rank{m.rank}.pt"
-        if saved_layout == m.layout() and rng.is_file():  # rank r is the same rank only then
-            set_rng_state(torch.load(rng, weights_only=False))
+        saved_layout = trust.saved_layout(marker)
+        if saved_layout == m.layout():  # rank r is the same rank only then (verify: every rank's file is there)
+            set_rng_state(torch.load(step_dir / f"rng_rank{m.rank}.pt", weights_only=False))
+        checked = (f"; {found.warning}" if found.warning else
+                   f"; verified {len(marker['manifest']['files'])} files in {verify_s:.1f} s")
         self.report.event(f"resumed from {step_dir}: step {self.step}, {self.consumed} samples consumed "
-                          f"(saved with layout {saved_layout})")
+                          f"(saved with layout {saved_layout}){checked}")
         self.report.rewind(self.step)
         self.consumed = self.guard.on_resume(self.step, self.consumed)
 
@@ -231,6 +280,13 @@ class Trainer:
     def close(self) -> None:
         self.report.close()
         self.module.close()
+
+
+def _latest(checkpoint_dir: Path) -> Path | None:
+    try:
+        return ckpt.find_resume(checkpoint_dir)
+    except UserError:
+        return None
 
 
 def rng_state() -> dict:

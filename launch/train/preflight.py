@@ -1,4 +1,5 @@
-"""What a training job checks before it builds anything: engine, stage, data, devices, resume.
+"""What a training job checks before it builds anything: engine, stage, data, devices, checkpoint directory,
+resume.
 
 All but ``device_problem`` run without torch: a bad input stops the job in a second
 with one line and a distinct exit code. ``ENGINES`` names each backend's
@@ -22,11 +23,14 @@ from launch.record import checkpoints as ckpt
 from launch.train.data import MissingData, check_data
 
 EXIT_USER = 2
-"""A user error found on the node (missing data, a changed config on resume, a damaged record)."""
+"""A user error found on the node (missing data, a changed config on resume, a damaged record, a checkpoint
+directory that cannot be written, checkpoints of which none verifies)."""
 EXIT_NOT_BUILT = 3
 """The stage or setting has no trainer yet."""
 EXIT_NO_DEVICE = 4
 """A GPU profile on a node where torch sees no GPU."""
+EXIT_STORAGE = 7
+"""A checkpoint save ran out of space or quota (``launch.record.checkpoints.StorageFull``)."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,15 @@ def preflight(run_dir: Path, record: RunConfig, engine: Engine) -> tuple[str | N
     if init and not Path(init, engine.init_file).is_file():
         return (f"stage.init_checkpoint={init}: no {engine.init_kind} there ({engine.init_file}); it is the "
                 "previous stage's {checkpoint_dir}/final"), EXIT_USER, None
-    resume = ckpt.find_resume(ckpt.checkpoint_dir(cfg, run_dir))
-    try:
+    ckpt_dir = ckpt.checkpoint_dir(cfg, run_dir)
+    problem = ckpt.writable_problem(ckpt_dir)  # here, not at the first save an interval later
+    if problem:
+        return problem, EXIT_USER, None
+    try:  # the cheap checks (sizes); the trainer verifies checksums across its ranks
+        resume = ckpt.find_resume(ckpt_dir)
         refusal = resume and ckpt.resume_refusal(resume, record.raw, cfg.backend.name)
     except UserError as exc:
+        resume = None
         refusal = "\n".join(exc.problems)
     if refusal:
         return refusal, EXIT_USER, None

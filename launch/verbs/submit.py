@@ -20,7 +20,7 @@ from launch.executors import local, slurm
 from launch.executors.interpreter import engines_problem, image_problem, shared_problem
 from launch.record import jobs
 from launch.executors.sbatch import render_array, resources
-from launch.record.checkpoints import checkpoint_dir, resume_problem
+from launch.record.checkpoints import checkpoint_dir, directory_problem, resume_problem
 
 ARRAY: list | None = None
 """While the job-array launcher runs a sweep (plugins/hydra_plugins), the points
@@ -36,7 +36,7 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
                         "yet, so a job would start and fail\n  fix: `trainctl plan`/`render` work for it; to check "
                         "an allocation instead, submit with train.rank_check_s=60")
     if cfg.train.rank_check_s <= 0:
-        refusal = resume_problem(cfg, run_dir) or engines_problem(cfg)
+        refusal = directory_problem(cfg, run_dir) or resume_problem(cfg, run_dir) or engines_problem(cfg)
         if refusal:
             raise UserError(refusal)
     refusal = image_problem(cfg) or shared_problem(cfg, run_dir)  # a rank check runs on the nodes too
