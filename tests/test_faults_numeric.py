@@ -12,7 +12,12 @@ few steps of the tiny model:
   code 6, nothing saved after it, every tensor saved before it finite;
 - Megatron-Core: spikes at steps 3 and 4 with ``max_rewinds=1``: ``diverged`` at the second; the job
   run again (as a requeue would) resumes from the checkpoint before the first spike and still skips
-  its data window (recorded in RUN_DIR/guard.json, no checkpoint after the rewind).
+  its data window (recorded in RUN_DIR/guard.json, no checkpoint after the rewind), and its step 3
+  equals the first job's step 3 after the rewind exactly.
+
+A skip and a rewind change the weights and the data by design, so no loss after one equals an
+undisturbed run's; what must be equal is: the validation loss across a skipped step, and a step
+replayed from the same checkpoint and data position.
 """
 
 from __future__ import annotations
@@ -254,4 +259,7 @@ def test_rewinds_are_bounded_and_a_requeue_keeps_the_skipped_window(tmp_path_fac
     assert "skipping samples 16..39 after step 2" in second.stdout
     train = {r["step"]: r for r in _records(run_dir, "train")}
     assert train[3]["consumed_samples"] == 40 + GBS and train[5]["consumed_samples"] == 40 + 3 * GBS
+    # The first job's step 3 after its rewind (same checkpoint, same data position) to the last bit.
+    [replayed] = _records(run_dir, "discarded_train")
+    assert replayed["step"] == 3 and replayed["loss"] == train[3]["loss"]
     assert _outcomes(run_dir)[-1].outcome == Outcome.done

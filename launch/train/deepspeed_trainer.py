@@ -82,8 +82,8 @@ class DeepSpeedModule(TrainModule):
     def train_step(self, step: int, batches: list) -> tuple[float, float, float | None]:
         """One optimizer step: (this rank's mean loss, the step's learning rate, the global grad norm).
 
-        A step whose gradient norm is not finite DeepSpeed discards itself (ZeRO-3 and its bf16 optimizer:
-        ``engine.skipped_steps``); a non-finite loss on any rank makes every rank's gradients non-finite
+        A step whose gradient norm is not finite DeepSpeed discards itself (ZeRO-3, and every stage at
+        bf16: ``engine.skipped_steps``); a non-finite loss on any rank makes every rank's gradients non-finite
         through the reduction. Such a step is ``step_skipped``; the LR schedule still advances (it follows
         the step count, as a skipped step's batch is consumed)."""
         total = 0.0

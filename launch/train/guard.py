@@ -1,8 +1,8 @@
 """Bad numbers during training: non-finite steps are skipped, loss spikes rewound, divergence stops the run.
 
 Every step, every rank ends with the same two numbers: the step's loss, agreed by one
-all-reduce of a small tensor (``[non-finite flag, loss sum, count]``: the engine's
-``step_loss``, which its ``train_step`` computes anyway for the update decision), and
+all-reduce of a small tensor (``[loss sum, count]``: a non-finite loss on any rank
+makes the sum non-finite; the engine's ``step_loss``, set by its ``train_step``), and
 the global gradient norm the engine already agreed. ``judge`` decides from them alone,
 so every rank takes the same branch without another collective:
 
@@ -10,10 +10,12 @@ so every rank takes the same branch without another collective:
   the step counter, the LR schedule and the data position still advance: the batch is
   dropped). Megatron-Core: the engine asks before ``optimizer.step()`` (a non-finite
   loss, or a non-finite grad norm from ``optimizer.get_grad_norm``) and does not step.
-  DeepSpeed: ZeRO-3 (and its bf16 optimizer) already discards a step whose gradient
-  norm is not finite and counts it (``engine.skipped_steps``); the engine reads that
-  count. After ``train.guard.max_consecutive_skips`` in a row, or
-  ``train.guard.max_skipped_steps`` in all, the run *diverged*.
+  DeepSpeed: ZeRO-3, and every stage at bf16 (its ``check_grad_overflow``, on by
+  default), already discards a step whose gradient norm is not finite and counts it
+  (``engine.skipped_steps``); the engine reads that count. Where DeepSpeed applied
+  such a step anyway (ZeRO 0-2 at fp32), the weights are not trusted: *diverged*.
+  After ``train.guard.max_consecutive_skips`` in a row, or ``train.guard.max_skipped_steps``
+  in all, the run *diverged*.
 - **loss spike**: the loss is ``train.guard.spike_zscore`` standard deviations above
   the mean of the last ``train.guard.spike_window`` finite losses. The trainer rewinds
   in process to the newest committed checkpoint (all of them precede the spike: a
