@@ -293,20 +293,29 @@ def test_damaged_newest_checkpoints_are_skipped_and_the_losses_match(reference, 
     assert ckpt.find_resume(ckpts) == ckpts / ckpt.step_name(STEPS) and not list(ckpts.glob(".tmp_*"))
 
 
-def test_checkpoints_of_which_none_verifies_stop_the_run_before_it_trains(reference, tmp_path):
+def test_checkpoints_of_which_none_verifies_stop_the_run_and_nothing_trains(reference, tmp_path):
+    """Step 4 bit-flipped (sizes intact: it passes preflight's checks, the ranks' checksums refuse it), step 2
+    truncated: the job ends with ``config`` naming both, and trains nothing from step 0 over them."""
     if reference["backend"] != "deepspeed":
-        pytest.skip("the same preflight path on both backends")
+        pytest.skip("the same skeleton path on both backends")
     run_dir = _copy(reference, tmp_path, newest=4)
-    for step_dir in (run_dir / "checkpoints").glob("step_*"):
-        os.truncate(_biggest(step_dir), 100)
+    ckpts = run_dir / "checkpoints"
+    flipped = _biggest(ckpts / "step_0000004")
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    flipped.unlink()
+    flipped.write_bytes(bytes(data))
+    os.truncate(_biggest(ckpts / "step_0000002"), 100)
     done = _train(run_dir)
-    assert done.returncode != 0 and not _rank_traceback(done.stdout)
+    assert done.returncode != 0 and not _rank_traceback(done.stdout), done.stdout[-6000:]
     record = _last_outcome(run_dir)
     assert record.outcome == Outcome.config
-    assert record.cause.startswith(f"train.checkpoint_dir={run_dir / 'checkpoints'}: no checkpoint there verifies "
-                                   "(step_0000004: truncated file ")
-    assert f"fix: restore a good copy of a step directory, or move {run_dir / 'checkpoints'} aside" in done.stdout
-    assert not (run_dir / "metrics.jsonl").exists()  # nothing trained
+    assert record.cause.startswith(f"train.checkpoint_dir={ckpts}: no checkpoint there verifies (step_0000004: "
+                                   f"checksum mismatch in {flipped.name} (crc32 ")
+    assert "; step_0000002: truncated file " in record.cause
+    assert f"fix: restore a good copy of a step directory, or move {ckpts} aside" in done.stdout
+    assert done.stdout.count("trainctl: skipped checkpoint") == 2
+    assert not (run_dir / "metrics.jsonl").exists() or not _losses(run_dir)  # nothing trained
 
 
 def test_a_full_disk_at_a_save_stops_the_run_and_the_resume_matches(reference, tmp_path):

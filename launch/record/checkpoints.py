@@ -5,15 +5,16 @@ Layout under ``train.checkpoint_dir`` (default ``RUN_DIR/checkpoints``)::
     step_0000010/          the engine's files (DeepSpeed's shards of every rank, or a Megatron-Core
                            distributed checkpoint), rng_rank{R}.pt (each rank's RNG states),
                            trainctl.json (step, consumed samples, layout, the run's resolved config,
-                           record version): trainctl.json marks it complete
+                           record version, the manifest: launch.record.manifest, its own
+                           CRC-32): trainctl.json marks it complete
     step_0000020/
     latest                 "step_0000020"
     final/                 the end-of-run export (the next stage's stage.init_checkpoint)
 
 The sequence (``launch.train.loop.Trainer.save``): every rank writes into
-``.tmp_step_NNNNNNN``, then, after a barrier, rank 0 adds trainctl.json, renames the
-directory to ``step_NNNNNNN`` and replaces ``latest`` atomically (temporary file +
-``os.replace``); it keeps the last ``KEEP`` steps. A job killed during a save leaves
+``.tmp_step_NNNNNNN``, then, after a barrier, all ranks checksum the files, rank 0 adds
+trainctl.json, renames the directory to ``step_NNNNNNN`` and replaces ``latest`` atomically
+(temporary file + ``os.replace``); it keeps the newest ``train.keep_checkpoints`` good steps. A job killed during a save leaves
 only a ``.tmp_`` directory, which the next save of that step replaces; ``latest``
 always names a complete step. ``checkpoint_dir`` must be a file system every node
 sees (as RUN_DIR is on SLURM).
