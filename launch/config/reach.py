@@ -43,6 +43,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "train.save_final": ("trainer", "the step loop's final save and export (launch/train/loop.py)"),
     "train.rank_check_s": ("trainer", "launch/train/__main__.py runs the rank check instead of training"),
     "train.rank_check_min_busbw_gbps": ("trainer", "the rank check's bus-bandwidth floor (launch/train/rankcheck.py)"),
+    "train.hang_timeout_s": ("trainer", "the hang watchdog of every rank (launch/train/watchdog.py)"),
     # --- wandb: the trainers' Reporter opens the run (launch/train/metrics.py)
     "wandb.mode": ("trainer", "offline/online/disabled: wandb.init in launch/train/metrics.py (Megatron-LM's flags "
                    "only tell disabled from the rest)"),

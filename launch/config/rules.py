@@ -75,6 +75,14 @@ def rank_check_floor(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "train.rank_check_min_busbw_gbps=null (half of cluster.gpu.nvlink_gbps), or 0 to only report")
 
 
+def hang_timeout(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The watchdog's timeout is a duration; under a second it would call every step a hang."""
+    timeout = cfg.train.hang_timeout_s
+    if not (timeout == 0 or timeout >= 1):
+        yield Problem({"train.hang_timeout_s": timeout}, "a hang timeout is 0 (no watchdog) or at least 1 second",
+                      "train.hang_timeout_s=480 (longer than a checkpoint save), or 0 to turn the watchdog off")
+
+
 def time_limit_format(cfg: Config, d: Derived) -> Iterator[Problem]:
     try:
         seconds = parse_time_limit(cfg.cluster.time_limit)

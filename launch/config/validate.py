@@ -21,6 +21,7 @@ GENERAL_RULES: tuple[Rule, ...] = (
     rules.sizes_are_positive,
     rules.tokens_or_steps,
     rules.rank_check_floor,
+    rules.hang_timeout,
     rules.time_limit_format,
     rules.world_divisible_by_model_parallel,
     rules.expert_layout_divides_world,

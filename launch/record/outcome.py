@@ -11,7 +11,7 @@ beside its final name and ``os.link``-ed into place: a link fails when the name
 exists, so when many ranks fail at once (every rank finds the same missing data;
 a crash brings its peers down) exactly one record lands, the first, and nothing
 is ever half-written under the final name. ``done`` and ``stopped`` come from
-rank 0 only; ``config``, ``node`` and ``crash`` from whichever rank failed first.
+rank 0 only; ``config``, ``node``, ``crash`` and ``hang`` from whichever rank failed first.
 
 **One line, ``outcome`` first, ``cause`` last**, so the script reads it with
 ``sed`` and does not need a Python with trainctl beside it (in container mode the
@@ -47,6 +47,10 @@ class Outcome(str, enum.Enum):
     """This node cannot train (no usable GPU, a failed health check): requeue without it."""
     crash = "crash"
     """An unexpected exception: requeue within the crash budget (``cluster.max_crash_requeues``)."""
+    hang = "hang"
+    """No training progress for ``train.hang_timeout_s`` (``launch.train.watchdog``; every rank's stacks in
+    RUN_DIR/hangs/): requeue as a crash (within the crash budget). No node is left out: a stuck collective
+    stalls every rank, so the rank whose watchdog fired first (the record's) is not the one to blame."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ Exit codes: 0 done or stopped (checkpoint saved); 2 a user error found on the
 node (a damaged record, missing data, a changed config on resume, a private API an
 installed engine lacks); 3 not built; 4 a GPU profile on a node without a usable GPU,
 or the node the rank check found below its bus-bandwidth floor; 5 (rank check) another
-node was below it, and its ranks write the record.
+node was below it, and its ranks write the record; 6 no progress for ``train.hang_timeout_s``
+(``launch.train.watchdog``: stacks dumped, outcome hang, by the first rank whose watchdog fired).
 torchrun turns all of them into 1, so the job script reads the outcome record instead
 (``launch.record.outcome``), written here for every engine: done or stopped by rank 0,
 config (2, 3), node (4) or crash (an exception, which still propagates with its traceback)
@@ -29,7 +30,7 @@ from launch.errors import UserError
 from launch.record import outcome
 from launch.record.outcome import Outcome
 from launch.record.read import read_config, read_plan
-from launch.train import preflight, stop
+from launch.train import preflight, stop, watchdog
 from launch.train.metrics import err
 
 ENGINE_NOTICES = (
@@ -68,6 +69,8 @@ def main(argv: list[str]) -> int:
         outcome.write(run_dir, Outcome.crash, f"{type(exc).__name__}: {outcome.first_line(str(exc))}",
                       step=_step(seen))
         raise
+    finally:
+        watchdog.stop()
     if ending.outcome is None:
         return ending.code
     if ending.outcome in (Outcome.done, Outcome.stopped) and os.environ.get("RANK", "0") != "0":
@@ -113,6 +116,7 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
     if problem:
         return _problem(code, problem)
     stop.install()
+    watchdog.start(run_dir, cfg.train.hang_timeout_s)  # from here a stall ends in the outcome hang (main stops it)
     if preflight.cpu_devices(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA where there is one
     for message in ENGINE_NOTICES:
@@ -126,6 +130,7 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
         module.close()
         raise
     try:
+        watchdog.beat(phase="checkpoint load")
         if resume is not None:
             trainer.resume(resume)
         elif preflight.init_checkpoint(cfg):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from launch.config.rampup import Rampup, batch_at, micro_batches
 from launch.record import checkpoints as ckpt
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig
-from launch.train import stop
+from launch.train import stop, watchdog
 from launch.train.data import build_datasets, micro_batch
 from launch.train.metrics import Reporter
 from launch.train.module import TrainModule
@@ -79,6 +79,7 @@ class Trainer:
                              steps=self.steps, step_time_s=window_time / window_steps, tokens=self.gbs * self.seq,
                              consumed_samples=self.consumed, global_batch_size=self.gbs)
                 window_time, window_steps, window = 0.0, 0, []
+            watchdog.beat(self.step)  # progress, for the hang watchdog (no I/O)
             if eval_every and self.data.valid is not None and self.step % eval_every == 0 and self.step < self.steps:
                 self.evaluate()
             if self.save_every and self.step % self.save_every == 0 and self.step < self.steps:
@@ -127,6 +128,7 @@ class Trainer:
     def evaluate(self) -> None:
         """Validation over ``train.eval_iters`` full global batches (the same ones each time: the numbers compare)."""
         m = self.module
+        watchdog.beat(phase="validation")
         full = micro_batches(self.full_gbs, m.mbs, m.dp)
         with m.evaluating():
             items = [m.eval_step(self._batches(self.data.valid, it * self.full_gbs, full))
@@ -137,6 +139,7 @@ class Trainer:
 
     def save(self) -> Path:
         m = self.module
+        watchdog.beat(phase="checkpoint save")
         tmp = self.ckpt_dir / f".tmp_{ckpt.step_name(self.step)}"
         if m.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +157,7 @@ class Trainer:
                 "layout": m.layout(), "config": self.raw, "record_version": RECORD_VERSION, "time": time.time()})
             self.report.event(f"checkpoint {final} ({time.perf_counter() - t0:.1f} s)")
         dist.barrier()
+        watchdog.beat(phase="training")
         return final
 
     def resume(self, step_dir: Path) -> None:
@@ -180,6 +184,7 @@ class Trainer:
         """``{checkpoint_dir}/final``: the module's export, marked and renamed into place by rank 0."""
         m = self.module
         final, tmp = self.ckpt_dir / "final", self.ckpt_dir / ".tmp_final"
+        watchdog.beat(phase="final export")
         if m.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -7,7 +7,10 @@ from Slurm; progress from the run's own files: ``metrics.jsonl`` (the trainer's
 last logged step and loss), ``outcomes/`` (how the job's last step ended, where, and
 why: ``launch.record.outcome``), ``job.log`` (the job script's last decision: started,
 requeued and why, finished), the crash streak the script keeps and the nodes its
-requeues leave out (``job.excluded.JOBREF``), with why.
+requeues leave out (``job.excluded.JOBREF``), with why; each node's last heartbeat
+(``heartbeats/``, ``launch.record.heartbeats``: a node without progress past its hang
+timeout while the job runs is named STALLED); under the table, each run's goodput
+across all its jobs (``launch.record.goodput``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from rich.table import Table
 
 from launch.errors import UserError
 from launch.executors import slurm
-from launch.record import jobs, outcome
+from launch.record import goodput, heartbeats, jobs, outcome
 from launch.record.read import PLAN, read_config, read_plan
 
 
@@ -44,22 +47,22 @@ def runs_of(paths: list[str]) -> list[Row]:
         return [Row(str(d), d, jobs.latest_job_id(d)) for d in found]
     rows: list[Row] = []
     for text in paths:
-        path = Path(text)
+        path = Path(text).absolute()  # once, here: records and /proc hold absolute paths; labels keep the text
         if (sweep := jobs.read(path / jobs.SWEEP_RECORD)) is not None:
-            rows += [Row(f"{path}/{Path(p['run_dir']).name}", Path(p["run_dir"]), p.get("job_id"))
+            rows += [Row(f"{text}/{Path(p['run_dir']).name}", path / p["run_dir"], p.get("job_id"))
                      for p in sweep["points"]]
         elif (pipeline := jobs.read(path / jobs.PIPELINE_RECORD)) is not None:
-            rows += [Row(f"{path} [{s['name']}]", Path(s["run_dir"]), s.get("job_id"), str(path))
+            rows += [Row(f"{text} [{s['name']}]", path / s["run_dir"], s.get("job_id"), str(path))
                      for s in pipeline["stages"]]
         elif (record := jobs.read(path / jobs.JOB_RECORD)) is not None and record.get("jobs"):
             last = record["jobs"][-1]
             if last.get("array_tasks"):  # trainctl prepare's job array: one row per shard
-                rows += [Row(f"{path} [{name}]", path, f"{last['job_id']}_{i}")
+                rows += [Row(f"{text} [{name}]", path, f"{last['job_id']}_{i}")
                          for i, name in enumerate(last["array_tasks"])]
             else:
-                rows.append(Row(str(path), path, last["job_id"]))
+                rows.append(Row(text, path, last["job_id"]))
         else:
-            raise UserError(f"{path}: no job.json, sweep.json or pipeline.json: nothing was submitted from there\n"
+            raise UserError(f"{text}: no job.json, sweep.json or pipeline.json: nothing was submitted from there\n"
                             "  fix: give a run directory that `trainctl submit` printed")
     return rows
 
@@ -69,7 +72,7 @@ def status_main(args: list[str]) -> int:
     states = _states(rows)
     table = Table(box=None, header_style="bold")
     for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last outcome",
-                   "nodes left out", "last word from the job"):
+                   "nodes left out", "heartbeats", "last word from the job"):
         table.add_column(column, overflow="fold")
     doomed: set[str] = set()  # pipelines with a failed stage
     for row in rows:
@@ -85,9 +88,16 @@ def status_main(args: list[str]) -> int:
         cells = [row.label, row.job_id or "-", state, s.elapsed if s else "",
                  str(s.restarts) if s else "", str(crashes(row.run_dir, row.job_id)),
                  "" if step is None else f"{step}/{total}" if total else str(step), "" if loss is None else f"{loss:.4g}",
-                 last_outcome(row.run_dir, row.job_id), excluded(row.run_dir, row.job_id), last_log_line(row.run_dir)]
+                 last_outcome(row.run_dir, row.job_id), excluded(row.run_dir, row.job_id),
+                 node_beats(row.run_dir, running=bool(s) and s.state == "RUNNING"), last_log_line(row.run_dir)]
         table.add_row(*map(escape, cells))  # a run directory may contain [brackets]
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    for row in rows:
+        s = states.get(row.job_id or "")
+        figures = goodput.of(row.run_dir, running=bool(s) and s.active)
+        if figures.job_steps:
+            console.print(escape(f"{row.label}: {figures.line()}"), soft_wrap=True)
     return 0
 
 
@@ -152,6 +162,20 @@ def last_metrics(run_dir: Path) -> tuple[int | None, float | None]:
         if record.get("kind", "train") == "train" and "loss" in record:  # not eval, not discarded_train
             return record.get("step"), record["loss"]
     return None, None
+
+
+def node_beats(run_dir: Path, *, running: bool) -> str:
+    """Each node's last heartbeat, one a line: "node1: step 120 (training) 4 s ago", or "node2: STALLED 900 s
+    ago (...)" for a node without progress past its hang timeout while the job runs."""
+    lines = []
+    for beat in heartbeats.read_all(run_dir):
+        where = f"step {beat.step}" if beat.step is not None else "no step yet"
+        if running and beat.stalled():
+            lines.append(f"{beat.node}: STALLED {beat.age():.0f} s ago ({where}, {beat.phase}; no progress past "
+                         f"train.hang_timeout_s={beat.hang_timeout_s:g})")
+        else:
+            lines.append(f"{beat.node}: {where} ({beat.phase}) {beat.age():.0f} s ago")
+    return "\n".join(lines)
 
 
 def last_log_line(run_dir: Path) -> str:
