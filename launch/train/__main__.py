@@ -137,6 +137,7 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
             trainer.init_from(Path(preflight.init_checkpoint(cfg)))
         code = trainer.train()
     finally:
+        watchdog.beat(phase="closing")  # wandb's upload, the engine's teardown: timed afresh
         trainer.close()
     if trainer.step < trainer.steps:  # train() returns early only after a stop signal, with a checkpoint
         why = stop.requested() or "a stop signal on another rank"

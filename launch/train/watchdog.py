@@ -17,8 +17,8 @@ group's init timeout bound it; the clock starts at the first beat after it.
 second. When no beat came for ``train.hang_timeout_s`` it dumps this rank's Python
 stacks (``faulthandler``, every thread) to ``RUN_DIR/hangs/JOBREF.RESTART/rank_R.txt``,
 writes the outcome ``hang`` (first writer wins: one record per job step), prints
-one line (the rank that wrote the record) and ends the process with ``EXIT_HANG``
-through ``os._exit``: the main thread is stuck and cannot unwind. A stuck
+one line (the rank that wrote the record) and, ``GRACE_S`` later, ends the process
+with ``EXIT_HANG`` through ``os._exit``: the main thread is stuck and cannot unwind. A stuck
 collective stalls every rank, so every rank's watchdog fires within about a second
 and every rank leaves its stacks: the stalled rank shows where it is, its peers
 show the collective they wait in. ``kill -USR2 PID`` prints a rank's stacks to its
@@ -68,6 +68,11 @@ from launch.record.outcome import Outcome
 HANGS_DIR = "hangs"
 EXIT_HANG = 6
 """The exit code of a rank its watchdog ended (launch/train/__main__.py lists the others)."""
+GRACE_S = 3.0
+"""How long a rank whose watchdog fired waits before it exits. Every rank's last beat follows the same
+end-of-step all-reduce, so their watchdogs fire within about one poll (1 s) of each other; an exit
+before a peer's fires would break the peer's collective (gloo: connection reset) and it would end in
+a traceback without its stacks."""
 STALL_KNOB = "TRAINCTL_FAULT_STALL_AT_STEP"
 """Test-only: ``N`` (rank 1) or ``RANK:N``: that rank sleeps forever once it has finished step N."""
 
@@ -75,6 +80,7 @@ _last = time.monotonic()
 _step: int | None = None
 _phase = "starting"
 _stall_at: tuple[int, int] | None = None  # (rank, step) from STALL_KNOB, read once by start()
+_rank = 0
 _dog: _Watchdog | None = None
 
 
@@ -85,14 +91,15 @@ def beat(step: int | None = None, phase: str = "training") -> None:
     _phase = phase
     if step is not None:
         _step = step
-        if _stall_at is not None and _stall_at[1] == step and _dog is not None and _dog.rank == _stall_at[0]:
+        if _stall_at is not None and _stall_at == (_rank, step):
             _stalled_by_test_knob()
 
 
 def start(run_dir: Path, timeout_s: float, env=os.environ) -> None:
     """Start this rank's watchdog (``timeout_s`` 0: none) and, on a node's local rank 0, its heartbeats."""
-    global _dog, _stall_at
+    global _dog, _stall_at, _rank
     rank, local_rank = int(env.get("RANK") or 0), int(env.get("LOCAL_RANK") or 0)
+    _rank = rank
     _stall_at = stall_knob(env.get(STALL_KNOB, ""))
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID`: this rank's stacks to its log
     beat(phase="building")
@@ -186,4 +193,5 @@ class _Watchdog(threading.Thread):
         if outcome.write(self.run_dir, Outcome.hang, f"hang on rank {self.rank}: {cause}", step=_step):
             print(f"trainctl: hang on rank {self.rank} ({self.node}): {cause}; ending the job step with the "
                   "outcome hang (a Slurm job is requeued as a crash)", file=sys.stderr, flush=True)
+        time.sleep(GRACE_S)  # the peers' watchdogs fire too before this exit breaks their collective
         os._exit(EXIT_HANG)
