@@ -33,19 +33,19 @@ is that of the last progress, not of the write, so ``trainctl status`` can name 
 node whose file is older than the timeout as stalled (the watchdog should have
 ended it: the node is gone, or its watchdog is off).
 
-**nvidia-resiliency-ext 0.4.1** (the last release with a Python 3.11 wheel; it
-installs beside torch 2.13 without changing it, adding pynvml, nvidia-ml-py,
-defusedxml) is not used: its ``fault_tolerance`` rank heartbeats go to a rank
-monitor server that only its own launcher ``ft_launcher`` starts
-(``FT_RANK_MONITOR_IPC_SOCKET``; ``RankMonitorClient`` cannot connect without it), so
-it would replace torchrun in launch.sh and the sbatch script, and its restart on a
-hang kills the ranks without a stack dump; ``inprocess.Wrapper`` restarts the
-training function inside the process and recovers a stuck collective by aborting
-the NCCL communicators (``abort.AbortTorchDistributed``), which does nothing for
-the gloo groups these CPU runs use, and it needs its own TCP store and a
-re-entrant training function; ``straggler`` measures CUDA kernel times through
-CUPTI (``nvrx_cupti_module``), so it needs a GPU. This module does the part that
-fits torchrun + Slurm requeue: detect, dump, record, exit.
+**nvidia-resiliency-ext 0.4.1** (the last release with a Python 3.11 wheel; ``pip install
+--dry-run`` into this venv would add only pynvml, nvidia-ml-py and defusedxml, no change to
+torch 2.13) is not used; tried from a scratch ``--target`` install under this venv:
+``fault_tolerance.RankMonitorClient().init_workload_monitoring()`` raises
+``RankMonitorClientError: FT_RANK_MONITOR_IPC_SOCKET env variable should be set``: its
+heartbeats go to a rank monitor server that only its own launcher ``ft_launcher`` starts, so
+it would replace torchrun in launch.sh and the sbatch script (and its restart on a hang kills
+the ranks without a stack dump); ``inprocess.Wrapper`` imports, but restarts the training
+function inside the process and frees a stuck collective by aborting the NCCL communicators
+(``abort.AbortTorchDistributed``), nothing for the gloo groups of these CPU runs, and needs its
+own TCP store and a re-entrant training function; ``straggler`` fails to import without CUDA
+(``ImportError: libcupti.so.12``). This module does the part that fits torchrun + Slurm
+requeue: detect, dump, record, exit.
 """
 
 from __future__ import annotations
