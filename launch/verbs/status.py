@@ -7,10 +7,10 @@ from Slurm; progress from the run's own files: ``metrics.jsonl`` (the trainer's
 last logged step and loss), ``outcomes/`` (how the job's last step ended, where, and
 why: ``launch.record.outcome``), ``job.log`` (the job script's last decision: started,
 requeued and why, finished), the crash streak the script keeps and the nodes its
-requeues leave out (``job.excluded.JOBREF``), with why; each node's last heartbeat
-(``heartbeats/``, ``launch.record.heartbeats``: a node without progress past its hang
-timeout while the job runs is named STALLED); under the table, each run's goodput
-across all its jobs (``launch.record.goodput``).
+requeues leave out (``job.excluded.JOBREF``), with why. Under the table, per run: its
+nodes' heartbeats (``heartbeats/``, ``launch.record.heartbeats``: the newest and oldest,
+and the nodes without progress past their hang timeout while the job runs, named
+STALLED), and its goodput across all its jobs (``launch.record.goodput``).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def status_main(args: list[str]) -> int:
     states = _states(rows)
     table = Table(box=None, header_style="bold")
     for column in ("run", "job", "state", "elapsed", "requeues", "crashes", "step", "loss", "last outcome",
-                   "nodes left out", "heartbeats", "last word from the job"):
+                   "nodes left out", "last word from the job"):
         table.add_column(column, overflow="fold")
     doomed: set[str] = set()  # pipelines with a failed stage
     for row in rows:
@@ -88,16 +88,16 @@ def status_main(args: list[str]) -> int:
         cells = [row.label, row.job_id or "-", state, s.elapsed if s else "",
                  str(s.restarts) if s else "", str(crashes(row.run_dir, row.job_id)),
                  "" if step is None else f"{step}/{total}" if total else str(step), "" if loss is None else f"{loss:.4g}",
-                 last_outcome(row.run_dir, row.job_id), excluded(row.run_dir, row.job_id),
-                 node_beats(row.run_dir, running=bool(s) and s.state == "RUNNING"), last_log_line(row.run_dir)]
+                 last_outcome(row.run_dir, row.job_id), excluded(row.run_dir, row.job_id), last_log_line(row.run_dir)]
         table.add_row(*map(escape, cells))  # a run directory may contain [brackets]
     console = Console(width=200)
     console.print(table)
-    for row in rows:
+    for row in rows:  # under the table: lines too long for a cell
         s = states.get(row.job_id or "")
+        beats = node_beats(row.run_dir, running=bool(s) and s.state == "RUNNING")
         figures = goodput.of(row.run_dir, running=bool(s) and s.active)
-        if figures.job_steps:
-            console.print(escape(f"{row.label}: {figures.line()}"), soft_wrap=True)
+        for line in ([beats] if beats else []) + ([figures.line()] if figures.job_steps else []):
+            console.print(escape(f"{row.label}: {line}"), soft_wrap=True)
     return 0
 
 
@@ -164,18 +164,25 @@ def last_metrics(run_dir: Path) -> tuple[int | None, float | None]:
     return None, None
 
 
-def node_beats(run_dir: Path, *, running: bool) -> str:
-    """Each node's last heartbeat, one a line: "node1: step 120 (training) 4 s ago", or "node2: STALLED 900 s
-    ago (...)" for a node without progress past its hang timeout while the job runs."""
-    lines = []
-    for beat in heartbeats.read_all(run_dir):
-        where = f"step {beat.step}" if beat.step is not None else "no step yet"
-        if running and beat.stalled():
-            lines.append(f"{beat.node}: STALLED {beat.age():.0f} s ago ({where}, {beat.phase}; no progress past "
-                         f"train.hang_timeout_s={beat.hang_timeout_s:g})")
-        else:
-            lines.append(f"{beat.node}: {where} ({beat.phase}) {beat.age():.0f} s ago")
-    return "\n".join(lines)
+def node_beats(run_dir: Path, *, running: bool, shown: int = 10) -> str:
+    """One line for all nodes' heartbeats (a run may have thousands): the newest and the oldest, then, while
+    the job runs, the nodes without progress past their hang timeout, named STALLED (at most ``shown``)."""
+    beats = sorted(heartbeats.read_all(run_dir), key=lambda b: -b.unix)
+    if not beats:
+        return ""
+
+    def one(b) -> str:
+        return f"{b.node} at step {b.step} ({b.phase}) {b.age():.0f} s ago"
+
+    line = f"heartbeats from {len(beats)} node(s): newest {one(beats[0])}"
+    if len(beats) > 1:
+        line += f", oldest {one(beats[-1])}"
+    stalled = [b for b in beats if running and b.stalled()]
+    if stalled:
+        more = f" and {len(stalled) - shown} more" if len(stalled) > shown else ""
+        line += (f"; STALLED (no progress past train.hang_timeout_s={stalled[-1].hang_timeout_s:g}): "
+                 + ", ".join(f"{b.node} {b.age():.0f} s ago at step {b.step}" for b in stalled[-shown:]) + more)
+    return line
 
 
 def last_log_line(run_dir: Path) -> str:
