@@ -280,7 +280,10 @@ def test_goodput_counts_logged_windows_skips_and_rewinds(tmp_path):
     (tmp_path / "outcomes/7.1.json").write_text(json.dumps({
         "outcome": "hang", "job": "7", "restart": 1, "node": "n1", "rank": 0, "step": 10,
         "time": "1970-01-01T00:04:00+00:00", "cause": "hang"}))
+    (tmp_path / "outcomes/7.2.json").write_text(json.dumps({  # the health check failed: no trainer ran
+        "outcome": "node", "job": "7", "restart": 2, "node": "n1", "rank": None, "step": None,
+        "time": "1970-01-01T00:05:00+00:00", "cause": "health check"}))
     g = goodput.of(tmp_path)
-    assert (g.productive_s, g.wall_s, g.job_steps, g.recomputed_steps) == (25.0, 30.0 + 40.0, 2, 5)
-    assert (g.skipped_steps, g.rewinds, g.endings) == (3, 1, {"no record": 1, "hang": 1})
+    assert (g.productive_s, g.wall_s, g.job_steps, g.recomputed_steps) == (25.0, 30.0 + 40.0, 3, 5)
+    assert (g.skipped_steps, g.rewinds, g.endings) == (3, 1, {"no record": 1, "hang": 1, "node": 1})
     assert g.record()["goodput"] == pytest.approx(25 / 70)

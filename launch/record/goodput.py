@@ -19,7 +19,10 @@ Read from ``RUN_DIR/metrics.jsonl`` (rank 0's records, in the order written) and
   where one record stands for several, else 1) and ``rewind``; the non-finite and loss-spike
   policies write them.
 - **endings**: how many job steps ended each way (``stopped``, ``crash``, ``hang``, ``node``,
-  ...; ``no record`` for a job step killed before it could write one; ``running``).
+  ...; ``no record`` for a job step killed before it could write one; ``running``). A job step
+  that ended before the trainer logged anything (a failed health check, a configuration error)
+  has an outcome record and no ``job_start``: it is counted here and in the job steps, with no
+  wall time (its seconds are not known).
 """
 
 from __future__ import annotations
@@ -117,7 +120,12 @@ def of(run_dir: Path, *, running: bool = False, now: float | None = None) -> Goo
                 end = max(end or now, now)
         if seg["start"] is not None and end is not None:
             wall += end - seg["start"]
-    return Goodput(wall_s=wall, productive_s=productive, job_steps=len(segments), recomputed_steps=recomputed,
+    seen = {seg["key"] for seg in segments}
+    early = [done for key, done in ended.items()  # ended before the trainer logged anything (none known in
+             if key not in seen and seen != {None}]  # a metrics.jsonl older than its job_start records)
+    endings.update(done[0] for done in early)
+    return Goodput(wall_s=wall, productive_s=productive, job_steps=len(segments) + len(early),
+                   recomputed_steps=recomputed,
                    skipped_steps=skipped, rewinds=rewinds, endings=dict(endings))
 
 
