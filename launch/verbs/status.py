@@ -48,6 +48,7 @@ def runs_of(paths: list[str]) -> list[Row]:
     rows: list[Row] = []
     for text in paths:
         path = Path(text).absolute()  # once, here: records and /proc hold absolute paths; labels keep the text
+        text = str(Path(text))
         if (sweep := jobs.read(path / jobs.SWEEP_RECORD)) is not None:
             rows += [Row(f"{text}/{Path(p['run_dir']).name}", path / p["run_dir"], p.get("job_id"))
                      for p in sweep["points"]]
@@ -177,7 +178,8 @@ def node_beats(run_dir: Path, *, running: bool, shown: int = 10) -> str:
     line = f"heartbeats from {len(beats)} node(s): newest {one(beats[0])}"
     if len(beats) > 1:
         line += f", oldest {one(beats[-1])}"
-    stalled = [b for b in beats if running and b.stalled()]
+    now = (beats[0].job, beats[0].restart)  # a node an earlier job step ran on (excluded since) is not stalled
+    stalled = [b for b in beats if running and (b.job, b.restart) == now and b.stalled()]
     if stalled:
         more = f" and {len(stalled) - shown} more" if len(stalled) > shown else ""
         line += (f"; STALLED (no progress past train.hang_timeout_s={stalled[-1].hang_timeout_s:g}): "
