@@ -35,6 +35,9 @@ CASES = {
         (["train.guard.spike_zscore=1"], "flags ordinary steps")]),
     r.checkpoints_kept: (["train.keep_checkpoints=1"], [
         (["train.keep_checkpoints=0"], "train.keep_checkpoints=0: at least one checkpoint must be kept")]),
+    r.hang_timeout: (["train.hang_timeout_s=0"], [
+        (["train.hang_timeout_s=0.5"], "train.hang_timeout_s=0.5: a hang timeout is 0 (no watchdog) or at least 1"),
+        (["train.hang_timeout_s=-5"], "train.hang_timeout_s=480 (longer than a checkpoint save)")]),
     r.time_limit_format: (["cluster.time_limit=2-00:00:00"], [(["cluster.time_limit=4h"], "not a positive SLURM time limit"),
                                                               (["cluster.time_limit=00:00:00"], "not a positive")]),
     r.world_divisible_by_model_parallel: (

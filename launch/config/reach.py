@@ -50,6 +50,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "train.guard.spike_window": ("trainer", "the trainers' loss-spike test (launch/train/guard.py)"),
     "train.guard.spike_skip_batches": ("trainer", "the data the trainers skip after a rewind (launch/train/guard.py)"),
     "train.guard.max_rewinds": ("trainer", "the trainers' bound on rewinds past loss spikes (launch/train/guard.py)"),
+    "train.hang_timeout_s": ("trainer", "the hang watchdog of every rank (launch/train/watchdog.py)"),
     # --- wandb: the trainers' Reporter opens the run (launch/train/metrics.py)
     "wandb.mode": ("trainer", "offline/online/disabled: wandb.init in launch/train/metrics.py (Megatron-LM's flags "
                    "only tell disabled from the rest)"),

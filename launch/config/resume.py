@@ -19,7 +19,7 @@ RESUMABLE = (
     "train.tokens", "train.steps",  # extend (or shorten) the run: the schedule follows the new total
     "train.log_interval", "train.eval_interval", "train.eval_iters",
     "train.checkpoint_interval", "train.checkpoint_dir", "train.keep_checkpoints", "train.rank_check_s",
-    "train.rank_check_min_busbw_gbps",
+    "train.rank_check_min_busbw_gbps", "train.hang_timeout_s",
     "train.guard.*",  # the policy for bad numbers: a run that diverged resumes with its bounds changed
     "data.prepared_dir",  # the shards' location; their content is the sources below
     "data.tokenizer", "data.sources.*.path", "data.sources.*.text_key",  # read by prepare, not here

@@ -101,6 +101,12 @@ def checkpoints_kept(cfg: Config, d: Derived) -> Iterator[Problem]:
     if keep < 1:
         yield Problem({"train.keep_checkpoints": keep}, "at least one checkpoint must be kept to resume from",
                       "train.keep_checkpoints=3 (the default), or 1 where space is short")
+def hang_timeout(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """The watchdog's timeout is a duration; under a second it would call every step a hang."""
+    timeout = cfg.train.hang_timeout_s
+    if not (timeout == 0 or timeout >= 1):
+        yield Problem({"train.hang_timeout_s": timeout}, "a hang timeout is 0 (no watchdog) or at least 1 second",
+                      "train.hang_timeout_s=480 (longer than a checkpoint save), or 0 to turn the watchdog off")
 
 
 def time_limit_format(cfg: Config, d: Derived) -> Iterator[Problem]:

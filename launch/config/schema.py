@@ -456,6 +456,13 @@ class TrainConfig:
     your own nodes' figure (nccl-tests' all_reduce_perf at 256 MiB) times a margin to tighten it."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """Non-finite steps, loss spikes and divergence (launch/train/guard.py)."""
+    hang_timeout_s: float = 480.0
+    """Seconds without training progress (a step, or the start of a build, checkpoint save or load, or
+    validation) after which every rank's watchdog dumps its Python stacks to RUN_DIR/hangs/, the job
+    step ends with the outcome ``hang`` and the job script requeues it as a crash (launch/train/watchdog.py).
+    Below torch's 10-minute NCCL collective timeout (Megatron-Core's process group), which would
+    otherwise end a stuck collective first, as a crash with no stacks; above a healthy step, checkpoint
+    save or validation pass (those end in a barrier bounded by that timeout anyway). 0: no watchdog."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ GENERAL_RULES: tuple[Rule, ...] = (
     rules.rank_check_floor,
     rules.guard_policy,
     rules.checkpoints_kept,
+    rules.hang_timeout,
     rules.time_limit_format,
     rules.world_divisible_by_model_parallel,
     rules.expert_layout_divides_world,

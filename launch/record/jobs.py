@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -110,13 +111,19 @@ def is_local(job_id: str | None) -> bool:
 
 
 def local_alive(job_id: str, run_dir: Path) -> bool:
-    """A pid counts as this run only while it is alive and its command line names this run's directory."""
+    """A pid counts as this run only while it is alive and its command line names this run's directory.
+
+    Both sides are compared resolved: the command line holds the absolute path ``submit`` wrote,
+    while ``trainctl status runs/NAME`` is typed relative (or through another symlink).
+    """
     pid = job_id.removeprefix(LOCAL_PREFIX)
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    return str(run_dir) in args or str(run_dir / "launch.sh") in args
+    here = os.path.realpath(run_dir)
+    return any(a and os.path.realpath(os.path.join(cwd, a)) in (here, os.path.join(here, "launch.sh")) for a in args)
 
 
 def local_state(run_dir: Path) -> JobState | None:

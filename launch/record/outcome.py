@@ -11,7 +11,7 @@ beside its final name and ``os.link``-ed into place: a link fails when the name
 exists, so when many ranks fail at once (every rank finds the same missing data;
 a crash brings its peers down) exactly one record lands, the first, and nothing
 is ever half-written under the final name. ``done``, ``stopped`` and ``diverged`` come from
-rank 0 only; ``config``, ``node``, ``storage`` and ``crash`` from whichever rank failed first.
+rank 0 only; ``config``, ``node``, ``storage``, ``crash`` and ``hang`` from whichever rank failed first.
 
 **One line, ``outcome`` first, ``cause`` last**, so the script reads it with
 ``sed`` and does not need a Python with trainctl beside it (in container mode the
@@ -53,6 +53,10 @@ class Outcome(str, enum.Enum):
     diverged = "diverged"
     """Training diverged (non-finite steps or loss spikes past train.guard's bounds, or non-finite weights
     before a save): stop, no requeue (replaying the same data diverges again; a human must look)."""
+    hang = "hang"
+    """No training progress for ``train.hang_timeout_s`` (``launch.train.watchdog``; every rank's stacks in
+    RUN_DIR/hangs/): requeue as a crash (within the crash budget). No node is left out: a stuck collective
+    stalls every rank, so the rank whose watchdog fired first (the record's) is not the one to blame."""
 
 
 @dataclass(frozen=True)

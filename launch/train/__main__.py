@@ -12,10 +12,12 @@ be written); 3 not built; 4 a GPU profile on a node without a usable GPU, or the
 check found below its bus-bandwidth floor; 5 (rank check) another node was below it, and its
 ranks write the record; 6 (``launch.train.guard.EXIT_DIVERGED``) training diverged: too many
 non-finite steps or loss spikes, or a non-finite weight found before a save (no checkpoint or
-export was written with it); 7 a checkpoint save ran out of space or quota (``storage``).
+export was written with it); 7 a checkpoint save ran out of space or quota (``storage``); 8 no
+progress for ``train.hang_timeout_s`` (``launch.train.watchdog``: stacks dumped, outcome hang,
+by the first rank whose watchdog fired).
 torchrun turns all of them into 1, so the job script reads the outcome record instead
 (``launch.record.outcome``), written here for every engine: done, stopped or diverged (6) by rank 0,
-config (2, 3), node (4), storage (7) or crash (an exception, which still propagates with its traceback)
+config (2, 3), node (4), storage (7), hang (8) or crash (an exception, which still propagates with its traceback)
 by the first rank that fails; nothing for 5.
 """
 
@@ -33,7 +35,7 @@ from launch.record import outcome
 from launch.record.checkpoints import StorageFull
 from launch.record.outcome import Outcome
 from launch.record.read import read_config, read_plan
-from launch.train import preflight, stop
+from launch.train import preflight, stop, watchdog
 from launch.train.guard import EXIT_DIVERGED, Diverged
 from launch.train.metrics import err
 
@@ -79,6 +81,8 @@ def main(argv: list[str]) -> int:
         outcome.write(run_dir, Outcome.crash, f"{type(exc).__name__}: {outcome.first_line(str(exc))}",
                       step=_step(seen))
         raise
+    finally:
+        watchdog.stop()
     if ending.outcome is None:
         return ending.code
     if ending.outcome in (Outcome.done, Outcome.stopped, Outcome.diverged) and os.environ.get("RANK", "0") != "0":
@@ -124,6 +128,7 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
     if problem:
         return _problem(code, problem)
     stop.install()
+    watchdog.start(run_dir, cfg.train.hang_timeout_s)  # from here a stall ends in the outcome hang (main stops it)
     if preflight.cpu_devices(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA where there is one
     for message in ENGINE_NOTICES:
@@ -137,12 +142,14 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
         module.close()
         raise
     try:
+        watchdog.beat(phase="checkpoint load")
         if resume is not None:
             trainer.resume(resume)
         elif preflight.init_checkpoint(cfg):
             trainer.init_from(Path(preflight.init_checkpoint(cfg)))
         code = trainer.train()
     finally:
+        watchdog.beat(phase="closing")  # wandb's upload, the engine's teardown: timed afresh
         trainer.close()
     if trainer.step < trainer.steps:  # train() returns early only after a stop signal, with a checkpoint
         why = stop.requested() or "a stop signal on another rank"

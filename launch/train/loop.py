@@ -39,7 +39,7 @@ from launch.errors import UserError
 from launch.record import checkpoints as ckpt
 from launch.record import manifest
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig
-from launch.train import stop, trust
+from launch.train import stop, trust, watchdog
 from launch.train.guard import Diverged, Guard
 from launch.train.data import build_datasets, micro_batch
 from launch.train.metrics import Reporter
@@ -97,6 +97,7 @@ class Trainer:
                              tokens=self.gbs * self.seq, consumed_samples=self.consumed,
                              global_batch_size=self.gbs, counters=self.guard.fields())
                 window_time, window_steps, window = 0.0, 0, []
+            watchdog.beat(self.step)  # progress, for the hang watchdog (no I/O)
             if eval_every and self.data.valid is not None and self.step % eval_every == 0 and self.step < self.steps:
                 self.evaluate()
             if self.save_every and self.step % self.save_every == 0 and self.step < self.steps:
@@ -145,6 +146,7 @@ class Trainer:
     def evaluate(self) -> None:
         """Validation over ``train.eval_iters`` full global batches (the same ones each time: the numbers compare)."""
         m = self.module
+        watchdog.beat(phase="validation")
         full = micro_batches(self.full_gbs, m.mbs, m.dp)
         with m.evaluating():
             items = [m.eval_step(self._batches(self.data.valid, it * self.full_gbs, full))
@@ -158,6 +160,7 @@ class Trainer:
         with the manifest. Out of space or quota on any rank: the partial save is removed, and every rank
         raises ``StorageFull`` (the older checkpoints and ``latest`` untouched)."""
         m = self.module
+        watchdog.beat(phase="checkpoint save")
         self._refuse_non_finite("checkpoint")
         tmp = self.ckpt_dir / f".tmp_{ckpt.step_name(self.step)}"
         final = self.ckpt_dir / ckpt.step_name(self.step)
@@ -185,6 +188,7 @@ class Trainer:
             self.report.event(f"checkpoint {final} ({time.perf_counter() - t0:.1f} s, {len(sizes)} files, "
                               f"{sum(sizes.values()) / 1e6:.1f} MB checksummed)")
         dist.barrier()
+        watchdog.beat(phase="training")
         return final
 
     def _fresh_tmp(self, tmp: Path) -> None:
@@ -262,6 +266,7 @@ class Trainer:
         """``{checkpoint_dir}/final``: the module's export, marked and renamed into place by rank 0."""
         m = self.module
         final, tmp = self.ckpt_dir / "final", self.ckpt_dir / ".tmp_final"
+        watchdog.beat(phase="final export")
         self._refuse_non_finite("final export")
         if m.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -32,9 +32,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from launch.config.derive import mfu_peak_tflops
+from launch.record import goodput
+from launch.record.outcome import step_key
 from launch.record.read import read_overrides
 
 GIB = 1024 ** 3
+PROCESS_START = time.time()
+"""About when this rank's process started (``launch.train.__main__`` imports this module first): a job
+step's ``job_start`` record, so that building and loading count in the goodput's wall time."""
 
 
 def peak_memory_gib() -> tuple[float, str]:
@@ -78,6 +83,7 @@ class Reporter:
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         if enabled:
             self._init_wandb(cfg)
+            self._write({"kind": "job_start", "job": step_key(), "time": PROCESS_START})  # launch.record.goodput
 
     # --- wandb ---------------------------------------------------------------------------------
 
@@ -157,6 +163,7 @@ class Reporter:
         """
         if not self.enabled:
             return 0
+        self._write({"kind": "resume", "step": step, "time": time.time()})  # launch.record.goodput
         path = self.run_dir / "metrics.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         marked = 0
@@ -183,7 +190,18 @@ class Reporter:
         if self.enabled:
             print(f"trainctl: {text}", flush=True)
 
+    def report_goodput(self) -> None:
+        """The run's goodput so far, across its jobs (``launch.record.goodput``): metrics.jsonl, stdout, wandb."""
+        if not self.enabled or self._file is None:
+            return
+        figures = goodput.of(self.run_dir, running=True, now=time.time())
+        self._write({**figures.record(), "time": time.time()})
+        self.event(figures.line())
+        if self.wandb is not None:
+            self.wandb.log({f"goodput/{k}": v for k, v in figures.record().items() if isinstance(v, (int, float))})
+
     def close(self) -> None:
+        self.report_goodput()
         if self._file:
             self._file.close()
             self._file = None

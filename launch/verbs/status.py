@@ -7,7 +7,10 @@ from Slurm; progress from the run's own files: ``metrics.jsonl`` (the trainer's
 last logged step and loss), ``outcomes/`` (how the job's last step ended, where, and
 why: ``launch.record.outcome``), ``job.log`` (the job script's last decision: started,
 requeued and why, finished), the crash streak the script keeps and the nodes its
-requeues leave out (``job.excluded.JOBREF``), with why.
+requeues leave out (``job.excluded.JOBREF``), with why. Under the table, per run: its
+nodes' heartbeats (``heartbeats/``, ``launch.record.heartbeats``: the newest and oldest,
+and the nodes without progress past their hang timeout while the job runs, named
+STALLED), and its goodput across all its jobs (``launch.record.goodput``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from rich.table import Table
 
 from launch.errors import UserError
 from launch.executors import slurm
-from launch.record import jobs, outcome
+from launch.record import goodput, heartbeats, jobs, outcome
 from launch.record.read import PLAN, read_config, read_plan
 
 
@@ -44,22 +47,23 @@ def runs_of(paths: list[str]) -> list[Row]:
         return [Row(str(d), d, jobs.latest_job_id(d)) for d in found]
     rows: list[Row] = []
     for text in paths:
-        path = Path(text)
+        path = Path(text).absolute()  # once, here: records and /proc hold absolute paths; labels keep the text
+        text = str(Path(text))
         if (sweep := jobs.read(path / jobs.SWEEP_RECORD)) is not None:
-            rows += [Row(f"{path}/{Path(p['run_dir']).name}", Path(p["run_dir"]), p.get("job_id"))
+            rows += [Row(f"{text}/{Path(p['run_dir']).name}", path / p["run_dir"], p.get("job_id"))
                      for p in sweep["points"]]
         elif (pipeline := jobs.read(path / jobs.PIPELINE_RECORD)) is not None:
-            rows += [Row(f"{path} [{s['name']}]", Path(s["run_dir"]), s.get("job_id"), str(path))
+            rows += [Row(f"{text} [{s['name']}]", path / s["run_dir"], s.get("job_id"), str(path))
                      for s in pipeline["stages"]]
         elif (record := jobs.read(path / jobs.JOB_RECORD)) is not None and record.get("jobs"):
             last = record["jobs"][-1]
             if last.get("array_tasks"):  # trainctl prepare's job array: one row per shard
-                rows += [Row(f"{path} [{name}]", path, f"{last['job_id']}_{i}")
+                rows += [Row(f"{text} [{name}]", path, f"{last['job_id']}_{i}")
                          for i, name in enumerate(last["array_tasks"])]
             else:
-                rows.append(Row(str(path), path, last["job_id"]))
+                rows.append(Row(text, path, last["job_id"]))
         else:
-            raise UserError(f"{path}: no job.json, sweep.json or pipeline.json: nothing was submitted from there\n"
+            raise UserError(f"{text}: no job.json, sweep.json or pipeline.json: nothing was submitted from there\n"
                             "  fix: give a run directory that `trainctl submit` printed")
     return rows
 
@@ -87,7 +91,14 @@ def status_main(args: list[str]) -> int:
                  "" if step is None else f"{step}/{total}" if total else str(step), "" if loss is None else f"{loss:.4g}",
                  last_outcome(row.run_dir, row.job_id), excluded(row.run_dir, row.job_id), last_log_line(row.run_dir)]
         table.add_row(*map(escape, cells))  # a run directory may contain [brackets]
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    for row in rows:  # under the table: lines too long for a cell
+        s = states.get(row.job_id or "")
+        beats = node_beats(row.run_dir, running=bool(s) and s.state == "RUNNING")
+        figures = goodput.of(row.run_dir, running=bool(s) and s.active)
+        for line in ([beats] if beats else []) + ([figures.line()] if figures.job_steps else []):
+            console.print(escape(f"{row.label}: {line}"), soft_wrap=True)
     return 0
 
 
@@ -152,6 +163,28 @@ def last_metrics(run_dir: Path) -> tuple[int | None, float | None]:
         if record.get("kind", "train") == "train" and "loss" in record:  # not eval, not discarded_train
             return record.get("step"), record["loss"]
     return None, None
+
+
+def node_beats(run_dir: Path, *, running: bool, shown: int = 10) -> str:
+    """One line for all nodes' heartbeats (a run may have thousands): the newest and the oldest, then, while
+    the job runs, the nodes without progress past their hang timeout, named STALLED (at most ``shown``)."""
+    beats = sorted(heartbeats.read_all(run_dir), key=lambda b: -b.unix)
+    if not beats:
+        return ""
+
+    def one(b) -> str:
+        return f"{b.node} at step {b.step} ({b.phase}) {b.age():.0f} s ago"
+
+    line = f"heartbeats from {len(beats)} node(s): newest {one(beats[0])}"
+    if len(beats) > 1:
+        line += f", oldest {one(beats[-1])}"
+    now = (beats[0].job, beats[0].restart)  # a node an earlier job step ran on (excluded since) is not stalled
+    stalled = [b for b in beats if running and (b.job, b.restart) == now and b.stalled()]
+    if stalled:
+        more = f" and {len(stalled) - shown} more" if len(stalled) > shown else ""
+        line += (f"; STALLED (no progress past train.hang_timeout_s={stalled[-1].hang_timeout_s:g}): "
+                 + ", ".join(f"{b.node} {b.age():.0f} s ago at step {b.step}" for b in stalled[-shown:]) + more)
+    return line
 
 
 def last_log_line(run_dir: Path) -> str:
