@@ -47,6 +47,9 @@ class Outcome(str, enum.Enum):
     """This node cannot train (no usable GPU, a failed health check): requeue without it."""
     crash = "crash"
     """An unexpected exception: requeue within the crash budget (``cluster.max_crash_requeues``)."""
+    locked = "locked"
+    """Another live job holds the run directory's lock record (``launch.record.lock``): stop, no requeue
+    (two jobs would write one run)."""
 
 
 @dataclass(frozen=True)

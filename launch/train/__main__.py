@@ -9,16 +9,18 @@ Exit codes: 0 done or stopped (checkpoint saved); 2 a user error found on the
 node (a damaged record, missing data, a changed config on resume, a private API an
 installed engine lacks); 3 not built; 4 a GPU profile on a node without a usable GPU,
 or the node the rank check found below its bus-bandwidth floor; 5 (rank check) another
-node was below it, and its ranks write the record.
+node was below it, and its ranks write the record; 6 another live job holds the run
+directory (``launch.record.lock``: rank 0 holds ``RUN_DIR/run.lock`` while it trains).
 torchrun turns all of them into 1, so the job script reads the outcome record instead
 (``launch.record.outcome``), written here for every engine: done or stopped by rank 0,
-config (2, 3), node (4) or crash (an exception, which still propagates with its traceback)
+config (2, 3), node (4), locked (6) or crash (an exception, which still propagates with its traceback)
 by the first rank that fails; nothing for 5.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from launch.errors import UserError
-from launch.record import outcome
+from launch.record import lock, outcome
 from launch.record.outcome import Outcome
 from launch.record.read import read_config, read_plan
 from launch.train import preflight, stop
@@ -49,8 +51,9 @@ class Ending:
     step: int | None = None
 
 
+EXIT_LOCKED = 6
 EXIT_OUTCOME = {preflight.EXIT_USER: Outcome.config, preflight.EXIT_NOT_BUILT: Outcome.config,
-                preflight.EXIT_NO_DEVICE: Outcome.node}
+                preflight.EXIT_NO_DEVICE: Outcome.node, EXIT_LOCKED: Outcome.locked}
 
 
 def main(argv: list[str]) -> int:
@@ -58,6 +61,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m launch.train RUN_DIR", file=sys.stderr)
         return preflight.EXIT_USER
     run_dir = Path(argv[0]).absolute()
+    stop.die_with_parent(signal.SIGKILL)  # torchrun starts each rank in its own session: no rank outlives it
     seen = SimpleNamespace(trainer=None)  # _run puts its Trainer here: a crash record names the step it reached
     try:
         ending = _run(run_dir, seen)
@@ -68,6 +72,8 @@ def main(argv: list[str]) -> int:
         outcome.write(run_dir, Outcome.crash, f"{type(exc).__name__}: {outcome.first_line(str(exc))}",
                       step=_step(seen))
         raise
+    finally:
+        lock.release(run_dir)
     if ending.outcome is None:
         return ending.code
     if ending.outcome in (Outcome.done, Outcome.stopped) and os.environ.get("RANK", "0") != "0":
@@ -112,6 +118,9 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
     problem, code, resume = preflight.preflight(run_dir, record, engine)
     if problem:
         return _problem(code, problem)
+    held = lock.claim(run_dir)  # one run, one writer: rank 0 holds RUN_DIR/run.lock while it trains
+    if held:
+        return _problem(EXIT_LOCKED, held)
     stop.install()
     if preflight.cpu_devices(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA where there is one
