@@ -44,9 +44,9 @@ def _args(prepared: Path) -> list[str]:
 class Submit:
     """A ``trainctl submit`` running in the background, its own process group standing for a terminal's foreground."""
 
-    def __init__(self, cwd: Path, prepared: Path):
+    def __init__(self, cwd: Path, prepared: Path, *extra: str):
         self.cwd, self.run_dir = cwd, cwd / "runs/tiny_local"
-        self.proc = subprocess.Popen([sys.executable, "-m", "launch", "submit", *_args(prepared)], cwd=cwd,
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch", "submit", *_args(prepared), *extra], cwd=cwd,
                                      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.lines: list[str] = []
@@ -174,17 +174,9 @@ def test_two_slurm_submits_at_the_same_moment_queue_one_job(workdir: Path, slurm
 
 def test_stop_signals_to_the_launcher_save_and_the_resumed_losses_match(tmp_path, prepared, reference) -> None:
     """SIGTERM, then (resumed) SIGUSR1 to torchrun: each stops at a checkpoint, no traceback; the third run
-    finishes with every loss equal to the undisturbed run's. A second submit, and a second job started
-    around trainctl, are refused while the first runs."""
+    finishes with every loss equal to the undisturbed run's."""
     first = Submit(tmp_path, prepared)
     first.wait_steps(2)
-    again = run_trainctl("submit", *_args(prepared), cwd=tmp_path, env={"WANDB_MODE": "offline"})
-    assert again.returncode == 2 and "in use by trainctl submit (pid" in again.stderr, again.stderr
-    second_job = subprocess.run(  # as a second Slurm job on the same run directory would start
-        [sys.executable, "-m", "launch.train.launcher", "--standalone", "--nproc-per-node=1", "-m", "launch.train",
-         str(first.run_dir)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
-    assert re.search(r"is held by job local \(node \S+, pid \d+", second_job.stdout + second_job.stderr)
-    assert Outcome.locked.value in [o["outcome"] for o in _outcomes(first.run_dir)]
     os.kill(first.launcher(), signal.SIGTERM)
     out = first.finish()
     _no_traceback(out)
@@ -236,16 +228,24 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_stops_at_once(tmp_path
 
 
 def test_killing_submit_or_torchrun_leaves_no_rank_behind(tmp_path, prepared) -> None:
-    """SIGKILL to trainctl's group: torchrun gets SIGTERM (its parent-death signal) and the ranks save and stop.
-    SIGKILL to torchrun: its ranks die with it (theirs is SIGKILL)."""
-    run = Submit(tmp_path, prepared)
+    """A second submit, and a second job started around trainctl, are refused while a run trains.
+    SIGKILL to trainctl's group: torchrun gets SIGTERM (its parent-death signal) and the ranks save and stop.
+    SIGKILL to torchrun: its ranks die with it (theirs is SIGKILL). (40 steps: the run is never let finish.)"""
+    run = Submit(tmp_path, prepared, "train.steps=40")
     run.wait_steps(2)
-    assert _ranks(run.run_dir)
+    again = run_trainctl("submit", *_args(prepared), "train.steps=40", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert again.returncode == 2 and "in use by trainctl submit (pid" in again.stderr, again.stderr
+    second_job = subprocess.run(  # as a second Slurm job on the same run directory would start
+        [sys.executable, "-m", "launch.train.launcher", "--standalone", "--nproc-per-node=2", "-m", "launch.train",
+         str(run.run_dir)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert re.search(r"is held by job local \(node \S+, pid \d+", second_job.stdout + second_job.stderr)
+    assert Outcome.locked.value in [o["outcome"] for o in _outcomes(run.run_dir)]
+    assert _ranks(run.run_dir) and run.proc.poll() is None  # the first run trains on, undisturbed
     os.killpg(run.proc.pid, signal.SIGKILL)
     wait_for(lambda: not _ranks(run.run_dir), 60, "the ranks to save and stop")
     assert _outcomes(run.run_dir)[-1]["outcome"] == "stopped"
 
-    again = Submit(tmp_path, prepared)  # the lock went with the launcher: a new submit runs
+    again = Submit(tmp_path, prepared, "train.steps=40")  # the lock went with the launcher: a new submit runs
     again.wait_steps(_outcomes(run.run_dir)[-1]["step"] + 1)
     ranks = _ranks(again.run_dir)
     assert len(ranks) >= 2
