@@ -173,11 +173,12 @@ def test_two_slurm_submits_at_the_same_moment_queue_one_job(workdir: Path, slurm
 # --- local runs, for real --------------------------------------------------------------------
 
 def test_stop_signals_to_the_launcher_save_and_the_resumed_losses_match(tmp_path, prepared, reference) -> None:
-    """SIGTERM, then (resumed) SIGUSR1 to torchrun: each stops at a checkpoint, no traceback; the third run
-    finishes with every loss equal to the undisturbed run's."""
+    """SIGTERM (`trainctl cancel`), then (resumed) SIGUSR1 to torchrun: each stops at a checkpoint, no
+    traceback; the third run finishes with every loss equal to the undisturbed run's."""
     first = Submit(tmp_path, prepared)
     first.wait_steps(2)
-    os.kill(first.launcher(), signal.SIGTERM)
+    cancel = run_trainctl("cancel", str(first.run_dir), cwd=tmp_path)  # SIGTERM to the launcher's group
+    assert cancel.returncode == 0 and "stopping local run local:" in cancel.stdout, cancel.stdout + cancel.stderr
     out = first.finish()
     _no_traceback(out)
     assert first.proc.returncode == 128 + signal.SIGTERM, out[-3000:]
@@ -185,6 +186,7 @@ def test_stop_signals_to_the_launcher_save_and_the_resumed_losses_match(tmp_path
     assert len(stopped) == 1 and "by SIGTERM" in stopped[0] and "resume: trainctl submit recipe=tiny_local" in stopped[0]
     assert json.loads((first.run_dir / "job.json").read_text())["jobs"][-1]["outcome"] == "stopped"
     assert _outcomes(first.run_dir)[-1]["outcome"] == "stopped"
+    assert "STOPPED_AT_CHECKPOINT" in run_trainctl("status", str(first.run_dir), cwd=tmp_path).stdout
 
     resumed = Submit(tmp_path, prepared)
     resumed.wait_steps(_outcomes(first.run_dir)[-1]["step"] + 1)

@@ -110,8 +110,12 @@ def _report(job_id: str, run_dir: Path, checkpoint_dir: Path, code: int, got: li
 
 
 def cancel(job_id: str) -> None:
-    """Stop a running local job as SIGTERM would: its ranks save a checkpoint, then end."""
-    _kill(int(job_id.removeprefix(jobs.LOCAL_PREFIX)), signal.SIGTERM)
+    """Stop a running local job (``trainctl cancel``): SIGTERM to its launcher's process group, which
+    torchrun passes to every rank; they save a checkpoint and end, and its ``trainctl`` says how to resume."""
+    try:
+        os.killpg(int(job_id.removeprefix(jobs.LOCAL_PREFIX)), signal.SIGTERM)
+    except ProcessLookupError:  # it has just ended
+        pass
 
 
 def _kill(pid: int, sig: int) -> None:
