@@ -143,6 +143,19 @@ def test_the_lock_record_refuses_a_live_holder_and_takes_over_a_stale_or_finishe
     assert not (run_dir / lock.RECORD_NAME).exists()
 
 
+def test_a_second_holder_of_the_run_directory_is_refused_naming_the_first(tmp_path) -> None:
+    from launch.errors import UserError
+
+    with lock.hold(tmp_path, "trainctl submit") as fd:
+        lock.note_job(fd, "local:123")
+        with pytest.raises(UserError, match=rf"in use by trainctl submit \(pid {os.getpid()} on \S+, job local:123"):
+            with lock.hold(tmp_path, "trainctl submit"):
+                pass
+    assert not (tmp_path / lock.FLOCK_NAME).exists()
+    with lock.hold(tmp_path, "trainctl submit") as fd:  # free again once the holder is done
+        assert fd is not None
+
+
 def test_a_locked_outcome_stops_the_job_without_a_requeue(workdir: Path, stubs: Path) -> None:  # noqa: F811
     srun = stubs / "srun"
     srun.write_text(STUB_SRUN.replace('  silent) exit 1 ;;', '  silent) exit 1 ;;\n'

@@ -64,6 +64,23 @@ def hold(run_dir: Path, what: str):
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / FLOCK_NAME
+    fd = _flock(run_dir, path)
+    if fd is None:
+        yield None
+        return
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "what": what}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield fd
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding it: a newcomer that opened the old file retries (_same_file)
+        os.close(fd)
+
+
+def _flock(run_dir: Path, path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive flock; None where the file system has no flock."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -75,21 +92,11 @@ def hold(run_dir: Path, what: str):
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                yield None
-                return
+                return None
             raise
         if _same_file(fd, path):
-            break
+            return fd
         os.close(fd)  # the holder removed the file between our open and our flock: lock the new one
-    try:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "what": what}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        yield fd
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()  # while still holding it: a newcomer that opened the old file retries (_same_file)
-        os.close(fd)
 
 
 def note_job(fd: int | None, job_id: str) -> None:
