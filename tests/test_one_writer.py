@@ -139,6 +139,10 @@ def test_the_lock_record_refuses_a_live_holder_and_takes_over_a_stale_or_finishe
     (run_dir / lock.RECORD_NAME).write_text(json.dumps(
         {"job": "999999", "node": "node1", "pid": 1, "since": "2026-01-01T00:00:00+00:00"}))
     assert "Slurm says its job is no longer known" in lock.take_record(run_dir, "103")
+    old = time.time() - 1000
+    os.utime(run_dir / lock.RECORD_NAME, (old, old))
+    lock.heartbeat(run_dir, "103", interval_s=0.05)  # the holder's heartbeat keeps its record fresh
+    wait_for(lambda: lock.read_record(run_dir).heartbeat_age_s < 5, 5, "a heartbeat")
     lock.release_record(run_dir, "103")
     assert not (run_dir / lock.RECORD_NAME).exists()
 
