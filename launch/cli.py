@@ -142,7 +142,8 @@ VERBS: dict[str, Verb] = {
                    "trains here in the foreground", _submit),
     "status": Verb("state of submitted runs, sweeps and pipelines: Slurm's view, requeues, crashes, last step "
                    "and loss (trainctl status [RUN_DIR ...])", None, direct=_status),
-    "cancel": Verb("cancel the pending or running jobs of a run, sweep or pipeline (trainctl cancel RUN_DIR)",
+    "cancel": Verb("cancel the pending or running jobs of a run, sweep or pipeline (trainctl cancel RUN_DIR); "
+                   "a local run stops at a checkpoint",
                    None, direct=_cancel),
     "prepare": Verb("tokenize the data mixture's sources into indexed shards (data.prepared_dir); "
                     "skips finished ones; reports tokens and epochs per source", _prepare),
