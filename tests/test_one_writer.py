@@ -220,6 +220,13 @@ def test_stop_signals_to_the_launcher_save_and_the_resumed_losses_match(tmp_path
 
 
 def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_stops_at_once(tmp_path, prepared) -> None:
+    early = Submit(tmp_path, prepared)  # Ctrl-C while torchrun is still starting: nothing to save yet
+    wait_for(lambda: "started local:" in early.output(), 60, "the launcher to start")
+    os.killpg(early.proc.pid, signal.SIGINT)
+    out = early.finish()
+    _no_traceback(out)
+    assert early.proc.returncode == 130 and len(re.findall(r"^stopped local:\S+ by Ctrl-C", out, re.M)) == 1, out
+
     run = Submit(tmp_path, prepared)
     run.wait_steps(2)
     os.killpg(run.proc.pid, signal.SIGINT)  # what the terminal does: trainctl's group

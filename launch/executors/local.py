@@ -96,12 +96,15 @@ def _report(job_id: str, run_dir: Path, checkpoint_dir: Path, code: int, got: li
         print(f"stopped {job_id} by {_name(sig)} at step {ended.step}; checkpoint {find_resume(checkpoint_dir)}; "
               f"{resume}", flush=True)
         raise SystemExit(128 + sig)
+    if got and code > 0 and (ended is None or ended.outcome == Outcome.crash):  # stopped before any rank could save
+        print(f"stopped {job_id} by {_name(got[0])} during start-up, before a checkpoint; "
+              f"{_latest(checkpoint_dir)}; {resume}", flush=True)
+        raise SystemExit(128 + got[0])
     if code < 0:  # the launcher was killed: by a second Ctrl-C (trainctl did it), or from outside
         sig = got[1] if len(got) > 1 else -code
         why = f"a second {_name(sig)}" if len(got) > 1 else f"{_name(sig)} to its launcher"
-        latest = find_resume(checkpoint_dir)
         print(f"stopped {job_id} at once by {why}, without a new checkpoint (its ranks died with the launcher); "
-              f"{f'the latest is {latest}' if latest else 'no checkpoint yet'}; {resume}", flush=True)
+              f"{_latest(checkpoint_dir)}; {resume}", flush=True)
         raise SystemExit(128 + (got[0] if got else sig))
     if code != 0:
         what = f" ({ended.outcome.value}: {ended.cause})" if ended else ""
@@ -116,6 +119,11 @@ def cancel(job_id: str) -> None:
         os.killpg(int(job_id.removeprefix(jobs.LOCAL_PREFIX)), signal.SIGTERM)
     except ProcessLookupError:  # it has just ended
         pass
+
+
+def _latest(checkpoint_dir: Path) -> str:
+    latest = find_resume(checkpoint_dir)
+    return f"the latest is {latest}" if latest else "no checkpoint yet"
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
         return preflight.EXIT_USER
     run_dir = Path(argv[0]).absolute()
     stop.die_with_parent(signal.SIGKILL)  # torchrun starts each rank in its own session: no rank outlives it
+    stop.install()  # from the start: a stop during start-up stops after the first step, not with a traceback
     seen = SimpleNamespace(trainer=None)  # _run puts its Trainer here: a crash record names the step it reached
     try:
         ending = _run(run_dir, seen)
@@ -121,7 +122,6 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
     held = lock.claim(run_dir)  # one run, one writer: rank 0 holds RUN_DIR/run.lock while it trains
     if held:
         return _problem(EXIT_LOCKED, held)
-    stop.install()
     if preflight.cpu_devices(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA where there is one
     for message in ENGINE_NOTICES:

@@ -21,6 +21,8 @@ from launch.train.stop import die_with_parent
 
 
 def main(argv: list[str]) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):  # until torchrun takes them over,
+        signal.signal(sig, _quit)  # before it starts a rank: nothing to stop yet
     die_with_parent(signal.SIGTERM)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
@@ -30,6 +32,10 @@ def main(argv: list[str]) -> int:
     except SignalException as exc:
         return 128 + int(exc.sigval)
     return 0
+
+
+def _quit(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
