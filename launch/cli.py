@@ -76,9 +76,11 @@ def _submit(composed, run_dir: Path, command: list[str]) -> None:
     from launch.record.lock import hold
     from launch.verbs.submit import check_submittable, submit_written
 
-    with hold(run_dir, "trainctl submit") as lock_fd:  # one writer: held from the checks to sbatch's answer,
+    # One writer: RUN_DIR/.lock is held from the first check to sbatch's answer (on cluster=local, for the
+    # life of the run); a second submit of this run is refused at once, naming this one.
+    with hold(run_dir, "trainctl submit") as lock_fd:
         written = _write(composed, run_dir, command, with_job_script=True, check=check_submittable)
-        hc = HydraConfig.get()  # or, on cluster=local, for the life of the run
+        hc = HydraConfig.get()
         sweep_dir = Path(hc.sweep.dir).absolute() if hc.mode.name == "MULTIRUN" else None
         submit_written(written, run_dir, sweep_dir, lock_fd)
 
