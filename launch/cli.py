@@ -73,12 +73,16 @@ def _render(composed, run_dir: Path, command: list[str]) -> None:
 def _submit(composed, run_dir: Path, command: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from launch.record.lock import hold
     from launch.verbs.submit import check_submittable, submit_written
 
-    written = _write(composed, run_dir, command, with_job_script=True, check=check_submittable)
-    hc = HydraConfig.get()
-    sweep_dir = Path(hc.sweep.dir).absolute() if hc.mode.name == "MULTIRUN" else None
-    submit_written(written, run_dir, sweep_dir)
+    # One writer: RUN_DIR/.lock is held from the first check to sbatch's answer (on cluster=local, for the
+    # life of the run); a second submit of this run is refused at once, naming this one.
+    with hold(run_dir, "trainctl submit") as lock_fd:
+        written = _write(composed, run_dir, command, with_job_script=True, check=check_submittable)
+        hc = HydraConfig.get()
+        sweep_dir = Path(hc.sweep.dir).absolute() if hc.mode.name == "MULTIRUN" else None
+        submit_written(written, run_dir, sweep_dir, lock_fd)
 
 
 def _write(composed, run_dir: Path, command: list[str], **kwargs):
@@ -140,7 +144,8 @@ VERBS: dict[str, Verb] = {
                    "trains here in the foreground", _submit),
     "status": Verb("state of submitted runs, sweeps and pipelines: Slurm's view, requeues, crashes, last step "
                    "and loss (trainctl status [RUN_DIR ...])", None, direct=_status),
-    "cancel": Verb("cancel the pending or running jobs of a run, sweep or pipeline (trainctl cancel RUN_DIR)",
+    "cancel": Verb("cancel the pending or running jobs of a run, sweep or pipeline (trainctl cancel RUN_DIR); "
+                   "a local run stops at a checkpoint",
                    None, direct=_cancel),
     "prepare": Verb("tokenize the data mixture's sources into indexed shards (data.prepared_dir); "
                     "skips finished ones; reports tokens and epochs per source", _prepare),
@@ -162,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"did you mean 'trainctl {near[0]}'? " if near else ""
         _error(f"unknown verb {verb!r}\n  fix: {hint}verbs: {', '.join(VERBS)}")
         return EXIT_USER_ERROR
-    if VERBS[verb].direct is not None:
-        return _quietly(lambda: _run_direct(verb, rest))
-    return _quietly(lambda: _run_hydra_verb(verb, rest))
+    try:
+        if VERBS[verb].direct is not None:
+            return _quietly(lambda: _run_direct(verb, rest))
+        return _quietly(lambda: _run_hydra_verb(verb, rest))
+    except KeyboardInterrupt:  # Ctrl-C before a run started (a local run handles its own: executors/local.py)
+        _error("interrupted (Ctrl-C)")
+        return 130
 
 
 def _quietly(run: Callable[[], int]) -> int:

@@ -160,13 +160,6 @@ def _torchrun_pid(run_dir: Path, job: int, proc: subprocess.Popen) -> int:
     raise AssertionError(f"submission {job} never recorded its job: {proc.communicate()[0][-3000:]}")
 
 
-def _usr1_to_ranks(torchrun: int) -> None:
-    """The stop the sbatch script delivers (srun -> torchrun --signals-to-handle -> ranks). launch.sh's
-    torchrun does not forward SIGUSR1 (it would die of it, issue 18 point 4), so the ranks get it here."""
-    for rank in psutil.Process(torchrun).children():
-        rank.send_signal(signal.SIGUSR1)
-
-
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -183,16 +176,14 @@ def test_a_run_interrupted_three_times_reports_its_goodput(tmp_path, prepared):
     first = _submit(tmp_path, prepared)
     pid = _torchrun_pid(run_dir, 0, first)
     _wait_for_step(run_dir, 2, first)
-    _usr1_to_ranks(pid)
-    assert first.wait(timeout=120) == 0, first.communicate()[0][-3000:]
+    os.kill(pid, signal.SIGUSR1)  # torchrun passes it to every rank (launch/train/launcher.py)
+    assert first.wait(timeout=120) == 128 + signal.SIGUSR1, first.communicate()[0][-3000:]
 
-    # 2: while it runs, status and cancel given the relative path find it; a node without heartbeats is named.
+    # 2: while it runs, status given the relative path finds it; a node without heartbeats is named.
     second = _submit(tmp_path, prepared)
     pid = _torchrun_pid(run_dir, 1, second)
     status = run_trainctl("status", "runs/tiny_local", cwd=tmp_path)
     assert status.returncode == 0 and "RUNNING" in status.stdout and "GONE" not in status.stdout, status.stdout
-    cancel = run_trainctl("cancel", "runs/tiny_local", cwd=tmp_path)
-    assert cancel.returncode == 2 and "running in the foreground of another terminal" in cancel.stderr, cancel
     _wait_for_step(run_dir, 2 * EVERY + 1, second)  # past the checkpoint at step 8
     gone = run_dir / "heartbeats/node-gone.json"
     (real,) = (run_dir / "heartbeats").glob("*.json")
@@ -207,19 +198,20 @@ def test_a_run_interrupted_three_times_reports_its_goodput(tmp_path, prepared):
     victims = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     for p in victims:
         p.kill()
-    assert second.wait(timeout=60) == 2  # submit reports the killed local run
+    assert second.wait(timeout=60) == 128 + signal.SIGKILL  # submit reports the killed local run
     checkpoint = int((run_dir / "checkpoints/latest").read_text().strip().removeprefix("step_"))
     lost = max(r["step"] for r in _records(run_dir, "train")) - checkpoint
     assert checkpoint == 2 * EVERY and lost >= 1
 
-    # 3: the same command resumes from step 8; SIGUSR1 again after step 10.
+    # 3: the same command resumes from step 8; `trainctl cancel` given the relative path stops it after step 10.
     third = _submit(tmp_path, prepared)
     pid = _torchrun_pid(run_dir, 2, third)
     while len(_records(run_dir, "resume")) < 2 and third.poll() is None:  # its rewind marked job 2's lost steps
         time.sleep(0.1)
     _wait_for_step(run_dir, 2 * EVERY + 2, third)
-    _usr1_to_ranks(pid)
-    assert third.wait(timeout=120) == 0, third.communicate()[0][-3000:]
+    cancel = run_trainctl("cancel", "runs/tiny_local", cwd=tmp_path)
+    assert cancel.returncode == 0 and "stopping local run local:" in cancel.stdout, cancel.stdout + cancel.stderr
+    assert third.wait(timeout=120) == 128 + signal.SIGTERM, third.communicate()[0][-3000:]
 
     # 4: to the end.
     fourth = _submit(tmp_path, prepared)
@@ -242,7 +234,7 @@ def test_a_run_interrupted_three_times_reports_its_goodput(tmp_path, prepared):
     fraction, productive, wall, recomputed = float(m[1]), float(m[2]), float(m[3]), int(m[4])
     assert recomputed == lost
     assert productive == pytest.approx(sum(r["step_time_s"] for r in trained), abs=0.05)
-    assert productive < wall < elapsed and fraction == pytest.approx(100 * productive / wall, abs=0.1)
+    assert productive < wall < elapsed and fraction == pytest.approx(100 * productive / wall, abs=0.5)
     # The same figures in metrics.jsonl, by every job step that ended on its own (the killed one could not).
     records = _records(run_dir, "goodput")
     assert len(records) == 3 and records[-1]["recomputed_steps"] == lost and records[-1]["job_steps"] == 4

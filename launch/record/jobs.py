@@ -29,6 +29,8 @@ SWEEP_RECORD = "sweep.json"
 PIPELINE_RECORD = "pipeline.json"
 LOCAL_PREFIX = "local:"
 """A local job's id is this prefix and the pid of its launch.sh."""
+STOPPED_LOCAL = "STOPPED_AT_CHECKPOINT"
+"""A local run a stop signal or Ctrl-C ended after its checkpoint (Slurm's STOPPED means a paused job)."""
 
 
 SHAPES = {JOB_RECORD: ("jobs", "job_id"), SWEEP_RECORD: ("points", "run_dir"), PIPELINE_RECORD: ("stages", "run_dir")}
@@ -69,13 +71,15 @@ def record_submission(run_dir: Path, job_id: str, script: Path, *, scheduler: st
     return entry
 
 
-def record_exit(run_dir: Path, job_id: str, code: int) -> None:
-    """Note a local run's exit code on its entry."""
+def record_exit(run_dir: Path, job_id: str, code: int, *, outcome: str | None = None) -> None:
+    """Note a local run's exit code, and its outcome record's verdict where it wrote one, on its entry."""
     record = read(run_dir / JOB_RECORD) or {"jobs": []}
     for entry in record["jobs"]:
         if entry["job_id"] == job_id:
             entry["exit_code"] = code
             entry["ended_utc"] = _now()
+            if outcome:
+                entry["outcome"] = outcome
     write(run_dir / JOB_RECORD, record)
 
 
@@ -137,7 +141,8 @@ def local_state(run_dir: Path) -> JobState | None:
     code = last.get("exit_code")
     if code is None:
         return JobState(job_id=last["job_id"], state="GONE", reason="ended without a record (killed?)")
-    return JobState(job_id=last["job_id"], state="COMPLETED" if code == 0 else "FAILED", exit_code=str(code))
+    state = "COMPLETED" if code == 0 else STOPPED_LOCAL if last.get("outcome") == "stopped" else "FAILED"
+    return JobState(job_id=last["job_id"], state=state, exit_code=str(code))
 
 
 def add_sweep_point(sweep_dir: Path, point: dict) -> None:

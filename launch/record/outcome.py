@@ -57,6 +57,9 @@ class Outcome(str, enum.Enum):
     """No training progress for ``train.hang_timeout_s`` (``launch.train.watchdog``; every rank's stacks in
     RUN_DIR/hangs/): requeue as a crash (within the crash budget). No node is left out: a stuck collective
     stalls every rank, so the rank whose watchdog fired first (the record's) is not the one to blame."""
+    locked = "locked"
+    """Another live job holds the run directory's lock record (``launch.record.lock``): stop, no requeue
+    (two jobs would write one run)."""
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,19 @@ ranks write the record; 6 (``launch.train.guard.EXIT_DIVERGED``) training diverg
 non-finite steps or loss spikes, or a non-finite weight found before a save (no checkpoint or
 export was written with it); 7 a checkpoint save ran out of space or quota (``storage``); 8 no
 progress for ``train.hang_timeout_s`` (``launch.train.watchdog``: stacks dumped, outcome hang,
-by the first rank whose watchdog fired).
+by the first rank whose watchdog fired); 9 another live job holds the run directory
+(``launch.record.lock``: rank 0 holds ``RUN_DIR/run.lock`` while it trains).
 torchrun turns all of them into 1, so the job script reads the outcome record instead
 (``launch.record.outcome``), written here for every engine: done, stopped or diverged (6) by rank 0,
-config (2, 3), node (4), storage (7), hang (8) or crash (an exception, which still propagates with its traceback)
+config (2, 3), node (4), storage (7), hang (8), locked (9) or crash (an exception, which still
+propagates with its traceback)
 by the first rank that fails; nothing for 5.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from launch.errors import UserError
-from launch.record import outcome
+from launch.record import lock, outcome
 from launch.record.checkpoints import StorageFull
 from launch.record.outcome import Outcome
 from launch.record.read import read_config, read_plan
@@ -56,8 +59,9 @@ class Ending:
     step: int | None = None
 
 
+EXIT_LOCKED = 9
 EXIT_OUTCOME = {preflight.EXIT_USER: Outcome.config, preflight.EXIT_NOT_BUILT: Outcome.config,
-                preflight.EXIT_NO_DEVICE: Outcome.node}
+                preflight.EXIT_NO_DEVICE: Outcome.node, EXIT_LOCKED: Outcome.locked}
 
 
 def main(argv: list[str]) -> int:
@@ -65,6 +69,8 @@ def main(argv: list[str]) -> int:
         print("usage: python -m launch.train RUN_DIR", file=sys.stderr)
         return preflight.EXIT_USER
     run_dir = Path(argv[0]).absolute()
+    stop.die_with_parent(signal.SIGKILL)  # torchrun starts each rank in its own session: no rank outlives it
+    stop.install()  # from the start: a stop during start-up stops after the first step, not with a traceback
     seen = SimpleNamespace(trainer=None)  # _run puts its Trainer here: a crash record names the step it reached
     try:
         ending = _run(run_dir, seen)
@@ -83,6 +89,7 @@ def main(argv: list[str]) -> int:
         raise
     finally:
         watchdog.stop()
+        lock.release(run_dir)
     if ending.outcome is None:
         return ending.code
     if ending.outcome in (Outcome.done, Outcome.stopped, Outcome.diverged) and os.environ.get("RANK", "0") != "0":
@@ -127,7 +134,9 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
     problem, code, resume = preflight.preflight(run_dir, record, engine)
     if problem:
         return _problem(code, problem)
-    stop.install()
+    held = lock.claim(run_dir)  # one run, one writer: rank 0 holds RUN_DIR/run.lock while it trains
+    if held:
+        return _problem(EXIT_LOCKED, held)
     watchdog.start(run_dir, cfg.train.hang_timeout_s)  # from here a stall ends in the outcome hang (main stops it)
     if preflight.cpu_devices(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA where there is one

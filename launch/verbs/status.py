@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launch.errors import UserError
-from launch.executors import slurm
+from launch.executors import local, slurm
 from launch.record import goodput, heartbeats, jobs, outcome
 from launch.record.read import PLAN, read_config, read_plan
 
@@ -107,12 +107,15 @@ def cancel_main(args: list[str]) -> int:
         raise UserError("cancel needs a run, sweep or pipeline directory\n  fix: trainctl cancel runs/NAME")
     rows = runs_of(args)
     states = _states(rows)
-    if any(jobs.is_local(r.job_id) and states[r.job_id].active for r in rows):
-        raise UserError("a local run is running in the foreground of another terminal\n"
-                        "  fix: press Ctrl-C there")
     active = [r for r in rows if r.job_id and states.get(r.job_id) and states[r.job_id].active]
     if not active:
         print("nothing to cancel: no job of " + ", ".join(args) + " is pending or running")
+        return 0
+    for r in [r for r in active if jobs.is_local(r.job_id)]:  # SIGTERM to its launcher: checkpoint, then stop
+        local.cancel(r.job_id)
+        print(f"stopping local run {r.job_id}: its ranks save a checkpoint, then end: {r.label}")
+    active = [r for r in active if not jobs.is_local(r.job_id)]
+    if not active:
         return 0
     slurm.cancel([r.job_id for r in active])
     for r in active:

@@ -44,11 +44,14 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
         raise UserError(refusal)
 
 
-def submit_written(written: list, run_dir: Path, sweep_dir: Path | None) -> None:
-    """Submit what ``records.write_records`` wrote: one run, or a pipeline's stages chained by afterok."""
+def submit_written(written: list, run_dir: Path, sweep_dir: Path | None, lock_fd: int | None = None) -> None:
+    """Submit what ``records.write_records`` wrote: one run, or a pipeline's stages chained by afterok.
+
+    ``lock_fd``: the run directory's lock (``launch.record.lock.hold``), which a local run's launcher inherits.
+    """
     if len(written) == 1 and written[0][0].stage is None:
         unit, plan = written[0]
-        submit_rendered(plan, unit.run_dir, sweep_dir, unit.overrides)
+        submit_rendered(plan, unit.run_dir, sweep_dir, unit.overrides, lock_fd=lock_fd)
         return
     if ARRAY is not None:
         raise UserError("a pipeline cannot be a point of a job array\n  fix: submit the sweep without "
@@ -67,13 +70,13 @@ def submit_written(written: list, run_dir: Path, sweep_dir: Path | None) -> None
 
 
 def submit_rendered(plan, run_dir: Path, sweep_dir: Path | None, overrides: list[str], *,
-                    dependency: str | None = None) -> str | None:
+                    dependency: str | None = None, lock_fd: int | None = None) -> str | None:
     """sbatch the run's job.sbatch (already written); the job id, or None for a preflight."""
     if plan.cfg.cluster.scheduler == Scheduler.local:
         if plan.cfg.submit.preflight:
             print("preflight: cluster=local runs on this machine; there is no scheduler to ask")
             return None
-        return local.submit(run_dir)
+        return local.submit(run_dir, checkpoint_dir(plan.cfg, run_dir), lock_fd)
     script = run_dir / "job.sbatch"
     if ARRAY is not None:
         ARRAY.append((plan, run_dir, overrides))

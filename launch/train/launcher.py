@@ -1,0 +1,42 @@
+"""``python -m launch.train.launcher TORCHRUN-ARGS``: torchrun, as cluster=local's launch.sh runs it.
+
+torchrun forwards a stop signal (``--signals-to-handle``) to every rank, waits for
+them (``--shutdown-timeout``), then raises the signal as an exception whose
+traceback reads like a crash, although the ranks stopped as asked and saved a
+checkpoint. Here that exception ends the launcher quietly, with 128 + the
+signal's number, as a shell reports a command a signal stopped; what the ranks
+did is in the run's outcome record, which ``trainctl submit`` reads.
+
+The launcher gets SIGTERM when its parent (``trainctl submit``) dies, so a killed
+``trainctl`` still stops the ranks at a checkpoint; and every rank dies with the
+launcher (``launch.train.__main__``), so none outlives it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from launch.train.stop import die_with_parent
+
+
+def main(argv: list[str]) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):  # until torchrun takes them over,
+        signal.signal(sig, _quit)  # before it starts a rank: nothing to stop yet
+    die_with_parent(signal.SIGTERM)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def _quit(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
