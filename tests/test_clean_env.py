@@ -49,7 +49,7 @@ def test_a_job_from_an_unlisted_venv_with_a_clean_environment_trains(workdir: Pa
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "train"]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # it trained
-    assert f"{sys.executable} -m torch.distributed.run" in script  # the submitting interpreter, by its path
+    assert f"{sys.executable} -m launch.train.launcher" in script  # the submitting interpreter, by its path
     assert not [p for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
 
 

@@ -55,7 +55,7 @@ def _ranks(job: str) -> dict[int, int]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"launch.train" not in cmd or b"torch.distributed.run" in cmd:
+            if b"launch.train" not in cmd or b"launch.train.launcher" in cmd:
                 continue
             env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
         except OSError:

@@ -137,14 +137,17 @@ def srun_prefix(c, container_options: list[str]) -> list[str]:
 
 
 def srun_line(cfg: Config, lead_s: int, container_options: list[str], run_dir_var: str = '"$RUN_DIR"') -> str:
-    """``srun ... python -m torch.distributed.run ... -m launch.train "$RUN_DIR"``, quoted.
+    """``srun ... python -m launch.train.launcher ... -m launch.train "$RUN_DIR"``, quoted.
 
-    ``--kill-on-bad-exit``: a node whose torchrun fails ends the others' at once instead of
-    leaving them in a collective that never completes.
+    The launcher is torchrun, run in-process (``launch.train.launcher``): after a stop signal it
+    forwards (USR1 before the time limit, TERM at preemption) it exits quietly instead of with
+    torchrun's traceback, which would read like a crash in a job's log where the ranks saved and
+    stopped as asked. ``--kill-on-bad-exit``: a node whose torchrun fails ends the others' at once
+    instead of leaving them in a collective that never completes.
     """
     c = cfg.cluster
     srun = [*srun_prefix(c, container_options), "--kill-on-bad-exit=1"]
-    torchrun = [c.python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}", f"--nproc-per-node={c.gpus_per_node}"]
+    torchrun = [c.python, "-m", "launch.train.launcher", f"--nnodes={c.nodes}", f"--nproc-per-node={c.gpus_per_node}"]
     rdzv = ["--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$JOB_REF",
             "--max-restarts=0"]
     stop = [f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={lead_s}"]
