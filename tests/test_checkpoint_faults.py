@@ -322,8 +322,6 @@ def test_a_full_disk_at_a_save_stops_the_run_and_the_resume_matches(reference, t
     """The save of step 4 runs out of space on rank 1 after the engine's shards: the partial save is removed,
     step 2 and ``latest`` are intact, the outcome is ``storage``; once space is back the run resumes from 2.
     train.keep_checkpoints=1 on the way: one checkpoint is left at the end."""
-    if reference["backend"] != "megatron":
-        pytest.skip("the save sequence is the skeleton's, the same on both backends: run on Megatron-Core's files")
     run_dir = _render(tmp_path, reference["prepared"], reference["backend"], "train.keep_checkpoints=1")
     ckpts = run_dir / "checkpoints"
     full = _train(run_dir, TRAINCTL_FAULT_DISK_FULL_AT_STEP="4")

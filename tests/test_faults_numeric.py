@@ -230,11 +230,12 @@ def test_a_real_divergence_ends_diverged_with_nothing_non_finite_saved(tmp_path_
                          if t.is_floating_point())
 
 
-def test_a_non_finite_weight_is_never_saved(tmp_path_factory, prepared):  # noqa: F811
+@pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+def test_a_non_finite_weight_is_never_saved(tmp_path_factory, prepared, backend):  # noqa: F811
     """A weight turned NaN after step 2's update on rank 0 only (the loss and gradients were fine): the
     save of step 2 refuses, on every rank, and the run ends diverged with no checkpoint and no export."""
-    cwd = tmp_path_factory.mktemp("nan_weight_ds")
-    run_dir = _render(cwd, prepared, "deepspeed", 4, "train.checkpoint_interval=2", "optim.warmup_steps=2")
+    cwd = tmp_path_factory.mktemp(f"nan_weight_{backend}")
+    run_dir = _render(cwd, prepared, backend, 4, "train.checkpoint_interval=2", "optim.warmup_steps=2")
     run = _torchrun(run_dir, TRAINCTL_FAULT_NAN_WEIGHT_AT_STEP="2")
     [record] = _outcomes(run_dir)
     assert record.outcome == Outcome.diverged and record.step == 2, run.stdout[-4000:]

@@ -128,6 +128,8 @@ class MegatronModule(TrainModule):
                 ok, grad_norm, _ = optimizer.step()
                 self.step_skipped = not ok
                 grad_norm = float(grad_norm) if grad_norm is not None else None
+        if self.rank == 0 and self.faults.weight:
+            guard.corrupt_weight(self.faults, step + 1, (p for c in self.built.chunks for p in c.parameters()))
         return sums, lr, grad_norm
 
     def params_finite(self) -> bool:
