@@ -72,6 +72,9 @@ def _wait_done(env: dict, job: str, run_dir: Path, timeout: float = 300) -> None
     assert job_field(env, job, "JobState") == "COMPLETED", log[-3000:]
 
 
+BACKENDS = pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+
+
 def _assert_resumed_exactly(run_dir: Path, most_lost: int) -> list[dict]:
     """Every step once; the recomputed steps (at most ``most_lost``) logged the same losses both times."""
     train = _records(run_dir, "train")
@@ -80,13 +83,15 @@ def _assert_resumed_exactly(run_dir: Path, most_lost: int) -> list[dict]:
     assert len(lost) <= most_lost, [r["step"] for r in lost]
     by_step = {r["step"]: r["loss"] for r in train}
     assert all(r["loss"] == by_step[r["step"]] for r in lost), (lost, by_step)
-    assert (run_dir / "checkpoints/final/config.json").is_file()
+    final = run_dir / "checkpoints/final"
+    assert (final / "config.json").is_file() or (final / "metadata.json").is_file()  # HF model | dist checkpoint
     return lost
 
 
-def test_a_rank_killed_mid_run_is_requeued_and_resumes_from_the_last_checkpoint(workdir: Path,
-                                                                                 slurm_env: dict) -> None:
-    job, run_dir = _submit(workdir, slurm_env)
+@BACKENDS
+def test_a_rank_killed_mid_run_is_requeued_and_resumes_from_the_last_checkpoint(workdir: Path, slurm_env: dict,
+                                                                                 backend: str) -> None:
+    job, run_dir = _submit(workdir, slurm_env, f"backend={backend}")
     wait_for(lambda: _latest_step(run_dir) >= INTERVAL and len(_steps(run_dir)) >= INTERVAL + 1, 240,
              "a checkpoint and one step after it")
     ranks = _ranks(job)
@@ -101,9 +106,10 @@ def test_a_rank_killed_mid_run_is_requeued_and_resumes_from_the_last_checkpoint(
     assert lost and min(r["step"] for r in lost) > killed_after - INTERVAL - 1
 
 
-def test_repeated_preemption_resumes_each_time_and_loses_nothing(workdir: Path, slurm_env: dict) -> None:
+@BACKENDS
+def test_repeated_preemption_resumes_each_time_and_loses_nothing(workdir: Path, slurm_env: dict, backend: str) -> None:
     """Preemption as Slurm does it (PreemptMode=REQUEUE: SIGTERM, then the job is requeued), three times."""
-    job, run_dir = _submit(workdir, slurm_env)
+    job, run_dir = _submit(workdir, slurm_env, f"backend={backend}")
     for restart, at_step in enumerate((2, 5, 8), start=1):
         wait_for(lambda: len(_steps(run_dir)) >= at_step and job_field(slurm_env, job, "JobState") == "RUNNING",
                  240, f"step {at_step}")

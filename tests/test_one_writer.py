@@ -105,14 +105,18 @@ def _no_traceback(out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, prepared) -> dict[int, float]:
-    """An undisturbed run's losses, step by step."""
-    cwd = tmp_path_factory.mktemp("reference")
-    run = Submit(cwd, prepared)
-    out = run.finish()
-    assert run.proc.returncode == 0, out[-4000:]
-    losses = _losses(run.run_dir)
-    assert sorted(losses) == list(range(1, STEPS + 1))
+def reference(tmp_path_factory, prepared):
+    """An undisturbed run's losses, step by step: ``reference(backend)``, each backend's run once."""
+    runs: dict[str, dict[int, float]] = {}
+
+    def losses(backend: str) -> dict[int, float]:
+        if backend not in runs:
+            run = Submit(tmp_path_factory.mktemp(f"reference_{backend}"), prepared, f"backend={backend}")
+            out = run.finish()
+            assert run.proc.returncode == 0, out[-4000:]
+            runs[backend] = _losses(run.run_dir)
+            assert sorted(runs[backend]) == list(range(1, STEPS + 1))
+        return runs[backend]
     return losses
 
 
@@ -189,10 +193,12 @@ def test_two_slurm_submits_at_the_same_moment_queue_one_job(workdir: Path, slurm
 
 # --- local runs, for real --------------------------------------------------------------------
 
-def test_stop_signals_to_the_launcher_save_and_the_resumed_losses_match(tmp_path, prepared, reference) -> None:
+@pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+def test_stop_signals_to_the_launcher_save_and_the_resumed_losses_match(tmp_path, prepared, reference,
+                                                                         backend) -> None:
     """SIGTERM (`trainctl cancel`), then (resumed) SIGUSR1 to torchrun: each stops at a checkpoint, no
     traceback; the third run finishes with every loss equal to the undisturbed run's."""
-    first = Submit(tmp_path, prepared)
+    first = Submit(tmp_path, prepared, f"backend={backend}")
     first.wait_steps(2)
     cancel = run_trainctl("cancel", str(first.run_dir), cwd=tmp_path)  # SIGTERM to the launcher's group
     assert cancel.returncode == 0 and "stopping local run local:" in cancel.stdout, cancel.stdout + cancel.stderr
@@ -205,17 +211,17 @@ def test_stop_signals_to_the_launcher_save_and_the_resumed_losses_match(tmp_path
     assert _outcomes(first.run_dir)[-1]["outcome"] == "stopped"
     assert "STOPPED_AT_CHECKPOINT" in run_trainctl("status", str(first.run_dir), cwd=tmp_path).stdout
 
-    resumed = Submit(tmp_path, prepared)
+    resumed = Submit(tmp_path, prepared, f"backend={backend}")
     resumed.wait_steps(_outcomes(first.run_dir)[-1]["step"] + 1)
     os.kill(resumed.launcher(), signal.SIGUSR1)
     out = resumed.finish()
     _no_traceback(out)
     assert resumed.proc.returncode == 128 + signal.SIGUSR1 and "by SIGUSR1" in out, out[-3000:]
 
-    last = Submit(tmp_path, prepared)
+    last = Submit(tmp_path, prepared, f"backend={backend}")
     out = last.finish()
     assert last.proc.returncode == 0 and "finished local:" in out, out[-3000:]
-    assert _losses(last.run_dir) == reference  # every step, once, as if never stopped
+    assert _losses(last.run_dir) == reference(backend)  # every step, once, as if never stopped
     assert not (last.run_dir / lock.RECORD_NAME).exists() and not (last.run_dir / lock.FLOCK_NAME).exists()
 
 
