@@ -292,3 +292,17 @@ def test_killing_submit_or_torchrun_leaves_no_rank_behind(tmp_path, prepared) ->
     _no_traceback(out)
     assert "at once by SIGKILL to its launcher" in out and again.proc.returncode == 128 + signal.SIGKILL
     print(f"ranks gone {time.monotonic() - t0:.1f} s after torchrun's SIGKILL")
+
+
+def test_a_run_that_fails_on_its_ranks_ends_in_their_lines_not_torchrun_s_traceback(tmp_path, prepared) -> None:
+    """A run that ends diverged (a NaN weight before the save of step 2): the rank's one line, the launcher's
+    one line naming the rank and its exit code, trainctl's summary; no traceback, torchrun's included."""
+    env = {**_env(), "TRAINCTL_FAULT_NAN_WEIGHT_AT_STEP": "2"}
+    out = subprocess.run([sys.executable, "-m", "launch", "submit", *_args(prepared), "train.steps=4",
+                          "train.checkpoint_interval=2", "optim.warmup_steps=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2 and "Traceback" not in text and "ChildFailedError" not in text, text[-4000:]
+    assert "trainctl: training diverged: step 2: a parameter is not finite" in text
+    assert re.search(r"trainctl: torchrun: rank \d exited with code 6 ", text), text[-3000:]
+    assert "(diverged: step 2: a parameter is not finite; no checkpoint written)" in out.stderr

@@ -5,7 +5,11 @@ them (``--shutdown-timeout``), then raises the signal as an exception whose
 traceback reads like a crash, although the ranks stopped as asked and saved a
 checkpoint. Here that exception ends the launcher quietly, with 128 + the
 signal's number, as a shell reports a command a signal stopped; what the ranks
-did is in the run's outcome record, which ``trainctl submit`` reads.
+did is in the run's outcome record, which ``trainctl submit`` reads. A rank that
+exits non-zero (diverged, hang, storage, locked, a crash) makes torchrun raise
+``ChildFailedError``, whose traceback would hide the one line the rank printed:
+here it becomes one line naming the rank and its exit code, and exit 1 (the
+job script reads the outcome record, never torchrun's code).
 
 The launcher gets SIGTERM when its parent (``trainctl submit``) dies, so a killed
 ``trainctl`` still stops the ranks at a checkpoint; and every rank dies with the
@@ -25,12 +29,18 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, _quit)  # before it starts a rank: nothing to stop yet
     die_with_parent(signal.SIGTERM)
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     try:
         torchrun(argv)
     except SignalException as exc:
         return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        print(f"trainctl: torchrun: rank {rank} exited with code {failure.exitcode} (its own line above says why; "
+              "RUN_DIR/outcomes/ records how the job step ended)", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
