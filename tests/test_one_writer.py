@@ -44,10 +44,10 @@ def _args(prepared: Path) -> list[str]:
 class Submit:
     """A ``trainctl submit`` running in the background, its own process group standing for a terminal's foreground."""
 
-    def __init__(self, cwd: Path, prepared: Path, *extra: str):
+    def __init__(self, cwd: Path, prepared: Path, *extra: str, env: dict | None = None):
         self.cwd, self.run_dir = cwd, cwd / "runs/tiny_local"
         self.proc = subprocess.Popen([sys.executable, "-m", "launch", "submit", *_args(prepared), *extra], cwd=cwd,
-                                     env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
@@ -244,12 +244,18 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_stops_at_once(tmp_path
     checkpoint = re.search(r"checkpoint (\S+);", stopped[0])[1]
     assert Path(checkpoint).is_dir() and stopped[0].endswith(" ".join(["trainctl submit", *_args(prepared)]))
 
-    twice = Submit(tmp_path, prepared)
-    twice.wait_steps(len(_train(run.run_dir)) + 1)
+    # The second Ctrl-C must find a step that has not ended: rank 1 stalls after step S (a test-only knob),
+    # so rank 0 waits in step S+1's collective and the ranks can never finish the step the first asked for.
+    resumed_from = int(Path(checkpoint).name.split("_")[1])
+    stall = resumed_from + 2
+    twice = Submit(tmp_path, prepared, env={"TRAINCTL_FAULT_STALL_AT_STEP": f"1:{stall}"})
+    wait_for(lambda: stall in [r["step"] for r in _train(twice.run_dir)], 240, f"step {stall}")
     os.killpg(twice.proc.pid, signal.SIGINT)
     wait_for(lambda: "the ranks finish this step" in twice.output(), 10, "trainctl to pass the first Ctrl-C on")
+    time.sleep(2)  # the ranks have the first stop; none can act on it
+    assert twice.proc.poll() is None, twice.output()[-3000:]
     os.killpg(twice.proc.pid, signal.SIGINT)  # while the ranks are still in that step
-    reached = len(_train(twice.run_dir))
+    reached = max(r["step"] for r in _train(twice.run_dir))
     t0 = time.monotonic()
     out = twice.finish(timeout=30)
     _no_traceback(out)

@@ -96,7 +96,7 @@ def _report(job_id: str, run_dir: Path, checkpoint_dir: Path, code: int, got: li
         print(f"stopped {job_id} by {_name(sig)} at step {ended.step}; checkpoint {find_resume(checkpoint_dir)}; "
               f"{resume}", flush=True)
         raise SystemExit(128 + sig)
-    if got and code > 0 and (ended is None or ended.outcome == Outcome.crash):  # stopped before any rank could save
+    if len(got) == 1 and code != 0 and (ended is None or ended.outcome == Outcome.crash):  # before any rank could save
         print(f"stopped {job_id} by {_name(got[0])} during start-up, before a checkpoint; "
               f"{_latest(checkpoint_dir)}; {resume}", flush=True)
         raise SystemExit(128 + got[0])

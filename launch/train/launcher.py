@@ -25,13 +25,17 @@ from launch.train.stop import die_with_parent
 
 
 def main(argv: list[str]) -> int:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):  # until torchrun takes them over,
-        signal.signal(sig, _quit)  # before it starts a rank: nothing to stop yet
+    for sig in _STOPS:  # until torchrun takes them over, before it starts a rank: nothing to stop yet
+        signal.signal(sig, _note)
     die_with_parent(signal.SIGTERM)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    if _received:
+        return 128 + _received[0]
+    for sig in _STOPS:
+        signal.signal(sig, _quit)
     try:
         torchrun(argv)
     except SignalException as exc:
@@ -42,6 +46,16 @@ def main(argv: list[str]) -> int:
               "RUN_DIR/outcomes/ records how the job step ended)", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+_received: list[int] = []
+
+
+def _note(signum: int, _frame) -> None:
+    """During the imports: only noted. An exception raised inside an import can be swallowed by a
+    library's broad ``except`` (a Ctrl-C then went unseen and the run trained to the end)."""
+    _received.append(signum)
 
 
 def _quit(signum: int, _frame) -> None:
