@@ -125,7 +125,7 @@ CASES = {
     r.stage_needs_init: (
         ["stage=sft", "stage.init_checkpoint=/ckpt/sft"],
         [(["stage=dpo"], "stage.from_scratch=true"),
-         (["stage=rlhf", "stage.init_checkpoint=/ckpt/sft"], "needs a reward model")]),
+         (["stage=rlhf", "stage.init_checkpoint=/ckpt/sft"], "needs something to score")]),
     b.z_loss_backend: (
         ["recipe=tiny_local", "optim.z_loss=1e-4"],
         [(["optim.z_loss=1e-4"], "moe_z_loss_coeff"), (["recipe=tiny_local", "optim.z_loss=-1"], "negative")]),
@@ -133,7 +133,8 @@ CASES = {
         ["recipe=llama3_8b_dpo_h100"],
         [(["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "megatron-core ships neither"),
          (["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "backend=deepspeed"),
-         (["recipe=llama3_8b_dpo_h100", "stage=rlhf", "stage.reward_model=/rm"], "no RLHF (PPO)"),
+         (["recipe=llama3_8b_dpo_h100", "stage=rlhf", "stage.rl_algorithm=ppo", "stage.reward_model=/rm"],
+          "no PPO trainer"),
          (["stage=rlhf", "stage.from_scratch=true", "backend=megatron"], "stage=dpo backend=deepspeed")]),
     b.learning_rate_schedule: (
         ["recipe=llama3_8b_sft_h100"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from launch.config.derive import Derived
-from launch.config.schema import Config, Offload, Precision, Recompute, Schedule, Scheduler, StageKind
+from launch.config.schema import Config, Offload, Precision, Recompute, RlAlgorithm, Schedule, Scheduler, StageKind
 from launch.config.problem import Problem, divisors, is_megatron, split_evenly
 
 
@@ -63,10 +63,14 @@ def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
         yield Problem(keys, "DPO needs a frozen reference model and a preference loss: megatron-core ships neither, "
                       "and Megatron-LM's pretrain_gpt.py has no DPO",
                       "backend=deepspeed (ZeRO-3 with a frozen reference engine; tp, pp and cp 1)")
-    if kind == StageKind.rlhf:
-        yield Problem(keys, "trainctl translates no RLHF (PPO) run: it needs rollout generation, a reward model and a "
-                      "value model beside the policy, which neither translator sets up",
-                      "stage=dpo backend=deepspeed (learns from the same preference comparisons, no reward model)")
+    if kind == StageKind.rlhf and cfg.stage.rl_algorithm == RlAlgorithm.ppo:
+        yield Problem({**keys, "stage.rl_algorithm": cfg.stage.rl_algorithm},
+                      "PPO needs a value model trained beside the policy, and TRL 1.16 (which trainctl runs RL "
+                      "stages with) has no PPO trainer; GRPO and RLOO need no value model",
+                      "stage.rl_algorithm=grpo (or rloo)")
+    elif kind == StageKind.rlhf:
+        yield Problem(keys, "trainctl translates no RL stage yet (GRPO and RLOO are being built on TRL)",
+                      "stage=dpo backend=deepspeed (learns from preference comparisons, no reward model)")
 
 
 def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:

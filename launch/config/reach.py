@@ -36,7 +36,17 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "stage.reference_checkpoint": ("unused", "DPO/RLHF: no trainer runs those stages yet"),
     "stage.reward_model": ("unused", "RLHF: no trainer runs it yet (validation checks it is set)"),
     "stage.kl_coef": ("unused", "RLHF: no trainer runs it yet"),
-    "stage.ppo_clip": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.clip_eps": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.rl_algorithm": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.rewards": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.num_generations": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.max_completion_length": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.temperature": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.rollout.engine": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.rollout.nodes": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.rollout.tensor_parallel": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.rollout.gpu_memory_utilization": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.rollout.port": ("unused", "RLHF: no trainer runs it yet"),
     # --- optimizer
     "optim.z_loss": ("trainer", "the DeepSpeed trainer's loss (launch/train/loss.py); megatron refuses it in validation"),
     # --- training run

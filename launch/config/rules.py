@@ -438,9 +438,10 @@ def stage_needs_init(cfg: Config, d: Derived) -> Iterator[Problem]:
         yield Problem({"stage": s.kind, "stage.init_checkpoint": s.init_checkpoint},
                       f"{s.kind.name} starts from a trained model",
                       "stage.init_checkpoint=/path/to/checkpoint, or stage.from_scratch=true")
-    if s.kind == StageKind.rlhf and not s.reward_model and not s.from_scratch:
-        yield Problem({"stage": s.kind, "stage.reward_model": s.reward_model}, "RLHF needs a reward model",
-                      "stage.reward_model=/path/to/reward_model")
+    if s.kind == StageKind.rlhf and not s.reward_model and not s.rewards:
+        yield Problem({"stage": s.kind, "stage.reward_model": s.reward_model, "stage.rewards": list(s.rewards)},
+                      "RLHF needs something to score the completions",
+                      "stage.rewards=[exact_match,format], or stage.reward_model=/path/to/reward_model")
 
 
 # --- estimator assumptions ----------------------------------------------------

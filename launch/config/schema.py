@@ -52,13 +52,28 @@ class StageKind(Enum):
     pretrain = "pretrain"
     sft = "sft"
     dpo = "dpo"
-    rlhf = "rlhf"
+    rlhf = "rlhf"  # reinforcement learning from rewards: ``stage.rl_algorithm`` says which
 
 
 class DpoLoss(Enum):
-    """DPO loss variants, named as TRL's ``DPOConfig.loss_type``. Only the paper's loss is offered: the
-    DPO trainer is not built, and a variant joins here with the code that computes it."""
+    """DPO loss variants, named as TRL's ``DPOConfig.loss_type``."""
     sigmoid = "sigmoid"  # -log sigmoid(beta * margin) (Rafailov et al. 2023, eq. 7)
+    ipo = "ipo"  # (margin - 1 / (2 beta))^2 on length-averaged log-probs (Azar et al. 2023, eq. 17)
+    hinge = "hinge"  # relu(1 - beta * margin) (SLiC, Zhao et al. 2023)
+
+
+class RlAlgorithm(Enum):
+    """``stage.rl_algorithm`` for ``stage=rlhf``, named as TRL's trainers."""
+    grpo = "grpo"  # group-relative advantages, no value model (Shao et al. 2024, DeepSeekMath); TRL GRPOTrainer
+    rloo = "rloo"  # leave-one-out baseline (Ahmadian et al. 2024); TRL RLOOTrainer
+    ppo = "ppo"  # refused: it needs a value model, and TRL 1.16 has no PPO trainer
+
+
+class RolloutEngine(Enum):
+    """``stage.rollout.engine``: what generates the completions of an RL stage."""
+    hf = "hf"  # transformers' generate() inside the training ranks (CPU tests; slow on GPUs)
+    vllm_colocate = "vllm_colocate"  # vLLM inside each training rank, sharing its GPU (TRL vllm_mode=colocate)
+    vllm_server = "vllm_server"  # a vLLM server on dedicated nodes of the allocation (TRL vllm_mode=server)
 
 
 class PrepareOn(Enum):
@@ -225,6 +240,21 @@ class DataConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Where an RL stage's completions are generated (``stage.rollout.*``)."""
+
+    engine: RolloutEngine = RolloutEngine.hf
+    nodes: int = 0
+    """vllm_server: nodes of the job's allocation that run the vLLM server (the rest train)."""
+    tensor_parallel: int = 1
+    """vLLM's tensor parallelism (vllm_server: GPUs per server replica)."""
+    gpu_memory_utilization: float = 0.3
+    """vllm_colocate: the share of each GPU vLLM reserves for weights and KV cache (TRL's default)."""
+    port: int = 8000
+    """vllm_server: the server's port on its node."""
+
+
+@dataclass
 class StageConfig:
     """An alignment stage. Fields a stage does not use keep their defaults."""
 
@@ -244,11 +274,24 @@ class StageConfig:
     reference_checkpoint: Optional[str] = None
     """DPO/RLHF reference policy; None means init_checkpoint."""
     reward_model: Optional[str] = None
-    """RLHF: reward model checkpoint."""
+    """RLHF: a reward model (a Hugging Face sequence-classification model directory), beside or instead
+    of ``rewards``."""
+    rl_algorithm: RlAlgorithm = RlAlgorithm.grpo
+    """RLHF: GRPO or RLOO (TRL's trainers); PPO is refused with the reason."""
+    rewards: List[str] = field(default_factory=list)
+    """RLHF: reward functions, each a shipped name (``exact_match``: the completion's answer equals the
+    sample's; ``format``: the completion follows the answer format) or a ``module:function`` import path."""
+    num_generations: int = 8
+    """RLHF: completions sampled per prompt (GRPO's group; TRL's default)."""
+    max_completion_length: int = 256
+    """RLHF: tokens generated per completion at most (TRL's default)."""
+    temperature: float = 1.0
+    """RLHF: sampling temperature of the rollouts."""
     kl_coef: float = 0.05
-    """RLHF: KL penalty against the reference policy."""
-    ppo_clip: float = 0.2
-    """RLHF: PPO ratio clip."""
+    """RLHF: KL penalty against the reference policy (TRL's ``beta``); 0 loads no reference model."""
+    clip_eps: float = 0.2
+    """RLHF: the policy-ratio clip (PPO's epsilon, which GRPO and RLOO keep)."""
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig())
 
 
 @dataclass
