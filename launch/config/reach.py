@@ -114,6 +114,7 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "estimate.achievable_fraction_dense": ("login", "step-time model"),
     "estimate.achievable_fraction_moe": ("login", "step-time model"),
     "estimate.achievable_fraction_fp8": ("login", "step-time model"),
+    "estimate.achievable_fraction_hbm": ("login", "step-time model: an RL stage's decode steps"),
     "estimate.dp_comm_exposed_fraction": ("login", "step-time model"),
     "estimate.tp_comm_exposed_fraction": ("login", "step-time model"),
     "estimate.ep_comm_exposed_fraction": ("login", "step-time model"),

@@ -522,6 +522,9 @@ class EstimateConfig:
     """The same for MoE layers (grouped GEMMs, routing)."""
     achievable_fraction_fp8: float = 0.40
     """Share of FP8 peak reached when train.precision=fp8."""
+    achievable_fraction_hbm: float = 0.7
+    """Share of HBM bandwidth an RL stage's decode steps reach (vLLM's "model bandwidth utilization"; the
+    roofline bound is 1.0). An assumption: calibrate it against a measured rollout (launch/estimate/rollout.py)."""
     dp_comm_exposed_fraction: float = 0.2
     """Share of the data-parallel reduce-scatter/all-gather not hidden behind compute."""
     tp_comm_exposed_fraction: float = 0.3
