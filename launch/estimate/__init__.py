@@ -88,7 +88,7 @@ def _with_stage(cfg: Config, d: Derived, cost: StageCost, flops: dict, memory: d
         stage["generation_share"] = gen / step
         stage["rollout"] = {
             "engine": cfg.stage.rollout.engine.name, "sequences_per_engine": r.sequences_per_engine,
-            "waves": r.waves, "kv_cache_needed_gib": r.kv_needed_bytes / GIB,
+            "waves": r.waves, "weights_gib": r.weights_bytes / GIB, "kv_cache_needed_gib": r.kv_needed_bytes / GIB,
             "kv_cache_pool_gib": r.kv_pool_bytes / GIB, "decode_step_ms": r.decode_step_s * 1e3,
             "prefill_s": r.prefill_s, "decode_s": r.decode_s, "gpu_peak_gib": rollout_peak,
         }

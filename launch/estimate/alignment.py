@@ -268,8 +268,7 @@ def rlhf_cost(cfg: Config, d: Derived, calibration: Calibration = UNCALIBRATED) 
     elif engine == RolloutEngine.vllm_colocate:
         rollout_weights, kv = rollout.weights_bytes, rollout.kv_pool_bytes
         reserved = s.rollout.gpu_memory_utilization * cfg.cluster.gpu.hbm_gib * GIB
-    else:  # vllm_server: on its own nodes
-        rollout_weights, kv = rollout.weights_bytes, rollout.kv_pool_bytes
+    # vllm_server: nothing on the training GPUs; the rollout block holds its GPUs' numbers
     # the policy's activations are in StageMemory; the extra is what the other phases need beyond them
     extras = [reference_w[i] + reward_w[i]
               + max(generation_phase, reference_t[i], reward_t[i], m.activations) - m.activations
