@@ -135,7 +135,7 @@ CASES = {
          (["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "backend=deepspeed"),
          (["recipe=llama3_8b_dpo_h100", "stage=rlhf", "stage.rl_algorithm=ppo", "stage.reward_model=/rm"],
           "no PPO trainer"),
-         (["stage=rlhf", "stage.from_scratch=true", "backend=megatron"], "stage=dpo backend=deepspeed")]),
+         (["stage=rlhf", "stage.from_scratch=true", "backend=megatron"], "export the Megatron checkpoint")]),
     b.learning_rate_schedule: (
         ["recipe=llama3_8b_sft_h100"],
         [(["stage=sft", "stage.from_scratch=true"], "min_lr 3e-05 is above the peak learning rate 1e-05"),
