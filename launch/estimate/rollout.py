@@ -144,8 +144,11 @@ def rollout_estimate(spec: RolloutEngineSpec, m: ModelConfig) -> RolloutEstimate
     per_sequence_kv = (spec.prompt_tokens + spec.completion_tokens) * kv_bytes_per_token(m) / tp
     weights = WEIGHT_BYTES * spec.params / tp
     kv_needed = b * per_sequence_kv
-    pool = kv_needed if spec.pool_bytes is None else max(spec.pool_bytes - weights, 0.0)
-    rounds = waves(b, pool / per_sequence_kv if per_sequence_kv else math.inf)
+    if spec.pool_bytes is None:  # hf: the cache grows to what the engine's sequences need, in one round
+        pool, rounds = kv_needed, 1
+    else:
+        pool = max(spec.pool_bytes - weights, 0.0)
+        rounds = waves(b, pool / per_sequence_kv) if per_sequence_kv else 1
     prefill = 2 * spec.active_params * spec.prompt_tokens * b / tp / spec.flops_per_s
     batch = b / max(rounds, 1)
     mean_context = spec.prompt_tokens + spec.completion_tokens / 2
