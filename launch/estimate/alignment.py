@@ -22,9 +22,11 @@ runs on ``(cluster.nodes - stage.rollout.nodes) x gpus_per_node`` GPUs.
 A reward model is assumed to have the policy's architecture (reward models are usually
 trained from the SFT checkpoint; its config is not read at plan time).
 
-Not modelled: DeepSpeed's all-gather of the frozen models' weights is assumed hidden behind their
-forward (prefetched) unless it is longer; vLLM sleep mode (``vllm_enable_sleep_mode``) which
-would free the colocated pool during training; LoRA.
+Not modelled: reference log-probabilities precomputed before training (TRL's
+``precompute_ref_log_probs``; trainctl has no key for it yet, so the reference model is always
+held); vLLM sleep mode (``vllm_enable_sleep_mode``), which would free the colocated pool during
+training; LoRA. ``estimate.mfu`` replaces the training step's model only; the frozen forwards and
+the generation keep theirs.
 """
 
 from __future__ import annotations
