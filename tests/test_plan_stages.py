@@ -160,3 +160,23 @@ def test_plan_prints_the_stage_and_refuses_one_that_does_not_fit(tmp_path):
     assert "memory_gib.per_gpu_peak=" in out.stderr and "kv cache 64.0" in out.stderr
     assert "stage.rollout.engine=vllm_server stage.rollout.nodes=1" in out.stderr
     assert "stage.num_generations=16 train.global_batch_size=512" in out.stderr
+
+
+def test_reference_model_is_sharded_as_the_policy():
+    """The frozen reference holds 2 B per parameter of what the policy's GPU holds.
+
+    ZeRO-3 over dp 16 (above): 2 x N / 16 + 2 x the embedding = 1.9133 GiB. ZeRO-2: TRL runs the
+    reference with ZeRO disabled, whole on every GPU: 2 x N = 14.9575 GiB. Megatron-Core tp 2 x pp 2:
+    a stage holds 16 layers of (41,943,040 attention + 176,160,768 MLP) / 2 + 8,192 norm parameters
+    = 16 x 109,060,096 = 1,744,961,536, plus half the 128,256 x 4096 embedding (262,668,288) on the
+    first stage: 2,007,629,824 parameters, 2 B each = 3.7395 GiB.
+    """
+    from launch.estimate.alignment import frozen_weights_bytes
+    from launch.estimate.params import stage_params
+
+    cfg, d = typed("recipe=llama3_8b_dpo_h100", "parallel.zero_stage=2")
+    assert frozen_weights_bytes(cfg, d, stage_params(cfg, d)[0]) / GIB == pytest.approx(2 * N / GIB)
+    cfg, d = typed("recipe=llama3_8b_dpo_h100", "backend=megatron", "parallel.tp=2", "parallel.pp=2")
+    first = frozen_weights_bytes(cfg, d, stage_params(cfg, d)[0])
+    assert first == pytest.approx(2 * (16 * ((218_112_000 - 8192) / 2 + 8192) + 128_256 * 4096 / 2))
+    assert first / GIB == pytest.approx(3.7395, abs=1e-4)
