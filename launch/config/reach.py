@@ -42,11 +42,12 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "stage.num_generations": ("unused", "RLHF: no trainer runs it yet"),
     "stage.max_completion_length": ("unused", "RLHF: no trainer runs it yet"),
     "stage.temperature": ("unused", "RLHF: no trainer runs it yet"),
-    "stage.rollout.engine": ("unused", "RLHF: no trainer runs it yet"),
-    "stage.rollout.nodes": ("unused", "RLHF: no trainer runs it yet"),
-    "stage.rollout.tensor_parallel": ("unused", "RLHF: no trainer runs it yet"),
-    "stage.rollout.gpu_memory_utilization": ("unused", "RLHF: no trainer runs it yet"),
-    "stage.rollout.port": ("unused", "RLHF: no trainer runs it yet"),
+    "stage.rollout.engine": ("login", "the job script's vLLM server step (launch/executors/rollout.py); the RL trainer's TRL keys (launch/train/rollout.py)"),
+    "stage.rollout.nodes": ("login", "the job script's allocation and its vLLM server step (launch/executors/rollout.py)"),
+    "stage.rollout.tensor_parallel": ("login", "the vLLM server's --tensor-parallel-size; colocated, TRL's vllm_tensor_parallel_size (launch/train/rollout.py)"),
+    "stage.rollout.gpu_memory_utilization": ("trainer", "colocated vLLM's share of each GPU, TRL's vllm_gpu_memory_utilization (launch/train/rollout.py)"),
+    "stage.rollout.port": ("login", "the vLLM server's --port and the script's /health wait; TRL's vllm_server_port (launch/train/rollout.py)"),
+    "stage.rollout.server_timeout_s": ("login", "the job script's wait for the vLLM server's /health; TRL's vllm_server_timeout"),
     # --- optimizer
     "optim.z_loss": ("trainer", "the DeepSpeed trainer's loss (launch/train/loss.py); megatron refuses it in validation"),
     # --- training run
