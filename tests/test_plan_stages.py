@@ -121,18 +121,20 @@ def test_grpo_memory_and_step_add_up(grpo):
     assert grpo["scaling"]["predicted_loss"] is None
 
 
-def test_grpo_vllm_server_takes_its_nodes_out_of_training():
-    """stage.rollout.engine=vllm_server on 1 of 5 nodes: 32 GPUs train (as before), 8 generate with
-    TRL's vllm-serve share 0.9 x 79.6 = 71.64 GiB each; the training GPUs hold no rollout weights
-    or cache, and no reward model without stage.reward_model. A reward model adds its weights
-    (sharded as the reference) and a forward pass."""
-    n = plan("recipe=llama3_8b_grpo_h100", "stage.rollout.engine=vllm_server", "stage.rollout.nodes=1",
-             "cluster.nodes=5", "train.global_batch_size=640")
+def test_grpo_vllm_server_adds_its_node_and_its_cost():
+    """stage.rollout.engine=vllm_server, 1 node: added to the 4 that train (launch/config/rollout.py).
+    32 GPUs train, 8 generate with TRL's vllm-serve share 0.9 x 79.6 = 71.64 GiB each, 512 / 8 = 64
+    completions per engine; the training GPUs hold no rollout weights or cache, and the run pays for
+    40 GPUs. A reward model (stage.reward_model) adds its weights, sharded as the reference, and a
+    forward pass."""
+    n = plan("recipe=llama3_8b_grpo_h100", "stage.rollout.engine=vllm_server", "stage.rollout.nodes=1")
     s = n["stage"]
-    assert s["train_gpus"] == 32
+    assert (s["train_gpus"], s["rollout_gpus"]) == (32, 8)
     assert s["memory_gib"]["rollout_weights"] == 0 and s["memory_gib"]["kv_cache"] == 0
     assert s["rollout"]["gpu_peak_gib"] == pytest.approx(0.9 * 79.6)
-    assert s["rollout"]["sequences_per_engine"] == 80  # 640 completions over 8 engines
+    assert s["rollout"]["sequences_per_engine"] == 64
+    run = n["run"]
+    assert run["gpu_hours"] == pytest.approx(run["wall_clock_days"] * 24 * 40)
     with_rm = plan("recipe=llama3_8b_grpo_h100", "stage.reward_model=/models/rm")["stage"]
     assert with_rm["memory_gib"]["reward_model"] > 0 and with_rm["time_s"]["reward_model"] > 0
 

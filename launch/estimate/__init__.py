@@ -16,6 +16,8 @@ model, flops, memory_gib, throughput, run, scaling, plus ``memory_stages_gib``
 
 from __future__ import annotations
 
+import dataclasses
+
 from launch.config.derive import Derived
 from launch.config.schema import Config
 from launch.estimate.alignment import ALIGNMENT, StageCost, stage_cost
@@ -47,8 +49,10 @@ def estimate(cfg: Config, d: Derived, calibration: Calibration = UNCALIBRATED) -
     stage = {"kind": cfg.stage.kind.name, "memory_gib": {"policy": memory["per_gpu_peak"]},
              "time_s": {"train": throughput["step_time_s"]}}
     cost = stage_cost(cfg, d, calibration)
+    billed = d
     if cost is not None:
         flops, memory, stages_gib, throughput, stage = _with_stage(cfg, d, cost, flops, memory)
+        billed = dataclasses.replace(d, world_size=d.world_size + cost.rollout_world)  # a vLLM server's nodes
     scaling = scaling_estimate(cfg, n_active, d.tokens)
     if cfg.stage.kind in ALIGNMENT:  # Chinchilla's law is about pretraining loss; it says nothing here
         scaling["predicted_loss"] = None
@@ -57,7 +61,7 @@ def estimate(cfg: Config, d: Derived, calibration: Calibration = UNCALIBRATED) -
         "flops": flops,
         "memory_gib": memory,
         "throughput": throughput,
-        "run": run_estimate(cfg, d, n_total, throughput["step_time_s"]),
+        "run": run_estimate(cfg, billed, n_total, throughput["step_time_s"]),
         "scaling": scaling,
         "stage": stage,
         "memory_stages_gib": stages_gib,
@@ -74,14 +78,15 @@ def _with_stage(cfg: Config, d: Derived, cost: StageCost, flops: dict, memory: d
     memory = {**memory, "per_gpu_peak": cost.peak / GIB, "weights": cost.policy.states.weights / GIB,
               "grads": cost.policy.states.grads / GIB, "optimizer": cost.policy.states.optimizer / GIB,
               "activations": cost.policy.activations / GIB, "fits": fits}
-    per_gpu_flops = cost.flops_per_step / d.world_size / step
-    throughput = {"step_time_s": step, "tokens_per_s_per_gpu": cost.trained_tokens_per_step / step / d.world_size,
+    gpus = d.world_size + cost.rollout_world  # throughput and MFU per GPU the job holds
+    per_gpu_flops = cost.flops_per_step / gpus / step
+    throughput = {"step_time_s": step, "tokens_per_s_per_gpu": cost.trained_tokens_per_step / step / gpus,
                   "tflops_per_gpu": per_gpu_flops / 1e12, "mfu": per_gpu_flops / mfu_peak_flops(cfg)}
     stage = {"kind": cfg.stage.kind.name,
              "memory_gib": {k: v / GIB for k, v in cost.parts.items()},
              "time_s": cost.times,
              "sequences_per_step": cost.trained_tokens_per_step // cfg.model.seq_length,
-             "train_gpus": cost.train_world}
+             "train_gpus": cost.train_world, "rollout_gpus": cost.rollout_world}
     if cost.rollout is not None:
         r = cost.rollout
         gen = cost.times["generation"] + cost.times["weight_sync"]

@@ -17,8 +17,9 @@ engine, score them (reward functions: free; a reward model: a forward pass), the
 model's forward when ``stage.kl_coef > 0``, then the policy's training step on the
 prompt + completion sequences. The phases run one after another (TRL's trainers are
 synchronous), so their times add; ``time_s`` keeps each, and the plan shows generation's share.
-With ``stage.rollout.engine=vllm_server`` the rollout nodes do not train: the training step
-runs on ``(cluster.nodes - stage.rollout.nodes) x gpus_per_node`` GPUs.
+With ``stage.rollout.engine=vllm_server`` the server's ``stage.rollout.nodes`` are added to the
+allocation after the ``cluster.nodes`` that train (``launch.config.rollout.server_nodes``): their
+GPUs generate, wait while the policy trains, and count in the run's GPU-hours and cost.
 A reward model is assumed to have the policy's architecture (reward models are usually
 trained from the SFT checkpoint; its config is not read at plan time).
 
@@ -35,6 +36,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from launch.config.derive import Derived, derive
+from launch.config.rollout import server_nodes
 from launch.config.schema import BackendName, Config, Offload, Precision, Recompute, RolloutEngine, StageKind
 from launch.estimate.calibration import UNCALIBRATED, Calibration
 from launch.estimate.flops import FWD_BWD_FACTOR, flops_per_token
@@ -142,6 +144,8 @@ class StageCost:
     """Model FLOPs of the step: training, plus every forward pass (frozen models, generation)."""
     trained_tokens_per_step: int
     train_world: int
+    rollout_world: int = 0
+    """GPUs the vLLM server's nodes add (they generate only)."""
     rollout: RolloutEstimate | None = None
     rollout_gpu_peak: float | None = None
     """vllm_server: bytes per GPU on the rollout nodes."""
@@ -186,14 +190,9 @@ def dpo_cost(cfg: Config, d: Derived, calibration: Calibration = UNCALIBRATED) -
 
 # ---- RLHF -----------------------------------------------------------------------------------------
 
-def training_part(cfg: Config, d: Derived) -> tuple[Config, Derived]:
-    """The config of the GPUs that train: all of them, or all but the vLLM server's nodes."""
-    r = cfg.stage.rollout
-    if r.engine != RolloutEngine.vllm_server or r.nodes <= 0:
-        return cfg, d
-    nodes = max(cfg.cluster.nodes - r.nodes, 1)
-    train_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, nodes=nodes))
-    return train_cfg, derive(train_cfg)
+def rollout_gpus(cfg: Config) -> int:
+    """GPUs the vLLM server's nodes add to the job (0 unless stage.rollout.engine=vllm_server)."""
+    return server_nodes(cfg) * cfg.cluster.gpus_per_node
 
 
 def rollout_spec(cfg: Config, train_world: int) -> RolloutEngineSpec:
@@ -207,7 +206,7 @@ def rollout_spec(cfg: Config, train_world: int) -> RolloutEngineSpec:
         engines, pool = max(train_world // tp, 1), r.gpu_memory_utilization * hbm
     else:
         tp = max(r.tensor_parallel, 1)
-        engines = max(r.nodes * cfg.cluster.gpus_per_node // tp, 1)
+        engines = max(rollout_gpus(cfg) // tp, 1)
         pool = SERVER_GPU_MEMORY_UTILIZATION * hbm
     return RolloutEngineSpec(
         engine=r.engine, completions=cfg.train.global_batch_size,
@@ -237,7 +236,7 @@ def weight_sync_seconds(cfg: Config, d: Derived, engine: RolloutEngine) -> float
 def rlhf_cost(cfg: Config, d: Derived, calibration: Calibration = UNCALIBRATED) -> StageCost:
     """GRPO/RLOO: generation, weight sync, frozen models' forwards, then the policy's training step."""
     s = cfg.stage
-    tc, td = training_part(cfg, d)
+    tc, td = cfg, d
     engine = s.rollout.engine
     policy = stage_memory(tc, td, calibration)
     params = stage_params(tc, td)
@@ -295,7 +294,8 @@ def rlhf_cost(cfg: Config, d: Derived, calibration: Calibration = UNCALIBRATED) 
              "reward_model": reward_w[worst] + reward_t[worst],
              "rollout_weights": rollout_weights, "kv_cache": kv}
     return StageCost(policy=policy[worst], peaks=peaks, parts=parts, times=times, flops_per_step=flops,
-                     trained_tokens_per_step=trained, train_world=td.world_size, rollout=rollout,
+                     trained_tokens_per_step=trained, train_world=td.world_size,
+                     rollout_world=rollout_gpus(cfg), rollout=rollout,
                      rollout_gpu_peak=server_peak)
 
 

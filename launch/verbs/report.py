@@ -111,7 +111,7 @@ def _stage_rows(table: Table, plan: Plan) -> None:
     else:
         s, r = cfg.stage, stage["rollout"]
         prompts = cfg.train.global_batch_size // max(s.num_generations, 1)
-        where = (f"on {s.rollout.nodes} node(s) of {cfg.cluster.nodes}, {stage['train_gpus']} GPUs train"
+        where = (f"on {s.rollout.nodes} node(s) added to the {cfg.cluster.nodes} that train"
                  if r["gpu_peak_gib"] is not None else "in the training ranks")
         table.add_row("stage", f"{s.rl_algorithm.name.upper()}: {prompts} prompts x {s.num_generations} = "
                       f"{cfg.train.global_batch_size} completions of <= {s.max_completion_length} tokens a step; "

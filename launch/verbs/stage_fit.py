@@ -83,11 +83,8 @@ def _changes(cfg: Config) -> Iterator[Change]:
         if s.num_generations >= 4:  # as many prompts per step, half the completions
             yield {"stage.num_generations": s.num_generations // 2,
                    "train.global_batch_size": cfg.train.global_batch_size // 2}
-        if r.engine != RolloutEngine.vllm_server:  # a node of the allocation generates: one more, or one of them
-            server = {"stage.rollout.engine": RolloutEngine.vllm_server, "stage.rollout.nodes": 1}
-            yield {**server, "cluster.nodes": cfg.cluster.nodes + 1}
-            if cfg.cluster.nodes > 1:
-                yield server
+        if r.engine != RolloutEngine.vllm_server:  # a node added to the allocation generates
+            yield {"stage.rollout.engine": RolloutEngine.vllm_server, "stage.rollout.nodes": 1}
         if r.engine == RolloutEngine.vllm_colocate:
             for share in (0.2, 0.3, 0.4, 0.5):
                 if share != r.gpu_memory_utilization:
