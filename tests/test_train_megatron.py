@@ -205,4 +205,5 @@ def test_batch_ramp_up_through_the_interleaved_schedule(tmp_path, prepared):
     assert [r["global_batch_size"] for r in records] == [4, 4] + [8] * (STEPS - 2)
     assert records[-1]["consumed_samples"] == 8 + 8 * (STEPS - 2)
     assert records[-1]["loss"] < records[0]["loss"]
-    assert (run_dir / "checkpoints/final/metadata.json").is_file()  # the next stage's stage.init_checkpoint
+    assert (run_dir / "checkpoints/final/config.json").is_file()  # the next stage's stage.init_checkpoint
+    assert (run_dir / "checkpoints/final/megatron/metadata.json").is_file()
