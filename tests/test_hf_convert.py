@@ -203,16 +203,20 @@ def test_an_hf_model_of_another_shape_is_refused_before_building(tmp_path):
                                     "rope_type: the checkpoint has llama3, (no rope scaling in model.*) makes default"]
 
 
-def test_the_trainer_refuses_a_latest_file_in_one_line_before_it_builds(tmp_path):
+def test_the_trainer_refuses_a_latest_file_before_it_builds(tmp_path):
+    """Preflight (on the node, before torch): exit 2 with the line above, for either backend."""
+    from launch.record.read import RunConfig
+    from launch.train import preflight
+    from tests.conftest import typed
+
     ckpts = tmp_path / "pretrain/checkpoints"
     _committed_step(ckpts, 2)
-    out = run_trainctl("render", "recipe=tiny_sft", "backend=megatron", "stage.from_scratch=false",
-                       f"stage.init_checkpoint={ckpts / 'latest'}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    run = subprocess.run([sys.executable, "-m", "launch.train", str(tmp_path / "runs/tiny_sft")], env=_env(),
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert run.stderr.splitlines() == [f"trainctl: stage.init_checkpoint={ckpts / 'latest'}: this is the `latest` "
-                                       "pointer of a checkpoint directory (it holds a step's name, not weights)",
-                                       f"  fix: stage.init_checkpoint={ckpts} (its final/ is used, else the step "
-                                       "latest names)"]
+    for backend in ("megatron", "deepspeed"):
+        cfg, derived = typed("recipe=tiny_sft", f"backend={backend}", "stage.from_scratch=false",
+                             f"stage.init_checkpoint={ckpts / 'latest'}", f"train.checkpoint_dir={tmp_path / 'ck'}")
+        problem, code, _ = preflight.preflight(tmp_path, RunConfig(cfg=cfg, raw={}, derived=derived),
+                                               preflight.ENGINES[cfg.backend.name])
+        assert code == preflight.EXIT_USER == 2
+        assert problem == (f"stage.init_checkpoint={ckpts / 'latest'}: this is the `latest` pointer of a checkpoint "
+                           "directory (it holds a step's name, not weights)\n  fix: "
+                           f"stage.init_checkpoint={ckpts} (its final/ is used, else the step latest names)")
