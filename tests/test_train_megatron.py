@@ -238,3 +238,22 @@ def test_final_is_a_hugging_face_model_with_the_checkpoints_logits(runs, checkpo
     with torch.no_grad():
         logits = model(tokens).logits
     assert (logits - megatron["logits"]).abs().max().item() <= 1e-5
+
+
+def test_the_export_command_writes_what_the_trainer_exported(runs, tmp_path):
+    """``python -m launch.train.megatron.export RUN_DIR OUT``, one process, from the tp 2 run's checkpoint."""
+    import torch
+    from safetensors import safe_open
+
+    run_dir, out = runs["tp2"][0], tmp_path / "hf"
+    done = subprocess.run([sys.executable, "-m", "launch.train.megatron.export", str(run_dir), str(out)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == f"exported {run_dir / 'checkpoints/final/megatron'} to {out} (Hugging Face model)"
+    final = run_dir / "checkpoints/final"
+    assert json.loads((out / "config.json").read_text()) == json.loads((final / "config.json").read_text())
+    ours, theirs = (json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] for d in (out, final))
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        with safe_open(str(out / ours[name]), "pt") as a, safe_open(str(final / theirs[name]), "pt") as b:
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name

@@ -77,53 +77,53 @@ def _here(directory: Path, formats: tuple[Format, ...]) -> tuple[InitSource | No
     return None, list(found)
 
 
-def resolve_init(path: str | Path, formats: tuple[Format, ...], engine: str) -> InitSource:
+def resolve_init(path: str | Path, formats: tuple[Format, ...], engine: str, key: str = KEY) -> InitSource:
     """What ``stage.init_checkpoint=path`` loads for an engine taking ``formats`` (first preferred);
-    ``UserError`` naming the fix when there is nothing it can load."""
+    ``UserError`` naming the fix when there is nothing it can load (``key``: what the messages call the path)."""
     given = Path(path).expanduser()
     if given.is_file():
         if given.name == "latest":
-            raise UserError(f"{KEY}={path}: this is the `latest` pointer of a checkpoint directory (it holds a "
-                            f"step's name, not weights)\n  fix: {KEY}={given.parent} (its final/ is used, else the "
+            raise UserError(f"{key}={path}: this is the `latest` pointer of a checkpoint directory (it holds a "
+                            f"step's name, not weights)\n  fix: {key}={given.parent} (its final/ is used, else the "
                             "step latest names)")
-        raise UserError(f"{KEY}={path}: a file, not a checkpoint directory\n  fix: name the directory that holds "
+        raise UserError(f"{key}={path}: a file, not a checkpoint directory\n  fix: name the directory that holds "
                         "the checkpoint (a run directory, its checkpoints/ or final/, or a Hugging Face model)")
     if not given.is_dir():
-        raise UserError(f"{KEY}={path}: no such directory\n  fix: the previous stage's run directory or its "
+        raise UserError(f"{key}={path}: no such directory\n  fix: the previous stage's run directory or its "
                         "checkpoints/final, or a local Hugging Face model directory")
     given = given.absolute()
     source, found = _here(given, formats)
     if source or found:
-        return source or _refuse(path, found, engine)
+        return source or _refuse(path, found, engine, key)
     ckpt_dir, via = _checkpoint_dir(given)
     final = ckpt_dir / "final"
     if final.is_dir():
         source, found = _here(final, formats)
         if source:
             return InitSource(source.path, source.format, f"{via}final/ of {given}")
-        return _refuse(f"{path} ({final})", found, engine)
-    step = _newest_step(ckpt_dir)
+        return _refuse(f"{path} ({final})", found, engine, key)
+    step = _newest_step(ckpt_dir, key)
     if step is not None:
         if Format.megatron in formats and is_megatron(step):
             return InitSource(step, Format.megatron, f"{via}no final/ there (the run has not finished): the "
                                                      f"weights of its newest committed step, {step.name}")
-        raise UserError(f"{KEY}={path}: the run has not finished (no final/ in {ckpt_dir}), and its step "
+        raise UserError(f"{key}={path}: the run has not finished (no final/ in {ckpt_dir}), and its step "
                         f"checkpoints are not a {' or '.join(f.value for f in formats)}, which the {engine} trainer "
                         f"loads\n  fix: let the run finish (its final/ is a Hugging Face model), or name "
                         "another checkpoint")
-    raise UserError(f"{KEY}={path}: no checkpoint there (looked for a Hugging Face model: config.json and "
+    raise UserError(f"{key}={path}: no checkpoint there (looked for a Hugging Face model: config.json and "
                     f"{' or '.join(HF_WEIGHTS)}; a Megatron-Core checkpoint: metadata.json; a checkpoint directory: "
                     "final/ or step_*; a run directory: config.yaml or checkpoints/)\n  fix: the previous stage's "
                     "run directory or its checkpoints/final, or a local Hugging Face model directory")
 
 
-def _refuse(path, found: list[Format], engine: str):
+def _refuse(path, found: list[Format], engine: str, key: str):
     if found == [Format.megatron]:
-        raise UserError(f"{KEY}={path}: a {Format.megatron.value}, which the {engine} trainer cannot load\n  "
+        raise UserError(f"{key}={path}: a {Format.megatron.value}, which the {engine} trainer cannot load\n  "
                         f"fix: export it to a Hugging Face model (python -m launch.train.megatron.export "
                         f"CHECKPOINT OUT_DIR) and name OUT_DIR, or name the Megatron run's final/ (a Hugging Face "
                         "model since trainctl exports one there)")
-    raise UserError(f"{KEY}={path}: found {', '.join(f.value for f in found) or 'nothing'}, which the {engine} "
+    raise UserError(f"{key}={path}: found {', '.join(f.value for f in found) or 'nothing'}, which the {engine} "
                     "trainer cannot load\n  fix: name a Hugging Face model directory")
 
 
@@ -140,12 +140,12 @@ def _checkpoint_dir(directory: Path) -> tuple[Path, str]:
     return directory, ""
 
 
-def _newest_step(ckpt_dir: Path) -> Path | None:
+def _newest_step(ckpt_dir: Path, key: str) -> Path | None:
     """The step a resume would take (``latest``'s, passing the cheap checks); a damaged set raises UserError."""
     try:
         return ckpt.find_resume(ckpt_dir)
     except UserError as exc:
-        raise UserError(f"{KEY}: {exc.problems[0]}") from None
+        raise UserError(f"{key}: {exc.problems[0]}") from None
 
 
 # --- a Hugging Face checkpoint against model.* --------------------------------------------------

@@ -28,7 +28,7 @@ def export(checkpoint: str, out: Path) -> Path:
 
     from launch.config.schema import Config
 
-    source = resolve_init(checkpoint, (Format.megatron,), "export")
+    source = resolve_init(checkpoint, (Format.megatron,), "export", key="CHECKPOINT")
     try:
         marker = json.loads((source.path / ckpt.MARKER).read_text())
     except (OSError, ValueError) as exc:
