@@ -282,3 +282,14 @@ class SafetensorsReader:
         if file not in self._open:
             self._open[file] = safe_open(str(self.directory / file), "pt")
         return self._open[file].get_tensor(name)
+
+
+def load_hf(models: list, directory: Path, config) -> int:
+    """Import the Hugging Face model in ``directory`` into ``models`` (this rank's ``GPTModel`` chunks, of the
+    shape ``config`` describes): each shard gets its slice of the global tensors (``build.fill_by_name``),
+    read from the files that hold them; the number of shards written. ``MappingError`` for a missing or
+    misshapen tensor."""
+    from launch.train.megatron.build import fill_by_name
+
+    read, shape = SafetensorsReader(directory), Shape.of(config)
+    return fill_by_name(models, lambda key, index, full: from_hf(key, index, read, shape, full))

@@ -205,12 +205,10 @@ class MegatronModule(TrainModule):
         """``stage.init_checkpoint``: the weights only, from a distributed checkpoint (any layout) or a Hugging
         Face model (each rank reads the tensors of its shards); the optimizer's main copies follow them."""
         if source.format is Format.hf:
-            from launch.train.megatron import build, hf
+            from launch.train.megatron import hf
 
-            read, shape = hf.SafetensorsReader(source.path), hf.Shape.of(self._hf_config())
             try:
-                build.fill_by_name([c.module for c in self.built.chunks],
-                                   lambda key, index, full: hf.from_hf(key, index, read, shape, full))
+                hf.load_hf([c.module for c in self.built.chunks], source.path, self._hf_config())
             except hf.MappingError as exc:
                 raise UserError(f"stage.init_checkpoint={source.path}: {exc}\n  fix: a Llama or Mixtral model of "
                                 f"model={self.cfg.model.name}'s shape") from None
