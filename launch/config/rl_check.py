@@ -85,6 +85,10 @@ def stage_rl(cfg: Config, d: Derived) -> Iterator[Problem]:
         yield Problem({"stage.reward_model": s.reward_model},
                       "no Hugging Face model there (config.json): TRL loads it as a sequence-classification model",
                       "stage.reward_model=/path/to/reward_model_dir (save_pretrained's output), or null")
+    if s.reference_checkpoint and s.reference_checkpoint != s.init_checkpoint:
+        yield Problem({"stage.reference_checkpoint": s.reference_checkpoint, "stage.init_checkpoint": s.init_checkpoint},
+                      "TRL's GRPO and RLOO trainers take their KL reference from the initial policy; another "
+                      "reference model is not supported", "stage.reference_checkpoint=null")
     gbs = cfg.train.global_batch_size
     if s.num_generations < 2:
         yield Problem({"stage.num_generations": s.num_generations},

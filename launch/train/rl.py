@@ -31,10 +31,11 @@ What trainctl wires in through a ``TrainerCallback`` (``_Hooks``), every rank:
   and at the last step. Resume verifies candidates as the skeleton does and hands
   the step directory to ``Trainer.train(resume_from_checkpoint=...)``: Hugging Face
   restores the DeepSpeed state, the schedule, the RNG and the data position (it
-  skips the batches already seen). Under ZeRO-3 with
-  ``stage3_gather_16bit_weights_on_model_save`` false, Hugging Face writes
-  DeepSpeed's state twice per checkpoint (``save_model``, then the optimizer's save);
-  a cost of reusing its checkpoint code.
+  skips the batches already seen). With the rendered config's
+  ``stage3_gather_16bit_weights_on_model_save`` each checkpoint also holds the
+  consolidated ``model.safetensors`` (a gather to rank 0 per save); with it false,
+  Hugging Face writes DeepSpeed's state twice per checkpoint instead (``save_model``,
+  then the optimizer's save): costs of reusing its checkpoint code.
 - **Watchdog beats** after each step and at each save; **metrics.jsonl** (and
   wandb) through ``launch.train.metrics.Reporter`` from TRL's logs: loss, learning
   rate, grad norm, step time, and the RL figures (mean reward and its spread, each
@@ -379,6 +380,7 @@ class _Hooks(TrainerCallback):
 def _stage(hf: Path, tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that a kill interrupted
     os.replace(hf, tmp)
+    shutil.rmtree(hf.parent, ignore_errors=True)  # the staging directory (TRL's model card): made again at a save
 
 
 def _float(value) -> float | None:
