@@ -436,11 +436,11 @@ def _tokenizer(cfg):
     if init and Path(init, "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(init, local_files_only=True)
     else:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(cfg.data.tokenizer).expanduser()))
+    if tok.eos_token is None:  # TRL ends a completion at EOS: the end-of-document token prepare found
         from launch.train.data_common import eod_id
 
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(cfg.data.tokenizer).expanduser()))
-        if tok.eos_token is None:
-            tok.eos_token = tok.convert_ids_to_tokens(eod_id(cfg.data.tokenizer)[1])
+        tok.eos_token = tok.convert_ids_to_tokens(eod_id(cfg.data.tokenizer)[1])
     if tok.pad_token is None:
         tok.pad_token = "<|pad|>" if "<|pad|>" in tok.get_vocab() else tok.eos_token
     tok.padding_side = "left"
