@@ -50,7 +50,6 @@ trainer's export (marker, then a rename).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -69,7 +68,7 @@ from launch.train import stop, trust, watchdog
 from launch.train.guard import Diverged
 from launch.train.metrics import Reporter
 from launch.train.preflight import cpu_devices, init_checkpoint
-from launch.train.rewards import ANSWER_FIELD, resolve
+from launch.train.rewards import resolve
 
 HF_STAGING = ".tmp_hf"
 """Where Hugging Face writes a checkpoint before trainctl commits it (under train.checkpoint_dir)."""
@@ -137,7 +136,7 @@ def trl_args(cfg, ds: dict, *, steps: int, output_dir: Path) -> dict:
 
 class RLTrainer:
     def __init__(self, run_dir: Path, record: RunConfig, plan: PlanNumbers):
-        if cfg_algorithm(record.cfg) is RlAlgorithm.ppo:  # validation refuses it; a hand-edited record too
+        if record.cfg.stage.rl_algorithm is RlAlgorithm.ppo:  # validation refuses it; a hand-edited record too
             raise UserError("stage.rl_algorithm=ppo: TRL 1.16 has no PPO trainer\n  fix: stage.rl_algorithm=grpo")
         cfg = self.cfg = record.cfg
         self.run_dir, self.raw = run_dir, record.raw
@@ -194,7 +193,7 @@ class RLTrainer:
         watchdog.beat(self._step, phase="training")
         self.trl.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
         self._step = int(self.trl.state.global_step)
-        if self.hooks.stopping:
+        if self.hooks.stopping and self._step < self.steps:  # a stop at the last step still exports
             why = stop.requested() or "a stop signal on another rank"
             self.report.event(f"stopped by {why} at step {self._step}, checkpoint saved")
             return 0
@@ -343,7 +342,7 @@ class _Hooks(TrainerCallback):
         o, step = self.owner, int(state.global_step)
         o._step = step
         watchdog.beat(step)
-        if stop.agree():
+        if _agree_stop(o.trl.accelerator.device):
             self.stopping = True
             control.should_save = True
             control.should_training_stop = True
@@ -377,6 +376,13 @@ class _Hooks(TrainerCallback):
         return control
 
 
+def _agree_stop(device) -> bool:
+    """``launch.train.stop.agree`` on the training device (NCCL reduces no CPU tensor): any rank's stop, on all."""
+    flag = torch.tensor([1.0 if stop.requested() else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _stage(hf: Path, tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that a kill interrupted
     os.replace(hf, tmp)
@@ -392,10 +398,6 @@ def _latest(checkpoint_dir: Path) -> Path | None:
         return ckpt.find_resume(checkpoint_dir)
     except UserError:
         return None
-
-
-def cfg_algorithm(cfg) -> RlAlgorithm:
-    return cfg.stage.rl_algorithm
 
 
 def _random_model(cfg):
