@@ -452,7 +452,8 @@ def _tokenizer(cfg):
 def _prompts(cfg, run_dir: Path):
     """The prompt data: each source's JSONL through HF datasets (local files, cache under RUN_DIR), its
     ``text_key`` field as ``prompt``, other fields (``answer``) kept for the rewards; several sources are
-    interleaved by weight (seed ``train.seed``)."""
+    interleaved by weight (seed ``train.seed``). ``data.split`` is not applied: every row is a training prompt
+    (RL stages run no validation pass; ``train.eval_interval`` is not read)."""
     from datasets import interleave_datasets, load_dataset
 
     parts, weights = [], []
