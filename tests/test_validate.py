@@ -154,7 +154,15 @@ CASES = {
          (["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "backend=deepspeed"),
          (["recipe=llama3_8b_dpo_h100", "stage=rlhf", "stage.rl_algorithm=ppo", "stage.reward_model=/rm"],
           "no PPO trainer"),
-         (["stage=rlhf", "stage.from_scratch=true", "backend=megatron"], "export the Megatron checkpoint")]),
+         (["stage=rlhf", "stage.from_scratch=true", "backend=megatron", "stage.rewards=[format]"],
+          "run this stage with backend=deepspeed")]),
+    r.rl_stage: (
+        ["recipe=tiny_grpo"],
+        [(["recipe=tiny_grpo", "stage.rewards=[exact_mtch]"], "not a shipped reward"),
+         (["recipe=tiny_grpo", "stage.rewards=[json.decoder:nosuchfn]"], "defines no nosuchfn"),
+         (["recipe=tiny_grpo", "stage.num_generations=3"], "groups of 3"),
+         (["recipe=tiny_grpo", "stage.reward_model=/nonexistent/rm"], "config.json"),
+         (["recipe=tiny_grpo", "stage.reference_checkpoint=/ref"], "initial policy")]),
     b.learning_rate_schedule: (
         ["recipe=llama3_8b_sft_h100"],
         [(["stage=sft", "stage.from_scratch=true"], "min_lr 3e-05 is above the peak learning rate 1e-05"),

@@ -69,9 +69,10 @@ def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "stages with) has no PPO trainer; GRPO and RLOO need no value model",
                       "stage.rl_algorithm=grpo (or rloo)")
     elif kind == StageKind.rlhf and is_megatron(cfg):
-        yield Problem(keys, "GRPO and RLOO run on TRL's trainers, which train Hugging Face models: megatron-core "
-                      "ships no RL loss and no generation engine",
-                      "backend=deepspeed (export the Megatron checkpoint to Hugging Face format first)")
+        yield Problem(keys, "GRPO and RLOO run on TRL's trainers, which train Hugging Face models on the DeepSpeed "
+                      "backend; megatron-core ships no RL loop",
+                      "export the Megatron checkpoint to Hugging Face format and run this stage with "
+                      "backend=deepspeed stage.init_checkpoint=/path/to/hf_export")
 
 
 def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:

@@ -444,6 +444,13 @@ def stage_needs_init(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "stage.rewards=[exact_match,format], or stage.reward_model=/path/to/reward_model")
 
 
+def rl_stage(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """RLHF: reward names resolve, the reward model exists, the group size divides the batch (``rl_check``)."""
+    from launch.config.rl_check import stage_rl
+
+    yield from stage_rl(cfg, d)
+
+
 # --- estimator assumptions ----------------------------------------------------
 
 def estimate_settings(cfg: Config, d: Derived) -> Iterator[Problem]:

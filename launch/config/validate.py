@@ -49,6 +49,7 @@ GENERAL_RULES: tuple[Rule, ...] = (
     rules.data_split,
     rules.stage_needs_init,
     rollout.rollout_settings,
+    rules.rl_stage,
     rules.estimate_settings,
 )
 """Rules that hold on any backend."""

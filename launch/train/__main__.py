@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from launch.config.schema import StageKind
 from launch.errors import UserError
 from launch.record import lock, outcome
 from launch.record.checkpoints import StorageFull
@@ -142,14 +143,19 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA where there is one
     for message in ENGINE_NOTICES:
         warnings.filterwarnings("ignore", message=message)
-    from launch.train.loop import Trainer  # torch and the engine: after the checks above
+    if cfg.stage.kind is StageKind.rlhf:  # TRL's GRPO/RLOO trainer owns the loop (launch/train/rl.py)
+        from launch.train.rl import RLTrainer
 
-    module = engine.build(run_dir, record, plan)
-    try:
-        trainer = seen.trainer = Trainer(run_dir, record, plan, module)
-    except BaseException:
-        module.close()
-        raise
+        trainer = seen.trainer = RLTrainer(run_dir, record, plan)
+    else:
+        from launch.train.loop import Trainer  # torch and the engine: after the checks above
+
+        module = engine.build(run_dir, record, plan)
+        try:
+            trainer = seen.trainer = Trainer(run_dir, record, plan, module)
+        except BaseException:
+            module.close()
+            raise
     try:
         watchdog.beat(phase="checkpoint load")
         if resume is not None:

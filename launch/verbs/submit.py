@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from launch.config.rl_check import prompt_data_problem
 from launch.config.schema import Config, Scheduler
 from launch.config.stages import trains
 from launch.errors import UserError
@@ -36,7 +37,8 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
                         "yet, so a job would start and fail\n  fix: `trainctl plan`/`render` work for it; to check "
                         "an allocation instead, submit with train.rank_check_s=60")
     if cfg.train.rank_check_s <= 0:
-        refusal = directory_problem(cfg, run_dir) or resume_problem(cfg, run_dir) or engines_problem(cfg)
+        refusal = (directory_problem(cfg, run_dir) or resume_problem(cfg, run_dir) or engines_problem(cfg)
+                   or prompt_data_problem(cfg))
         if refusal:
             raise UserError(refusal)
     refusal = image_problem(cfg) or shared_problem(cfg, run_dir)  # a rank check runs on the nodes too
