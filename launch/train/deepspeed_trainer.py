@@ -23,14 +23,15 @@ import torch
 import torch.distributed as dist
 
 from launch.compat import DEEPSPEED_MICRO_STEPS, DEEPSPEED_ZERO3_GATHER, require
+from launch.config.schema import BackendName
 from launch.errors import UserError
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
-from launch.train import guard
+from launch.train import fingerprint, guard
 from launch.train import model as model_mod
 from launch.train.data import eod_id
 from launch.train.loss import lm_loss
 from launch.train.module import TrainModule
-from launch.train.preflight import cpu_devices
+from launch.train.preflight import ENGINES, cpu_devices, resolve_init
 from launch.train.schedule import lr_function
 
 
@@ -56,6 +57,9 @@ class DeepSpeedModule(TrainModule):
 
         torch.manual_seed(cfg.train.seed)
         model = model_mod.build(cfg, self.ds_config, eod=eod_id(cfg.data.tokenizer)[1])  # recompute applied
+        init = resolve_init(cfg, ENGINES[BackendName.deepspeed])
+        if init:  # loaded whole by the build (before deepspeed.initialize partitions it)
+            self.init_fingerprint = fingerprint.of_model(model.state_dict(), init.path)
         self.n_params = model_mod.n_params(model)
         peak = float(self.ds_config.get("optimizer", {}).get("params", {}).get("lr", record.derived.lr))
         self.lr_fn = lr_function(cfg, peak=peak, steps=record.derived.steps)

@@ -39,7 +39,7 @@ from launch.errors import UserError
 from launch.record import checkpoints as ckpt
 from launch.record import manifest
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig
-from launch.train import stop, trust, watchdog
+from launch.train import fingerprint, stop, trust, watchdog
 from launch.train.guard import Diverged, Guard
 from launch.train.data import build_datasets, micro_batch
 from launch.train.metrics import Reporter
@@ -263,6 +263,8 @@ class Trainer:
         self.module.init_from(source)
         note = f"; {source.note}" if source.note else ""
         self.report.event(f"initialised from {source.path} ({source.format.value}, weights only{note})")
+        self.report.record("init", step=0, path=str(source.path), format=source.format.value,
+                           weights_sha256=self.module.init_fingerprint)
 
     def export(self) -> Path:
         """``{checkpoint_dir}/final``: the module's export, marked and renamed into place by rank 0."""
@@ -278,7 +280,8 @@ class Trainer:
         dist.barrier()
         if m.rank == 0:
             ckpt.write_json(tmp / ckpt.MARKER, {"step": self.step, "config": self.raw,
-                                                "record_version": RECORD_VERSION, "time": time.time()})
+                                                "record_version": RECORD_VERSION, "time": time.time(),
+                                                "weights_sha256": fingerprint.of_directory(tmp)})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         dist.barrier()

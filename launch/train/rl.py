@@ -50,6 +50,7 @@ trainer's export (marker, then a rename).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -64,7 +65,7 @@ from launch.errors import UserError
 from launch.record import checkpoints as ckpt
 from launch.record import manifest
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig, read_backend_file
-from launch.train import stop, trust, watchdog
+from launch.train import fingerprint, stop, trust, watchdog
 from launch.train.guard import Diverged
 from launch.train.metrics import Reporter
 from launch.train.preflight import ENGINES, cpu_devices, resolve_init
@@ -200,8 +201,17 @@ class RLTrainer:
         return 0
 
     def init_from(self, source) -> None:
-        """Nothing to do: TRL built the policy (and its reference) from ``stage.init_checkpoint``."""
+        """Nothing to load: TRL built the policy (and its reference) from ``stage.init_checkpoint``. Recorded
+        with the fingerprint of the weights the policy holds (``launch.train.fingerprint``; ZeRO-3 partitions
+        are gathered one tensor at a time, on every rank)."""
+        import deepspeed
+
+        def gathered(param):
+            return deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else contextlib.nullcontext()
+
+        weights = fingerprint.of_model(dict(self.trl.model.named_parameters()), source.path, gathered)
         self.report.event(f"initialised from {source.path} (policy and reference){source.note and ': ' + source.note}")
+        self.report.record("init", step=0, path=str(source.path), format=source.format.value, weights_sha256=weights)
 
     def resume(self, step_dir: Path) -> None:
         """The newest checkpoint that verifies (checksums across the ranks), as the skeleton's resume; Hugging
@@ -297,7 +307,8 @@ class RLTrainer:
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp))
             ckpt.write_json(tmp / ckpt.MARKER, {"step": self._step, "config": self.raw,
-                                                "record_version": RECORD_VERSION, "time": time.time()})
+                                                "record_version": RECORD_VERSION, "time": time.time(),
+                                                "weights_sha256": fingerprint.of_directory(tmp)})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         dist.barrier()
