@@ -109,7 +109,7 @@ def test_bad_pairs_are_refused_at_submit(tmp_path):
 
 # --- a real run: learns, stops, resumes -------------------------------------------------------
 
-STEPS = 12
+STEPS = 8
 
 
 def _records(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -120,8 +120,8 @@ def _records(run_dir: Path, kind: str = "train") -> list[dict]:
 
 def _torchrun(run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",  # as job.sbatch gives it
+    return subprocess.Popen([sys.executable, "-m", "launch.train.launcher", "--standalone", "--nproc-per-node=2",
+                             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",  # as job.sbatch gives our launcher (torchrun)
                              "-m", "launch.train", str(run_dir)], cwd=run_dir.parent, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -131,17 +131,17 @@ def test_tiny_dpo_learns_stops_and_resumes(tmp_path):
     stopped by SIGUSR1 after a few steps and resumed from its checkpoint (the reference again the initial
     weights, not the resumed policy); the loss falls below log 2 and the reward margin rises."""
     out = run_trainctl("render", "recipe=tiny_dpo", f"train.steps={STEPS}", "train.global_batch_size=4",
-                       "model.seq_length=160", "train.eval_interval=6", "train.checkpoint_interval=3",
+                       "model.seq_length=160", "train.eval_interval=4", "train.checkpoint_interval=2",
                        cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     run_dir = tmp_path / "runs/tiny_dpo"
     first = _torchrun(run_dir)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and first.poll() is None and len(_records(run_dir)) < 4:
+    while time.monotonic() < deadline and first.poll() is None and len(_records(run_dir)) < 3:
         time.sleep(0.2)
     first.send_signal(signal.SIGUSR1)
     out1, _ = first.communicate(timeout=120)
-    assert first.returncode == 0, out1[-5000:]
+    assert first.returncode == 128 + signal.SIGUSR1, out1[-5000:]  # the launcher's code for a stop signal
     stopped_at = _records(run_dir)[-1]["step"]
     assert stopped_at < STEPS and f"stopped by SIGUSR1 at step {stopped_at}" in out1
     second = _torchrun(run_dir)
@@ -160,6 +160,6 @@ def test_tiny_dpo_learns_stops_and_resumes(tmp_path):
         (r["loss"], r["rewards/margins"]) for r in train]
     assert sum(r["rewards/accuracies"] for r in train[-3:]) / 3 > 0.7
     evals = _records(run_dir, "eval")
-    assert [r["step"] for r in evals] == [6, 12] and evals[-1]["val_rewards/margins"] > 0
+    assert [r["step"] for r in evals] == [4, 8] and evals[-1]["val_rewards/margins"] > 0
     assert (run_dir / "checkpoints/final/config.json").is_file()
     print("DPO run:", [(r["step"], round(r["loss"], 3), round(r["rewards/margins"], 3)) for r in train])
