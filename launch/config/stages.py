@@ -3,8 +3,9 @@
 ``plan`` and ``render`` work for every stage a backend translates
 (``backend_rules.stage_supported_by_backend`` says which); ``submit`` queues a
 training job only for a stage whose trainer exists (``launch/train``), since a
-job for any other would wait in the queue and then fail. RLHF (GRPO, RLOO) trains on
-DeepSpeed only, through TRL's trainers (``launch.train.rl``).
+job for any other would wait in the queue and then fail. DPO trains on DeepSpeed
+(``launch.train.deepspeed_dpo``); RLHF (GRPO, RLOO) on DeepSpeed only, through TRL's
+trainers (``launch.train.rl``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from launch.config.schema import BackendName, StageKind
 
 TRAINED: dict[BackendName, frozenset[StageKind]] = {
-    BackendName.deepspeed: frozenset({StageKind.pretrain, StageKind.sft, StageKind.rlhf}),  # rlhf: launch/train/rl.py
+    BackendName.deepspeed: frozenset({StageKind.pretrain, StageKind.sft, StageKind.dpo, StageKind.rlhf}),
     BackendName.megatron: frozenset({StageKind.pretrain, StageKind.sft}),
 }
 """The stages each backend's trainer trains."""

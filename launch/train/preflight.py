@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from launch.config.schema import BackendName, Config
+from launch.config.schema import BackendName, Config, StageKind
 from launch.config.stages import trains
 from launch.errors import UserError
 from launch.record.read import RunConfig
@@ -43,9 +43,11 @@ class Engine:
     init_formats: tuple[Format, ...]
     """What it loads as ``stage.init_checkpoint``, preferred first (``launch.train.init_source``)."""
     unsupported: Callable[[Config], str | None] = lambda cfg: None
+    stage_modules: dict[StageKind, str] = field(default_factory=dict)
+    """``module:Class`` for a stage whose objective differs (DPO), else ``module``."""
 
     def build(self, run_dir: Path, record: RunConfig, plan):
-        module, cls = self.module.split(":")
+        module, cls = self.stage_modules.get(record.cfg.stage.kind, self.module).split(":")
         return getattr(importlib.import_module(module), cls)(run_dir, record, plan)
 
 
@@ -58,7 +60,8 @@ def _deepspeed_unsupported(cfg: Config) -> str | None:
 
 ENGINES = {
     BackendName.deepspeed: Engine("launch.train.deepspeed_trainer:DeepSpeedModule", "DeepSpeed", (Format.hf,),
-                                  unsupported=_deepspeed_unsupported),
+                                  unsupported=_deepspeed_unsupported,
+                                  stage_modules={StageKind.dpo: "launch.train.deepspeed_dpo:DpoDeepSpeedModule"}),
     BackendName.megatron: Engine("launch.train.megatron.module:MegatronModule", "Megatron-Core",
                                  (Format.megatron, Format.hf)),
 }
@@ -93,6 +96,24 @@ def resolve_init(cfg: Config, engine: Engine) -> InitSource | None:
     return source
 
 
+def resolve_reference(cfg: Config, engine: Engine) -> InitSource | None:
+    """DPO's frozen reference: what ``stage.reference_checkpoint`` leads to (found as ``stage.init_checkpoint``
+    is), else the init checkpoint's; None for another stage, or from scratch (a copy of the initial weights)."""
+    if cfg.stage.kind != StageKind.dpo:
+        return None
+    ref = cfg.stage.reference_checkpoint
+    if not ref:
+        return resolve_init(cfg, engine)
+    key = "stage.reference_checkpoint"
+    source = init_source.resolve_init(ref, engine.init_formats, engine.name, key=key)
+    problems = init_source.hf_problems(cfg, source.path) if source.format is Format.hf else []
+    if problems:
+        raise UserError(f"{key}={ref}: the Hugging Face model in {source.path} is not model={cfg.model.name}: "
+                        f"{'; '.join(problems)}\n  fix: the reference is the policy's architecture: name a "
+                        "checkpoint of this model")
+    return source
+
+
 def preflight(run_dir: Path, record: RunConfig, engine: Engine) -> tuple[str | None, int, Path | None]:
     """(problem, its exit code; or None, 0, the step directory to resume from or None). No torch."""
     cfg = record.cfg
@@ -108,6 +129,7 @@ def preflight(run_dir: Path, record: RunConfig, engine: Engine) -> tuple[str | N
         return str(exc), EXIT_USER, None
     try:
         resolve_init(cfg, engine)
+        resolve_reference(cfg, engine)
     except UserError as exc:
         return "\n".join(exc.problems), EXIT_USER, None
     ckpt_dir = ckpt.checkpoint_dir(cfg, run_dir)
