@@ -40,7 +40,8 @@ def test_validation_proposes_the_split_tune_would_place():
 
 
 def test_submit_and_the_trainer_agree_on_which_stages_train(tmp_path):
-    """One answer (config.stages.trains): submit refuses an RLHF job, and the node would refuse it as not built."""
+    """One answer (config.stages.trains): submit refuses an RLHF job on Megatron-Core, and the node would refuse it
+    as not built."""
     import pytest
 
     from launch.errors import UserError
@@ -49,7 +50,7 @@ def test_submit_and_the_trainer_agree_on_which_stages_train(tmp_path):
     from launch.verbs.submit import check_submittable
 
     for backend in ("deepspeed", "megatron"):
-        for stage, built in (("sft", True), ("dpo", backend == "deepspeed"), ("rlhf", False)):
+        for stage, built in (("sft", True), ("dpo", backend == "deepspeed"), ("rlhf", backend == "deepspeed")):
             if (backend, stage) == ("megatron", "dpo"):
                 continue  # refused earlier, at plan: megatron-core has no preference loss
             cfg, d = typed(f"backend={backend}", f"stage={stage}", "stage.from_scratch=true", "data=tiny_chat")
