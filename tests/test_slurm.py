@@ -134,17 +134,7 @@ def test_a_sweep_submits_one_job_per_point_with_its_own_resources(workdir: Path,
     assert status.stdout.count("COMPLETED") == 2, status.stdout
 
 
-def test_a_pipeline_chains_its_stages_with_afterok(workdir: Path, slurm_env: dict) -> None:
-    out = run_trainctl("submit", "recipe=tiny_slurm_pipeline", "train.rank_check_s=1", cwd=workdir, env=slurm_env)
-    assert out.returncode == 0, out.stderr
-    stages = json.loads((workdir / "runs/tiny_slurm_pipeline/pipeline.json").read_text())["stages"]
-    assert [s["name"] for s in stages] == ["pretrain", "sft", "dpo"]
-    assert stages[1]["dependency"] == f"afterok:{stages[0]['job_id']}"
-    sft = (workdir / "runs/tiny_slurm_pipeline/sft/config.yaml").read_text()
-    assert f"init_checkpoint: {workdir}/runs/tiny_slurm_pipeline/pretrain/checkpoints/final" in sft
-    wait_state(slurm_env, stages[-1]["job_id"], "COMPLETED", "FAILED", timeout=180)
-    status = run_trainctl("status", "runs/tiny_slurm_pipeline", cwd=workdir, env=slurm_env).stdout
-    assert status.count("COMPLETED") == 3 and "[sft]" in status
+# A pipeline that trains every stage, chained afterok: tests/test_chain.py.
 
 
 def test_stages_after_a_failed_stage_never_run_and_status_says_so(workdir: Path, slurm_env: dict) -> None:
@@ -156,7 +146,7 @@ def test_stages_after_a_failed_stage_never_run_and_status_says_so(workdir: Path,
     wait_for(lambda: job_field(slurm_env, stages[1]["job_id"], "Reason") == "DependencyNeverSatisfied", 60,
              "Slurm to see the dependency can never be met")
     status = run_trainctl("status", "runs/tiny_slurm_pipeline", cwd=workdir, env=slurm_env).stdout
-    assert status.count("NEVER RUNS") == 2 and "max_crash_requeues=0" in status, status
+    assert status.count("NEVER RUNS") == 3 and "max_crash_requeues=0" in status, status
     assert run_trainctl("cancel", "runs/tiny_slurm_pipeline", cwd=workdir, env=slurm_env).returncode == 0
 
 
