@@ -13,7 +13,7 @@ from launch.config.schema import BackendName, StageKind
 
 TRAINED: dict[BackendName, frozenset[StageKind]] = {
     BackendName.deepspeed: frozenset({StageKind.pretrain, StageKind.sft}),
-    BackendName.megatron: frozenset({StageKind.pretrain, StageKind.sft}),
+    BackendName.megatron: frozenset({StageKind.pretrain, StageKind.sft, StageKind.dpo}),
 }
 """The stages each backend's trainer trains."""
 

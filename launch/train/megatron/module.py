@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 from launch.compat import MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, require
+from launch.config.schema import StageKind
 from launch.errors import UserError
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
 from launch.train import guard
 from launch.train.module import TrainModule
-from launch.train.preflight import cpu_devices
+from launch.train.preflight import cpu_devices, init_checkpoint
 
 
 class MegatronModule(TrainModule):
@@ -58,6 +59,12 @@ class MegatronModule(TrainModule):
         self.micro_batches = int(t["num_microbatches"])
         self.built = build.build(self.doc, self.device)
         self.ps = build.ps
+        self.dpo = None  # stage=dpo: the frozen reference and the preference loss (launch/train/megatron/dpo.py)
+        if record.cfg.stage.kind == StageKind.dpo:
+            from launch.train.megatron.dpo import DpoObjective
+
+            self.dpo = DpoObjective(doc=self.doc, stage=record.cfg.stage, init_checkpoint=init_checkpoint(record.cfg),
+                                    device=self.device, mbs=self.mbs, seq=self.seq)
         self.dp, self.dp_rank = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
         self.faults, self._fault = guard.Faults(), None
         self.last_stage_reporter = self.ps.is_pipeline_last_stage() and self.ps.get_tensor_model_parallel_rank() == 0
@@ -72,7 +79,7 @@ class MegatronModule(TrainModule):
         mp = self.doc["model_parallel"]
         return (f"{self.world} rank(s) = tp {mp['tensor_model_parallel_size']} x pp "
                 f"{mp['pipeline_model_parallel_size']} (vpp {self.built.vpp}) x cp {mp['context_parallel_size']} "
-                f"x dp {self.dp}")
+                f"x dp {self.dp}" + (f"; {self.dpo.describe()}" if self.dpo else ""))
 
     def layout(self) -> dict:
         mp = self.doc["model_parallel"]
@@ -82,18 +89,29 @@ class MegatronModule(TrainModule):
     # --- steps ---------------------------------------------------------------------------------
 
     def _run_schedule(self, batches: list, forward_only: bool):
-        """One pass of the pipeline schedule over ``batches``; [loss sum, tokens] on the reporting ranks."""
-        chunks, vpp = self.built.chunks, self.built.vpp
-        iterators = [iter(batches) for _ in chunks] if vpp > 1 else iter(batches)
-        losses = self.built.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iterators, model=chunks if vpp > 1 else chunks[0],
-            num_microbatches=len(batches), seq_length=self.seq, micro_batch_size=self.mbs,
-            decoder_seq_length=self.seq, forward_only=forward_only)
-        sums = torch.zeros(2, dtype=torch.float64)
+        """One pass of the pipeline schedule over ``batches`` (DPO: the reference's, then the policy's);
+        [loss sum, count, ...] on the reporting ranks (zeros elsewhere)."""
+        step, width = self._forward_step, 2
+        if self.dpo:
+            from launch.train.megatron.dpo import WIDTH
+
+            batches = self.dpo.batches(self._schedule, batches)
+            step, width = self.dpo.policy_step(self._fault, self.dp_rank == 0), WIDTH
+        losses = self._schedule(self.built.chunks, step, batches, forward_only=forward_only)
+        sums = torch.zeros(width, dtype=torch.float64)
         if self.last_stage_reporter:
             for item in losses:
                 sums += item["lm loss"].detach().to("cpu", torch.float64)
         return sums
+
+    def _schedule(self, chunks: list, forward_step, batches: list, *, forward_only: bool) -> list:
+        """megatron-core's schedule over ``chunks`` (one per virtual stage): what the loss functions reported."""
+        iterators = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+        rows = batches[0][0].shape[0]  # sequences per micro-batch: mbs, or 2 x mbs for DPO's pairs
+        return self.built.forward_backward(
+            forward_step_func=forward_step, data_iterator=iterators, model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(batches), seq_length=self.seq, micro_batch_size=rows,
+            decoder_seq_length=self.seq, forward_only=forward_only)
 
     def _forward_step(self, data_iterator, model):
         tokens, labels, mask = next(data_iterator)
@@ -116,7 +134,7 @@ class MegatronModule(TrainModule):
         lr = optimizer.param_groups[0]["lr"]
         agreed = sums.to(self.device)
         dist.all_reduce(agreed)  # guard's one collective: [loss sum, tokens] from the loss-reporting ranks
-        self.step_loss = (agreed[0] / agreed[1].clamp(min=1)).item()
+        self.step_loss = self._loss(agreed)
         self.step_skipped, grad_norm = True, None
         if guard.finite(self.step_loss):
             # megatron-core's step discards non-finite gradients only under an fp16 loss scale, which
@@ -158,6 +176,14 @@ class MegatronModule(TrainModule):
         """Token-weighted mean loss over the items, from the last pipeline stage's tp-rank-0 ranks."""
         total = torch.stack(items).sum(0).to(self.device)
         dist.all_reduce(total)
+        return self._loss(total)
+
+    def _loss(self, total) -> float:
+        """The mean loss of summed reports: per token ([loss sum, tokens]), or per pair (DPO's ``pair_stats``)."""
+        if self.dpo:
+            from launch.train.megatron.dpo import loss_of
+
+            return loss_of(total)
         return (total[0] / total[1].clamp(min=1)).item()
 
     @contextlib.contextmanager
