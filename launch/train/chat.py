@@ -98,12 +98,15 @@ class ChatEncoder:
         return list(out["input_ids"]), list(out["assistant_masks"])
 
     def __call__(self, messages: list[dict]) -> dict:
+        ids, assistant = self.ids_and_mask(messages)
+        return self.sample(ids, assistant if self.mask_prompt else [1] * len(ids))
+
+    def sample(self, ids: list[int], weight: list[int]) -> dict:
+        """Rendered ids and their loss weights, cut or padded to ``seq_length + 1``, as one sample."""
         import torch
 
-        ids, assistant = self.ids_and_mask(messages)
         keep = self.seq_length + 1  # tokens and labels are two views of seq_length + 1 ids
-        ids, assistant = ids[:keep], assistant[:keep]
-        weight = assistant if self.mask_prompt else [1] * len(ids)
+        ids, weight = ids[:keep], weight[:keep]
         pad = keep - len(ids)
         ids, weight = ids + [self.eod] * pad, weight + [0] * pad
         return {
@@ -175,8 +178,12 @@ def check_sources(cfg) -> None:
                           "JSONL files themselves, no `trainctl prepare` needed")
 
 
-def build_chat_datasets(cfg, *, train_samples: int, valid_samples: int, cache_dir: Path):
-    """The blended train and validation chat datasets (call on every rank; torch.distributed may be initialised)."""
+def build_chat_datasets(cfg, *, train_samples: int, valid_samples: int, cache_dir: Path, encoder=None,
+                        source_class=None):
+    """The blended train and validation chat datasets (call on every rank; torch.distributed may be initialised).
+
+    ``encoder`` and ``source_class`` (default ``ChatEncoder``, ``ChatSource``): what reads a line and makes it
+    a sample; ``launch.train.preference`` passes its own for preference pairs, the machinery is this one."""
     import torch
     from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
@@ -193,8 +200,9 @@ def build_chat_datasets(cfg, *, train_samples: int, valid_samples: int, cache_di
         random_seed=int(cfg.train.seed), sequence_length=int(cfg.model.seq_length), blend=(paths, weights),
         split=",".join(str(float(x)) for x in cfg.data.split),
         path_to_cache=str(cache_dir) if distributed else None)  # one process: no cache, nothing to share
-    encoder = ChatEncoder(cfg.data.tokenizer, seq_length=int(cfg.model.seq_length),
-                          mask_prompt=bool(cfg.stage.mask_prompt))
+    encoder = encoder or ChatEncoder(cfg.data.tokenizer, seq_length=int(cfg.model.seq_length),
+                                     mask_prompt=bool(cfg.stage.mask_prompt))
+    source_class = source_class or ChatSource
     offsets = [line_offsets(p) for p in paths]
 
     has_valid = float(cfg.data.split[1]) > 0 and valid_samples > 0
@@ -211,7 +219,7 @@ def build_chat_datasets(cfg, *, train_samples: int, valid_samples: int, cache_di
             bounds[number, split] = begin, end
 
     def blended(split: Split, size: int):
-        parts = [ChatSource(name=name, number=number, path=path, key=source.text_key, offsets=offsets[number],
+        parts = [source_class(name=name, number=number, path=path, key=source.text_key, offsets=offsets[number],
                             begin=bounds[number, split][0], end=bounds[number, split][1], split=split, size=size,
                             seed=int(cfg.train.seed), encoder=encoder)
                  for number, (name, source, path) in enumerate(zip(names, sources, paths))]

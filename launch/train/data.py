@@ -1,7 +1,8 @@
 """The training data: the prepared shards, blended by weight through megatron-core's dataset builders.
 
 Post-training stages (``launch.backends.common.reads_raw_chat``: SFT) read chat JSONL
-instead, through ``launch.train.chat``, into samples of the same shape.
+instead, through ``launch.train.chat``, into samples of the same shape; DPO reads preference
+pairs through ``launch.train.preference`` (a sample: the chosen and the rejected sequence stacked).
 
 ``trainctl prepare`` writes ``{data.prepared_dir}/{source}.bin/.idx`` per mixture
 source (megatron-core ``IndexedDatasetBuilder``, one document per sequence, EOD
@@ -26,6 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from launch.backends.common import reads_raw_chat
+from launch.config.schema import StageKind
+from launch.train import preference
 from launch.train.chat import build_chat_datasets, check_sources
 from launch.train.data_common import PREPARE_HINT, Datasets, MissingData, MissingShards, eod_id
 
@@ -33,8 +36,10 @@ __all__ = ["PREPARE_HINT", "Datasets", "MissingData", "MissingShards", "build_da
            "micro_batch", "shard_prefixes", "write_shards"]
 
 def check_data(cfg) -> None:
-    """Raise MissingData naming what this run would read and cannot find: shards, or chat files for SFT."""
-    if reads_raw_chat(cfg):
+    """Raise MissingData naming what this run would read and cannot find: shards, chat files for SFT, pairs for DPO."""
+    if cfg.stage.kind == StageKind.dpo:
+        preference.check_sources(cfg)
+    elif reads_raw_chat(cfg):
         check_sources(cfg)
     else:
         shard_prefixes(cfg)
@@ -94,6 +99,9 @@ def build_datasets(cfg, *, train_samples: int, valid_samples: int, cache_dir: Pa
     """The blended train and validation datasets (call on every rank; torch.distributed may be initialised)."""
     import torch
 
+    if cfg.stage.kind == StageKind.dpo:
+        return preference.build_preference_datasets(cfg, train_samples=train_samples, valid_samples=valid_samples,
+                                                    cache_dir=cache_dir)
     if reads_raw_chat(cfg):
         return build_chat_datasets(cfg, train_samples=train_samples, valid_samples=valid_samples,
                                    cache_dir=cache_dir)
