@@ -3,7 +3,8 @@
 ``plan`` and ``render`` work for every stage a backend translates
 (``backend_rules.stage_supported_by_backend`` says which); ``submit`` queues a
 training job only for a stage whose trainer exists (``launch/train``), since a
-job for any other would wait in the queue and then fail. DPO and RLHF have no
+job for any other would wait in the queue and then fail. DPO trains on DeepSpeed
+(``launch.train.deepspeed_dpo``) and Megatron-Core (``launch.train.megatron.dpo``); RLHF has no
 trainer yet.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from launch.config.schema import BackendName, StageKind
 
 TRAINED: dict[BackendName, frozenset[StageKind]] = {
-    BackendName.deepspeed: frozenset({StageKind.pretrain, StageKind.sft}),
+    BackendName.deepspeed: frozenset({StageKind.pretrain, StageKind.sft, StageKind.dpo}),
     BackendName.megatron: frozenset({StageKind.pretrain, StageKind.sft, StageKind.dpo}),
 }
 """The stages each backend's trainer trains."""

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from launch.backends.common import reads_raw_chat
 from launch.config.schema import StageKind
+from launch.data.pairs import sources_problem
 from launch.train import preference
 from launch.train.chat import build_chat_datasets, check_sources
 from launch.train.data_common import PREPARE_HINT, Datasets, MissingData, MissingShards, eod_id
@@ -38,7 +39,9 @@ __all__ = ["PREPARE_HINT", "Datasets", "MissingData", "MissingShards", "build_da
 def check_data(cfg) -> None:
     """Raise MissingData naming what this run would read and cannot find: shards, chat files for SFT, pairs for DPO."""
     if cfg.stage.kind == StageKind.dpo:
-        preference.check_sources(cfg)
+        problem = sources_problem(cfg)
+        if problem:
+            raise MissingData(problem)
     elif reads_raw_chat(cfg):
         check_sources(cfg)
     else:

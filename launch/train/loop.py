@@ -95,7 +95,8 @@ class Trainer:
                 r.train_step(step=self.step, loss=m.mean_loss(window) if window else m.step_loss, lr=lr,
                              grad_norm=grad_norm, steps=self.steps, step_time_s=window_time / window_steps,
                              tokens=self.gbs * self.seq, consumed_samples=self.consumed,
-                             global_batch_size=self.gbs, counters=self.guard.fields())
+                             global_batch_size=self.gbs,
+                             counters={**self.guard.fields(), **(m.window_metrics(window) if window else {})})
                 window_time, window_steps, window = 0.0, 0, []
             watchdog.beat(self.step)  # progress, for the hang watchdog (no I/O)
             if eval_every and self.data.valid is not None and self.step % eval_every == 0 and self.step < self.steps:
@@ -151,7 +152,8 @@ class Trainer:
         with m.evaluating():
             items = [m.eval_step(self._batches(self.data.valid, it * self.full_gbs, full))
                      for it in range(self.cfg.train.eval_iters)]
-        self.report.eval(step=self.step, loss=m.mean_loss(items), iters=self.cfg.train.eval_iters)
+        self.report.eval(step=self.step, loss=m.mean_loss(items), iters=self.cfg.train.eval_iters,
+                         extra=m.window_metrics(items))
 
     # --- checkpoints ---------------------------------------------------------------------------
 

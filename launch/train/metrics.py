@@ -145,15 +145,17 @@ class Reporter:
                                                        and k not in ("step", "time")}})
         return rec
 
-    def eval(self, *, step: int, loss: float, iters: int) -> None:
+    def eval(self, *, step: int, loss: float, iters: int, extra: dict | None = None) -> None:
         if not self.enabled:
             return
         import math
 
         ppl = math.exp(loss) if loss < 50 else float("inf")
         print(f"validation at step {step}: loss {loss:.4f} | perplexity {ppl:.2f} ({iters} batches)", flush=True)
-        self._write({"kind": "eval", "step": step, "val_loss": loss, "val_ppl": ppl, "time": time.time()})
-        self._to_wandb("log", {"trainer/step": step, "val/loss": loss, "val/ppl": ppl})
+        extra = {f"val_{k}": v for k, v in (extra or {}).items()}
+        self._write({"kind": "eval", "step": step, "val_loss": loss, "val_ppl": ppl, **extra, "time": time.time()})
+        self._to_wandb("log", {"trainer/step": step, "val/loss": loss, "val/ppl": ppl,
+                               **{f"val/{k[4:]}": v for k, v in extra.items()}})
 
     def rewind(self, step: int) -> int:
         """On resume from ``step``: records of later steps describe work a crash threw away.

@@ -100,9 +100,14 @@ def _build(cfg, ds_config: dict, *, eod: int | None = None):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     import deepspeed
     import torch._dynamo  # noqa: F401 - see below
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     # transformers imports torch._dynamo lazily, on the first model built; inside zero.Init, which replaces
     # torch.Tensor.__new__, that import fails (dynamo checks the signature of Tensor.__new__). So: before.
+    # The model's classes too: a class created inside zero.Init gets its __init__ restored on exit to the one
+    # before any class decorator (kernels' use_kernelized_func on LlamaAttention), so every model built later
+    # in the process (DPO's reference) fails in forward ('LlamaAttention' object has no attribute '_kernel_funcs').
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports modeling_llama / modeling_mixtral now
     with deepspeed.zero.Init(config_dict_or_path=ds_config):  # its dtype follows the config (bf16 or fp32)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_partitioned(model)

@@ -68,6 +68,11 @@ class TrainModule(ABC):
     def mean_loss(self, items: list) -> float:
         """The mean loss over ``items`` (from ``train_step`` or ``eval_step``) and every rank."""
 
+    def window_metrics(self, items: list) -> dict[str, float]:
+        """Figures beside the loss over ``items`` and every rank (DPO: rewards, margin, accuracy); every rank
+        calls it (it may all-reduce); logged into metrics.jsonl with the step."""
+        return {}
+
     @abstractmethod
     def save_shards(self, directory: Path, client_state: dict) -> None:
         """Write this rank's part of a checkpoint into ``directory`` (exists; every rank calls this)."""

@@ -27,8 +27,8 @@ epochs, blended by megatron-core's ``BlendedDataset``. ``data.sources.NAME.text_
 Hugging Face datasets are read as JSONL: ``datasets.load_dataset(...)["train_prefs"].to_json(path)``
 writes one (``conf/data/ultrafeedback.yaml``).
 
-``check_sources`` runs at submit on the login node (no torch): the files exist and their first lines
-are pairs.
+``launch.data.pairs`` reads a line into (prompt, chosen, rejected) messages, and checks the files at submit
+on the login node (no torch): they exist and their first lines are pairs.
 """
 
 from __future__ import annotations
@@ -36,45 +36,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launch.data.pairs import PairError, pair
 from launch.train.chat import ChatEncoder, ChatSource, build_chat_datasets
-from launch.train.data_common import MissingData
 
-CHECKED_LINES = 200
-"""Lines of each file ``check_sources`` reads at submit (a whole 60k-pair file would take seconds)."""
-
-
-class PairError(ValueError):
-    """A line is not a preference pair."""
-
-
-def _messages(value, role: str, field: str) -> list[dict]:
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return list(value)
-    raise PairError(f'"{field}" is neither a string nor a list of {{"role", "content"}} messages')
-
-
-def pair(record) -> tuple[list[dict], list[dict], list[dict]]:
-    """(prompt, chosen, rejected) messages of one line (TRL's preference format); raises ``PairError``."""
-    if not isinstance(record, dict):
-        raise PairError("the line is not a JSON object")
-    missing = [k for k in ("chosen", "rejected") if k not in record]
-    if missing:
-        raise PairError(f"no {' or '.join(repr(k) for k in missing)} (a pair needs prompt, chosen, rejected)")
-    chosen = _messages(record["chosen"], "assistant", "chosen")
-    rejected = _messages(record["rejected"], "assistant", "rejected")
-    conversational = not isinstance(record["chosen"], str)
-    prompt = record.get("prompt")
-    if prompt is not None and isinstance(prompt, str) != conversational:
-        return _messages(prompt, "user", "prompt"), chosen, rejected
-    shared = 0  # the implicit prompt: the turns both conversations start with
-    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-        shared += 1
-    if not shared:
-        raise PairError('no "prompt", and chosen and rejected share no first turn to take as one')
-    return chosen[:shared], chosen[shared:], rejected[shared:]
-
+__all__ = ["PairError", "PreferenceEncoder", "PreferenceSource", "build_preference_datasets", "pair"]
 
 class PreferenceEncoder:
     """A pair -> one sample of ``[2, seq_length]`` tensors (chosen, rejected)."""
@@ -119,43 +84,6 @@ class PreferenceSource(ChatSource):
             return self.encoder(record)
         except PairError as exc:
             raise PairError(f"{self.path}: {exc} (data.sources.{self.name})") from None
-
-
-def check_sources(cfg) -> None:
-    """Raise MissingData naming a preference file that is not there, or whose first lines are not pairs (no torch)."""
-    missing, bad = [], []
-    for name, source in cfg.data.sources.items():
-        path = Path(source.path).expanduser()
-        if not path.is_file():
-            missing.append(f"data.sources.{name}.path={source.path}")
-            continue
-        problem = _first_lines_problem(path)
-        if problem:
-            bad.append(f"data.sources.{name}.path={source.path}: {problem}")
-    if missing:
-        raise MissingData(f"the preference data is missing ({', '.join(missing)}): DPO reads the JSONL "
-                          "files themselves, no `trainctl prepare` needed")
-    if bad:
-        raise MissingData(f"{'; '.join(bad)}\n  fix: one JSON object per line, "
-                          '{"prompt": ..., "chosen": ..., "rejected": ...} (TRL\'s preference format)')
-
-
-def _first_lines_problem(path: Path) -> str | None:
-    seen = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                pair(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return f"line {number} is not JSON"
-            except PairError as exc:
-                return f"line {number}: {exc}"
-            seen += 1
-            if seen >= CHECKED_LINES:
-                break
-    return None if seen else "no lines"
 
 
 def build_preference_datasets(cfg, *, train_samples: int, valid_samples: int, cache_dir: Path):

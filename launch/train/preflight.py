@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from launch.config.schema import BackendName, Config
+from launch.config.schema import BackendName, Config, StageKind
 from launch.config.stages import trains
 from launch.errors import UserError
 from launch.record.read import RunConfig
@@ -41,9 +41,11 @@ class Engine:
     """The file a usable ``stage.init_checkpoint`` directory holds."""
     init_kind: str
     unsupported: Callable[[Config], str | None] = lambda cfg: None
+    stage_modules: dict[StageKind, str] = field(default_factory=dict)
+    """``module:Class`` for a stage whose objective differs (DPO), else ``module``."""
 
     def build(self, run_dir: Path, record: RunConfig, plan):
-        module, cls = self.module.split(":")
+        module, cls = self.stage_modules.get(record.cfg.stage.kind, self.module).split(":")
         return getattr(importlib.import_module(module), cls)(run_dir, record, plan)
 
 
@@ -56,7 +58,8 @@ def _deepspeed_unsupported(cfg: Config) -> str | None:
 
 ENGINES = {
     BackendName.deepspeed: Engine("launch.train.deepspeed_trainer:DeepSpeedModule", "config.json",
-                                  "Hugging Face model", unsupported=_deepspeed_unsupported),
+                                  "Hugging Face model", unsupported=_deepspeed_unsupported,
+                                  stage_modules={StageKind.dpo: "launch.train.deepspeed_dpo:DpoDeepSpeedModule"}),
     BackendName.megatron: Engine("launch.train.megatron.module:MegatronModule", "metadata.json",
                                  "Megatron-Core distributed checkpoint"),
 }
@@ -86,6 +89,10 @@ def preflight(run_dir: Path, record: RunConfig, engine: Engine) -> tuple[str | N
     if init and not Path(init, engine.init_file).is_file():
         return (f"stage.init_checkpoint={init}: no {engine.init_kind} there ({engine.init_file}); it is the "
                 "previous stage's {checkpoint_dir}/final"), EXIT_USER, None
+    ref = cfg.stage.reference_checkpoint if cfg.stage.kind == StageKind.dpo else None
+    if ref and not Path(ref, engine.init_file).is_file():
+        return (f"stage.reference_checkpoint={ref}: no {engine.init_kind} there ({engine.init_file}); it is a "
+                "model directory such as the previous stage's {checkpoint_dir}/final"), EXIT_USER, None
     ckpt_dir = ckpt.checkpoint_dir(cfg, run_dir)
     problem = ckpt.writable_problem(ckpt_dir)  # here, not at the first save an interval later
     if problem:

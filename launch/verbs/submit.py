@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.config.schema import Config, Scheduler
+from launch.config.schema import Config, Scheduler, StageKind
+from launch.data.pairs import sources_problem
 from launch.config.stages import trains
 from launch.errors import UserError
 from launch.executors import local, slurm
@@ -36,7 +37,8 @@ def check_submittable(cfg: Config, run_dir: Path) -> None:
                         "yet, so a job would start and fail\n  fix: `trainctl plan`/`render` work for it; to check "
                         "an allocation instead, submit with train.rank_check_s=60")
     if cfg.train.rank_check_s <= 0:
-        refusal = directory_problem(cfg, run_dir) or resume_problem(cfg, run_dir) or engines_problem(cfg)
+        refusal = (directory_problem(cfg, run_dir) or resume_problem(cfg, run_dir) or engines_problem(cfg)
+                   or (sources_problem(cfg) if cfg.stage.kind == StageKind.dpo else None))
         if refusal:
             raise UserError(refusal)
     refusal = image_problem(cfg) or shared_problem(cfg, run_dir)  # a rank check runs on the nodes too
