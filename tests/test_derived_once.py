@@ -40,7 +40,8 @@ def test_validation_proposes_the_split_tune_would_place():
 
 
 def test_submit_and_the_trainer_agree_on_which_stages_train(tmp_path):
-    """One answer (config.stages.trains): submit refuses a DPO job, and the node would refuse it as not built."""
+    """One answer (config.stages.trains): submit refuses a job of a stage no trainer runs (RLHF), and the node
+    would refuse it as not built."""
     import pytest
 
     from launch.errors import UserError
@@ -49,9 +50,9 @@ def test_submit_and_the_trainer_agree_on_which_stages_train(tmp_path):
     from launch.verbs.submit import check_submittable
 
     for backend in ("deepspeed", "megatron"):
-        for stage, built in (("sft", True), ("dpo", False)):
-            if (backend, stage) == ("megatron", "dpo"):
-                continue  # refused earlier, at plan: megatron-core has no preference loss
+        for stage, built in (("sft", True), ("dpo", True), ("rlhf", False)):
+            if (backend, stage) == ("megatron", "rlhf"):
+                continue  # refused earlier, at plan: GRPO runs on the DeepSpeed backend only
             cfg, d = typed(f"backend={backend}", f"stage={stage}", "stage.from_scratch=true", "data=tiny_chat")
             assert trains(cfg.stage.kind, cfg.backend.name) is built
             if built:

@@ -174,9 +174,20 @@ class MegatronModule(TrainModule):
 
     def mean_loss(self, items: list) -> float:
         """Token-weighted mean loss over the items, from the last pipeline stage's tp-rank-0 ranks."""
+        return self._loss(self._summed(items))
+
+    def window_metrics(self, items: list) -> dict[str, float]:
+        """DPO: the loss, the rewards of the chosen and the rejected, their margin and the accuracy (per pair)."""
+        if not self.dpo:
+            return {}
+        from launch.train.dpo import stats_metrics
+
+        return stats_metrics(self._summed(items).tolist())
+
+    def _summed(self, items: list):
         total = torch.stack(items).sum(0).to(self.device)
         dist.all_reduce(total)
-        return self._loss(total)
+        return total
 
     def _loss(self, total) -> float:
         """The mean loss of summed reports: per token ([loss sum, tokens]), or per pair (DPO's ``pair_stats``)."""
