@@ -30,8 +30,8 @@ from tests.conftest import PYTHONPATH, run_trainctl
 
 STEPS = 4
 NAN_AT = 2
-COMMON = ("recipe=tiny_sft", "backend=megatron", "stage=dpo", "data=tiny_pref", "stage.from_scratch=true",
-          "stage.lr=1e-3", f"train.steps={STEPS}", "optim.warmup_steps=1", f"train.eval_interval={STEPS}",
+COMMON = ("recipe=tiny_dpo", "backend=megatron", "stage.lr=1e-3", f"train.steps={STEPS}", "optim.warmup_steps=1",
+          f"train.eval_interval={STEPS}",
           "train.eval_iters=1", "train.checkpoint_interval=100", "model.seq_length=128",
           "model.max_position_embeddings=128", "model.num_layers=2", "model.hidden_size=128",
           "model.ffn_hidden_size=344", "train.global_batch_size=4", "parallel.micro_batch_size=1")
@@ -50,7 +50,7 @@ def _env() -> dict:
 def _render(cwd: Path, *extra: str) -> Path:
     out = run_trainctl("render", *COMMON, *extra, cwd=cwd)
     assert out.returncode == 0, out.stdout + out.stderr
-    return cwd / "runs/tiny_sft"
+    return cwd / "runs/tiny_dpo"
 
 
 def _torchrun(run_dir: Path, nproc: int, *args: str) -> subprocess.Popen:
@@ -83,6 +83,10 @@ def _norms(records: list[dict]) -> list[float]:
     return [float("nan") if r["grad_norm"] is None else r["grad_norm"] for r in records]  # None: a skipped step
 
 
+def _margins(records: list[dict]) -> list[float]:
+    return [r.get("rewards/margins", float("nan")) for r in records]  # none for a skipped step
+
+
 def _records(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
@@ -98,13 +102,18 @@ def runs(tmp_path_factory) -> dict:
     return done
 
 
-def test_the_first_step_is_log_2_and_the_loss_falls(runs):
+def test_the_first_step_is_log_2_then_the_margin_rises_and_the_loss_falls(runs):
     run_dir, out = runs["ref"]
     assert "DPO sigmoid, beta 0.1, against a frozen reference from the initial weights" in out, out[-3000:]
     records = _records(run_dir)
-    assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy is the reference at step 1
+    # At step 1 the policy is the reference: every reward is 0, the loss log 2.
+    assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert records[0]["rewards/margins"] == pytest.approx(0, abs=1e-9)
+    margins = _margins(records)
+    assert margins[-1] > margins[0] + 0.1 and records[-1]["rewards/accuracies"] > 0.5, margins
     assert records[-1]["loss"] < math.log(2) - 0.1, [r["loss"] for r in records]
-    assert _records(run_dir, "eval")[-1]["val_loss"] < math.log(2)
+    val = _records(run_dir, "eval")[-1]
+    assert val["val_loss"] < math.log(2) and val["val_rewards/margins"] > 0, val
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -113,6 +122,7 @@ def test_layout_reproduces_the_single_process_run(runs, layout):
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=LOSS_REL, nan_ok=True)
     assert _norms(got) == pytest.approx(_norms(ref), rel=GRAD_NORM_REL, nan_ok=True)
+    assert _margins(got) == pytest.approx(_margins(ref), rel=GRAD_NORM_REL, abs=1e-6, nan_ok=True)
     assert [e["val_loss"] for e in _records(runs[layout][0], "eval")] == pytest.approx(
         [e["val_loss"] for e in _records(runs["ref"][0], "eval")], rel=LOSS_REL)
 
