@@ -160,30 +160,39 @@ data = build_datasets(record.cfg, train_samples=8, valid_samples=0, cache_dir=ru
 batches = [tuple(micro_batch(data.train, first_sample=4, micro=i, micro_batch_size=1, dp_rank=0, dp=1))
            for i in range(4)]
 with m.evaluating():
-    trainer_loss = m.mean_loss([m.eval_step(batches)])
     policy, reference = m.built.chunks[0].module, m.dpo.reference[0]
-    by_hand = []
+    logps = []  # (policy sums, reference sums, token counts) per micro-batch, from the full logits
     for batch in batches:
         tokens, labels, mask = split_pairs(*batch)
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
-        pc, pr = sequence_logps(policy(tokens, positions, None), labels, mask)[0].chunk(2)
-        rc, rr = sequence_logps(reference(tokens, positions, None), labels, mask)[0].chunk(2)
-        loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=record.cfg.stage.dpo_beta, loss_type="sigmoid")
-        by_hand.append(float(loss))
-print("LOSSES", trainer_loss, sum(by_hand) / len(by_hand))
+        p, counts = sequence_logps(policy(tokens, positions, None), labels, mask)
+        r, _ = sequence_logps(reference(tokens, positions, None), labels, mask)
+        logps.append((p.chunk(2), r.chunk(2), counts.chunk(2)))
+    for loss_type in ("sigmoid", "ipo", "hinge"):
+        m.dpo.loss_type = loss_type
+        trainer_loss = m.mean_loss([m.eval_step(batches)])
+        by_hand = [float(dpo_loss(pc, pr, rc, rr, beta=record.cfg.stage.dpo_beta, loss_type=loss_type,
+                                  chosen_tokens=nc, rejected_tokens=nr)[0])
+                   for (pc, pr), (rc, rr), (nc, nr) in logps]
+        print("LOSSES", loss_type, trainer_loss, sum(by_hand) / len(by_hand))
 m.close()
 '''
 
 
 def test_the_loss_is_the_shared_dpo_loss_on_full_logits(runs, tmp_path):
     """The trained policy against its initial weights on 4 pairs: the schedule's loss (vocab-parallel cross
-    entropy, reference log-probs handed to the last stage) equals launch.train.dpo on the full logits."""
+    entropy, reference log-probs handed to the last stage) equals launch.train.dpo on the full logits, for
+    each loss type (IPO's per-token average needs the token counts through the same path)."""
     run_dir = runs["ref"][0]
     script = tmp_path / "check.py"
     script.write_text(CHECK)
     proc = _torchrun(run_dir, 1, str(script), str(run_dir))
     out, _ = proc.communicate(timeout=200)
     assert proc.returncode == 0, out[-8000:]
-    trainer_loss, by_hand = map(float, out.split("LOSSES ")[1].split()[:2])
-    assert trainer_loss == pytest.approx(by_hand, rel=1e-5)
+    found = {line.split()[1]: tuple(map(float, line.split()[2:4])) for line in out.splitlines()
+             if line.startswith("LOSSES ")}
+    assert sorted(found) == ["hinge", "ipo", "sigmoid"], out[-3000:]
+    for loss_type, (trainer_loss, by_hand) in found.items():
+        assert trainer_loss == pytest.approx(by_hand, rel=1e-5), loss_type
+    trainer_loss = found["sigmoid"][0]
     assert abs(trainer_loss - math.log(2)) > 0.05  # the policy moved: a real comparison, not log 2 twice
