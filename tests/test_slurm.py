@@ -222,12 +222,16 @@ def test_an_interpreter_without_trainctl_stops_the_job_in_its_first_seconds(work
     assert re.search(r"config on node\d: cluster.python", status), status
 
 
-def test_submit_refuses_a_stage_whose_training_is_not_built(workdir: Path, slurm_env: dict) -> None:
-    out = run_trainctl("submit", "recipe=tiny_slurm_pipeline", "train.rank_check_s=0", cwd=workdir, env=slurm_env)
+def test_submit_refuses_a_dpo_stage_whose_pairs_are_missing(workdir: Path, slurm_env: dict) -> None:
+    """What would fail on the node is refused on the login node, before anything is written or queued."""
+    missing = workdir / "none.jsonl"
+    args = ("recipe=tiny_slurm", "stage=dpo", "stage.from_scratch=true", "data=tiny_pref",
+            f"data.sources.pairs.path={missing}", "optim.min_lr=5.0e-8")
+    out = run_trainctl("submit", *args, cwd=workdir, env=slurm_env)
     assert out.returncode == 2
-    assert "pipeline stage 'dpo': stage=dpo, backend=deepspeed: training" in out.stderr
-    assert "train.rank_check_s=60" in out.stderr and not (workdir / "runs").exists()
-    assert run_trainctl("render", "recipe=tiny_slurm_pipeline", cwd=workdir).returncode == 0  # render works
+    assert f"the preference data is missing (data.sources.pairs.path={missing})" in out.stderr
+    assert not (workdir / "runs").exists()
+    assert run_trainctl("render", *args, cwd=workdir).returncode == 0  # render works
 
 
 @pytest.mark.parametrize("backend", [("backend=deepspeed",), ("backend=megatron", "parallel.tp=2")],

@@ -31,9 +31,9 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "data.sources.*.text_key": ("trainer", "prepare's text column; the SFT trainers' chat field (launch/train/chat.py)"),
     # --- stages
     "stage.from_scratch": ("trainer", "whether the trainers load stage.init_checkpoint (launch.train.preflight.init_checkpoint)"),
-    "stage.dpo_beta": ("trainer", "DPO's loss in both trainers (launch/train/dpo.py via deepspeed_dpo.py, megatron/dpo.py)"),
-    "stage.dpo_loss": ("trainer", "DPO's loss in both trainers (launch/train/dpo.py via deepspeed_dpo.py, megatron/dpo.py)"),
-    "stage.reference_checkpoint": ("trainer", "DPO's frozen reference (launch/train/deepspeed_dpo.py, megatron/dpo.py)"),
+    "stage.dpo_beta": ("trainer", "the DPO loss (launch/train/dpo.py, run by launch/train/deepspeed_dpo.py and launch/train/megatron/dpo.py)"),
+    "stage.dpo_loss": ("trainer", "the DPO loss variant (launch/train/dpo.py, run by launch/train/deepspeed_dpo.py and launch/train/megatron/dpo.py)"),
+    "stage.reference_checkpoint": ("trainer", "DPO's frozen reference (launch/train/deepspeed_dpo.py, launch/train/megatron/dpo.py)"),
     "stage.reward_model": ("unused", "RLHF: no trainer runs it yet (validation checks it is set)"),
     "stage.kl_coef": ("unused", "RLHF: no trainer runs it yet"),
     "stage.clip_eps": ("unused", "RLHF: no trainer runs it yet"),
