@@ -5,7 +5,8 @@ object, written by ``launch.backends.megatron``) beside the run record; builds
 the model (``build.py``), runs megatron-core's pipeline schedule for a step, and
 saves, loads and exports distributed checkpoints (``state.py``). The export is the
 last step's distributed checkpoint, hard-linked (the next stage's
-``stage.init_checkpoint``, weights only).
+``stage.init_checkpoint``, weights only). ``stage=dpo`` adds a frozen reference model and
+runs the schedule twice per step (``dpo.py``); the rest is the same for every stage.
 
 On a CPU cluster profile (``cluster.gpu.name: cpu``) ``launch.train.cuda_on_cpu``
 redirects megatron-core's CUDA calls to the CPU (a test mode; real runs need GPUs).
@@ -173,7 +174,7 @@ class MegatronModule(TrainModule):
                     chunk.train()
 
     def mean_loss(self, items: list) -> float:
-        """Token-weighted mean loss over the items, from the last pipeline stage's tp-rank-0 ranks."""
+        """The mean loss over the items, from the last pipeline stage's tp-rank-0 ranks: per token, per pair for DPO."""
         return self._loss(self._summed(items))
 
     def window_metrics(self, items: list) -> dict[str, float]:
