@@ -225,7 +225,9 @@ def test_plan_keys_exact():
                 "expected_failures", "mtbf_cluster_min", "checkpoint_interval_min", "jobs_needed"},
         "scaling": {"tokens_per_param", "predicted_loss"},
     }
-    assert set(p) == set(required) | {"memory_stages_gib"}
+    assert set(p) == set(required) | {"memory_stages_gib", "stage"}
+    assert p["stage"] == {"kind": "pretrain", "memory_gib": {"policy": p["memory_gib"]["per_gpu_peak"]},
+                          "time_s": {"train": p["throughput"]["step_time_s"]}}
     for block, keys in required.items():
         assert keys <= set(p[block]), block
     assert set(p["flops"]) == required["flops"] | {"per_token_6nd"}

@@ -143,7 +143,6 @@ def test_sigusr1_saves_stops_and_resumes_with_the_reference_rebuilt(runs):
 
 CHECK = '''
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -151,13 +150,15 @@ import torch
 from launch.record.read import read_config, read_plan
 from launch.train.data import build_datasets, micro_batch
 from launch.train.dpo import dpo_loss, sequence_logps, split_pairs
+from launch.train.init_source import Format, InitSource
 from launch.train.megatron.dpo import DpoObjective
 from launch.train.megatron.module import MegatronModule
 
 run = Path(sys.argv[1])
 record = read_config(run)
 m = MegatronModule(run, record, read_plan(run))
-m.init_from(run / "checkpoints/final")  # the trained policy; the reference keeps the initial weights
+final = run / "checkpoints/final"  # a Hugging Face model, the distributed checkpoint beside it in megatron/
+m.init_from(InitSource(final / "megatron", Format.megatron))  # the trained policy; the reference: initial weights
 data = build_datasets(record.cfg, train_samples=8, valid_samples=0, cache_dir=run / "check_cache")
 batches = [tuple(micro_batch(data.train, first_sample=4, micro=i, micro_batch_size=1, dp_rank=0, dp=1))
            for i in range(4)]
@@ -177,10 +178,12 @@ with m.evaluating():
                                   chosen_tokens=nc, rejected_tokens=nr)[0])
                    for (pc, pr), (rc, rr), (nc, nr) in logps]
         print("LOSSES", loss_type, trainer_loss, sum(by_hand) / len(by_hand))
-    # stage.reference_checkpoint: the reference loaded from the policy's own checkpoint is the policy again.
-    stage = replace(record.cfg.stage, reference_checkpoint=str(run / "checkpoints/final"))
-    m.dpo = DpoObjective(doc=m.doc, stage=stage, init_checkpoint=None, device=m.device, mbs=m.mbs, seq=m.seq)
-    print("SAME", m.mean_loss([m.eval_step(batches)]), m.window_metrics([m.eval_step(batches)])["rewards/margins"])
+    # A reference loaded from the policy's own checkpoint, either format, is the policy again.
+    for source in (InitSource(final / "megatron", Format.megatron), InitSource(final, Format.hf)):
+        m.dpo = DpoObjective(doc=m.doc, stage=record.cfg.stage, device=m.device, mbs=m.mbs, seq=m.seq,
+                             source=source, hf_config=m._hf_config)
+        print("SAME", source.format.name, m.mean_loss([m.eval_step(batches)]),
+              m.window_metrics([m.eval_step(batches)])["rewards/margins"])
 m.close()
 '''
 
@@ -189,7 +192,8 @@ def test_the_loss_is_the_shared_dpo_loss_on_full_logits(runs, tmp_path):
     """The trained policy against its initial weights on 4 pairs: the schedule's loss (vocab-parallel cross
     entropy, reference log-probs handed to the last stage) equals launch.train.dpo on the full logits, for
     each loss type (IPO's per-token average needs the token counts through the same path). A reference
-    loaded from ``stage.reference_checkpoint`` = the policy's checkpoint gives log 2 and no margin."""
+    loaded from the policy's own final checkpoint (its distributed checkpoint, or its Hugging Face export
+    imported) gives log 2 and no margin."""
     run_dir = runs["ref"][0]
     script = tmp_path / "check.py"
     script.write_text(CHECK)
@@ -203,5 +207,8 @@ def test_the_loss_is_the_shared_dpo_loss_on_full_logits(runs, tmp_path):
         assert trainer_loss == pytest.approx(by_hand, rel=1e-5), loss_type
     trainer_loss = found["sigmoid"][0]
     assert abs(trainer_loss - math.log(2)) > 0.05  # the policy moved: a real comparison, not log 2 twice
-    loss, margin = map(float, out.split("SAME ")[1].split()[:2])
-    assert loss == pytest.approx(math.log(2), rel=1e-6) and margin == pytest.approx(0, abs=1e-6)
+    same = {line.split()[1]: tuple(map(float, line.split()[2:4])) for line in out.splitlines()
+            if line.startswith("SAME ")}
+    assert sorted(same) == ["hf", "megatron"], out[-3000:]
+    for loss, margin in same.values():
+        assert loss == pytest.approx(math.log(2), rel=1e-5) and margin == pytest.approx(0, abs=1e-5)

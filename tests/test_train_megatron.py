@@ -205,4 +205,55 @@ def test_batch_ramp_up_through_the_interleaved_schedule(tmp_path, prepared):
     assert [r["global_batch_size"] for r in records] == [4, 4] + [8] * (STEPS - 2)
     assert records[-1]["consumed_samples"] == 8 + 8 * (STEPS - 2)
     assert records[-1]["loss"] < records[0]["loss"]
-    assert (run_dir / "checkpoints/final/metadata.json").is_file()  # the next stage's stage.init_checkpoint
+    assert (run_dir / "checkpoints/final/config.json").is_file()  # the next stage's stage.init_checkpoint
+    assert (run_dir / "checkpoints/final/megatron/metadata.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_logits(runs, tmp_path_factory) -> dict:
+    """{layout: (tokens, Megatron's logits)}: each run's final/megatron/ loaded at tp 1 (tests/megatron_logits.py)."""
+    import torch
+
+    work = tmp_path_factory.mktemp("logits")
+    tokens = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.save(tokens, work / "tokens.pt")
+    jobs = [f"{runs[name][0]},{work / name}.pt" for name in ("tp2", "pp2")]
+    out = subprocess.run([sys.executable, "-m", "tests.megatron_logits", str(runs["ref"][0]), str(work / "tokens.pt"),
+                          *jobs], env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    return {name: (tokens, torch.load(work / f"{name}.pt")) for name in ("tp2", "pp2")}
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_final_is_a_hugging_face_model_with_the_checkpoints_logits(runs, checkpoint_logits, layout):
+    """The end-of-run export of a tp 2 (pp 2) run: transformers loads final/ and computes the logits Megatron
+    computes from final/megatron/ (resharded to tp 1), within 1e-5 (fp32; seen ~1e-6)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    final = runs[layout][0] / "checkpoints/final"
+    tokens, megatron = checkpoint_logits[layout]
+    assert megatron["source"] == str(final / "megatron") and megatron["format"] == "megatron"
+    model = AutoModelForCausalLM.from_pretrained(str(final), local_files_only=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(tokens).logits
+    assert (logits - megatron["logits"]).abs().max().item() <= 1e-5
+
+
+def test_the_export_command_writes_what_the_trainer_exported(runs, tmp_path):
+    """``python -m launch.train.megatron.export RUN_DIR OUT``, one process, from the tp 2 run's checkpoint."""
+    import torch
+    from safetensors import safe_open
+
+    run_dir, out = runs["tp2"][0], tmp_path / "hf"
+    done = subprocess.run([sys.executable, "-m", "launch.train.megatron.export", str(run_dir), str(out)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == f"exported {run_dir / 'checkpoints/final/megatron'} to {out} (Hugging Face model)"
+    final = run_dir / "checkpoints/final"
+    assert json.loads((out / "config.json").read_text()) == json.loads((final / "config.json").read_text())
+    ours, theirs = (json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] for d in (out, final))
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        with safe_open(str(out / ours[name]), "pt") as a, safe_open(str(final / theirs[name]), "pt") as b:
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name

@@ -7,11 +7,13 @@ import shlex
 import pytest
 
 from launch.config import backend_rules as b
+from launch.config import rollout as ro
 from launch.config import rules as r
 from launch.config import validate as v
 from tests.conftest import RECIPES, typed
 
 G8 = "cluster.gpus_per_node=8"
+RL = ["recipe=llama3_8b_sft_h100", "stage=rlhf", "stage.init_checkpoint=/models/sft_hf", "stage.rewards=[format]"]
 
 # rule -> (accepted overrides, [(rejected overrides, words the message must contain)])
 CASES = {
@@ -126,6 +128,23 @@ CASES = {
         ["stage=sft", "stage.init_checkpoint=/ckpt/sft"],
         [(["stage=dpo"], "stage.from_scratch=true"),
          (["stage=rlhf", "stage.init_checkpoint=/ckpt/sft"], "needs something to score")]),
+    ro.rollout_settings: (
+        [*RL, "stage.rollout.engine=vllm_server", "stage.rollout.nodes=1", "stage.rollout.tensor_parallel=8"],
+        [(["stage=sft", "stage.from_scratch=true", "stage.rollout.engine=vllm_server"], "a sft stage generates none"),
+         ([*RL, "stage.rollout.nodes=1"], "only the vllm_server engine runs on nodes of its own"),
+         ([*RL, "cluster=slurm_local", "stage.rollout.engine=vllm_colocate"], "vLLM runs on GPUs only"),
+         ([*RL, "stage.init_checkpoint=null", "stage.from_scratch=true", "stage.rollout.engine=vllm_colocate"],
+          "stage.init_checkpoint=/path/to/hf_model"),
+         ([*RL, "stage.rollout.engine=vllm_colocate", "stage.rollout.tensor_parallel=3"], "3 does not divide"),
+         ([*RL, "stage.rollout.engine=vllm_colocate", "stage.rollout.tensor_parallel=8", "model.num_attention_heads=12"],
+          "splits the 12 attention heads"),
+         ([*RL, "stage.rollout.engine=vllm_colocate", "stage.rollout.gpu_memory_utilization=1.5"], "must be in (0, 1]"),
+         ([*RL, "cluster=h200_local", "stage.rollout.engine=vllm_server", "stage.rollout.nodes=1"],
+          "stage.rollout.engine=vllm_colocate (vLLM on the training GPUs)"),
+         ([*RL, "stage.rollout.engine=vllm_server", "stage.rollout.nodes=2"], "serves from one node"),
+         ([*RL, "stage.rollout.engine=vllm_server", "stage.rollout.nodes=1", "stage.rollout.port=80"], "1024..65535"),
+         ([*RL, "stage.rollout.engine=vllm_server", "stage.rollout.nodes=1", "stage.rollout.server_timeout_s=0"],
+          "stage.rollout.server_timeout_s=900")]),
     b.z_loss_backend: (
         ["recipe=tiny_local", "optim.z_loss=1e-4"],
         [(["optim.z_loss=1e-4"], "moe_z_loss_coeff"), (["recipe=tiny_local", "optim.z_loss=-1"], "negative")]),
@@ -135,7 +154,7 @@ CASES = {
          (["recipe=llama3_8b_dpo_h100", "backend=megatron", "parallel.cp=2"], "parallel.cp=1"),
          (["recipe=llama3_8b_dpo_h100", "stage=rlhf", "stage.rl_algorithm=ppo", "stage.reward_model=/rm"],
           "no PPO trainer"),
-         (["stage=rlhf", "stage.from_scratch=true", "backend=megatron"], "stage=dpo backend=deepspeed")]),
+         (["stage=rlhf", "stage.from_scratch=true", "backend=megatron"], "export the Megatron checkpoint")]),
     b.learning_rate_schedule: (
         ["recipe=llama3_8b_sft_h100"],
         [(["stage=sft", "stage.from_scratch=true"], "min_lr 3e-05 is above the peak learning rate 1e-05"),
@@ -191,8 +210,9 @@ def test_every_rule_function_is_listed_once():
     """A rule written into rules.py or backend_rules.py but not listed in validate.RULES would never run."""
     import inspect
 
-    written = {fn for module in (r, b) for name, fn in inspect.getmembers(module, inspect.isfunction)
-               if fn.__module__ == module.__name__ and not name.startswith("_")}
+    written = {fn for module in (r, b, ro) for name, fn in inspect.getmembers(module, inspect.isfunction)
+               if fn.__module__ == module.__name__ and not name.startswith("_")
+               and (module is not ro or list(inspect.signature(fn).parameters) == ["cfg", "d"])}
     assert written == set(v.RULES)
     assert len(v.RULES) == len(set(v.RULES))
 

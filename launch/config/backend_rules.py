@@ -68,9 +68,10 @@ def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "PPO needs a value model trained beside the policy, and TRL 1.16 (which trainctl runs RL "
                       "stages with) has no PPO trainer; GRPO and RLOO need no value model",
                       "stage.rl_algorithm=grpo (or rloo)")
-    elif kind == StageKind.rlhf:
-        yield Problem(keys, "trainctl translates no RL stage yet (GRPO and RLOO are being built on TRL)",
-                      "stage=dpo backend=deepspeed (learns from preference comparisons, no reward model)")
+    elif kind == StageKind.rlhf and is_megatron(cfg):
+        yield Problem(keys, "GRPO and RLOO run on TRL's trainers, which train Hugging Face models: megatron-core "
+                      "ships no RL loss and no generation engine",
+                      "backend=deepspeed (export the Megatron checkpoint to Hugging Face format first)")
 
 
 def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:

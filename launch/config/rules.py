@@ -451,7 +451,8 @@ def estimate_settings(cfg: Config, d: Derived) -> Iterator[Problem]:
     memory model adds the overheads. A share of communication may be 0 (fully hidden)."""
     e = cfg.estimate
     defaults = type(e)()  # EstimateConfig's defaults, for the fixes
-    for name in ("achievable_fraction_dense", "achievable_fraction_moe", "achievable_fraction_fp8"):
+    for name in ("achievable_fraction_dense", "achievable_fraction_moe", "achievable_fraction_fp8",
+                 "achievable_fraction_hbm"):
         value = getattr(e, name)
         if not 0 < value <= 1:
             yield Problem({f"estimate.{name}": value}, "a share of the peak must be in (0, 1]",

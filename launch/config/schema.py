@@ -249,9 +249,13 @@ class RolloutConfig:
     tensor_parallel: int = 1
     """vLLM's tensor parallelism (vllm_server: GPUs per server replica)."""
     gpu_memory_utilization: float = 0.3
-    """vllm_colocate: the share of each GPU vLLM reserves for weights and KV cache (TRL's default)."""
+    """vllm_colocate: the share of each GPU vLLM reserves for weights and KV cache (TRL's default). A
+    vllm_server node is vLLM's alone: it takes ``trl vllm-serve``'s default, 0.9."""
     port: int = 8000
     """vllm_server: the server's port on its node."""
+    server_timeout_s: int = 900
+    """vllm_server: how long the job script waits for the server's ``/health`` before it gives up (loading an 8B
+    model and capturing CUDA graphs takes minutes; a 70B from a slow file system longer)."""
 
 
 @dataclass
@@ -522,6 +526,9 @@ class EstimateConfig:
     """The same for MoE layers (grouped GEMMs, routing)."""
     achievable_fraction_fp8: float = 0.40
     """Share of FP8 peak reached when train.precision=fp8."""
+    achievable_fraction_hbm: float = 0.7
+    """Share of HBM bandwidth an RL stage's decode steps reach (vLLM's "model bandwidth utilization"; the
+    roofline bound is 1.0). An assumption: calibrate it against a measured rollout (launch/estimate/rollout.py)."""
     dp_comm_exposed_fraction: float = 0.2
     """Share of the data-parallel reduce-scatter/all-gather not hidden behind compute."""
     tp_comm_exposed_fraction: float = 0.3

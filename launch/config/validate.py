@@ -9,7 +9,7 @@ A rule not named in ``RULES`` does not run.
 
 from __future__ import annotations
 
-from launch.config import backend_rules, rules
+from launch.config import backend_rules, rollout, rules
 from launch.config.derive import Derived
 from launch.config.problem import Problem, Rule, divisors
 from launch.config.schema import Config
@@ -48,6 +48,7 @@ GENERAL_RULES: tuple[Rule, ...] = (
     rules.mixture_weights,
     rules.data_split,
     rules.stage_needs_init,
+    rollout.rollout_settings,
     rules.estimate_settings,
 )
 """Rules that hold on any backend."""

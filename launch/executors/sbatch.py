@@ -20,7 +20,7 @@ from launch.config.slurm_time import parse_time_limit
 from launch.errors import UserError
 from launch.paths import asset_dir, project_root
 from launch.estimate.run import checkpoint_write_seconds
-from launch.executors import container
+from launch.executors import container, rollout
 from launch.executors.network import network_env
 from launch.executors.requeue_limit import requeue_limit
 from launch.record.checkpoints import checkpoint_dir
@@ -59,7 +59,7 @@ def directives(cfg: Config, run_dir: Path, lead_s: int, *, dependency: str | Non
     log = f"{log_dir or run_dir}/slurm-%A_%a.log" if array else f"{run_dir}/slurm-%j.log"
     opts: dict[str, str | None] = {
         "job-name": cfg.name,
-        "nodes": str(c.nodes),
+        "nodes": str(c.nodes + rollout.server_nodes(cfg)),  # the vLLM server's nodes come after the training ones
         "ntasks-per-node": "1",
         "gpus-per-node": str(c.gpus_per_node),
         "time": c.time_limit,
@@ -110,7 +110,9 @@ def resources(cfg: Config) -> dict:
             "cluster.container_image": c.container_image, "cluster.directives": dict(c.directives),
             "cluster.python": c.python, "cluster.setup": list(c.setup), "cluster.env": dict(c.env),
             "cluster.export_env": None if c.export_env is None else list(c.export_env), "cluster.network": c.network.name,
-            "cluster.mpi": c.mpi.name}
+            "cluster.mpi": c.mpi.name, "stage.rollout.engine": cfg.stage.rollout.engine.name,
+            "stage.rollout.nodes": rollout.server_nodes(cfg), "stage.rollout.tensor_parallel": cfg.stage.rollout.tensor_parallel,
+            "stage.rollout.port": cfg.stage.rollout.port, "stage.rollout.server_timeout_s": cfg.stage.rollout.server_timeout_s}
 
 
 def job_env(cfg: Config) -> list[tuple[str, str]]:
@@ -125,15 +127,18 @@ def job_env(cfg: Config) -> list[tuple[str, str]]:
     return sorted(env.items())
 
 
-def srun_prefix(c, container_options: list[str]) -> list[str]:
+def srun_prefix(c, container_options: list[str], *, nodes: int | None = None, nodelist: str | None = None) -> list[str]:
     """The srun options every per-node job step shares: one task on each of the job's nodes, its CPUs, the image.
 
     The health check and the training step run under the same prefix, so the check
     sees the nodes, CPUs, GPUs and image (with its mounts) that torchrun will.
-    ``container_options``: from ``container_options`` (empty on bare metal).
+    ``container_options``: from ``container_options`` (empty on bare metal). ``nodes``: the step's node
+    count (default ``cluster.nodes``); ``nodelist``: which of the job's nodes (a script variable), where a
+    vLLM server shares the allocation (launch/executors/rollout.py).
     """
-    return ["srun", f"--mpi={c.mpi.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1", *_cpus_per_task(c),
-            EXPORT_ALL, *container_options]
+    where = [f"--nodelist={nodelist}"] if nodelist else []
+    return ["srun", f"--mpi={c.mpi.name}", f"--nodes={nodes or c.nodes}", *where, "--ntasks-per-node=1",
+            *_cpus_per_task(c), EXPORT_ALL, *container_options]
 
 
 def srun_line(cfg: Config, lead_s: int, container_options: list[str], run_dir_var: str = '"$RUN_DIR"') -> str:
@@ -146,7 +151,8 @@ def srun_line(cfg: Config, lead_s: int, container_options: list[str], run_dir_va
     instead of leaving them in a collective that never completes.
     """
     c = cfg.cluster
-    srun = [*srun_prefix(c, container_options), "--kill-on-bad-exit=1"]
+    nodelist = "$TRAIN_NODES" if rollout.server_nodes(cfg) else None
+    srun = [*srun_prefix(c, container_options, nodelist=nodelist), "--kill-on-bad-exit=1"]
     torchrun = [c.python, "-m", "launch.train.launcher", f"--nnodes={c.nodes}", f"--nproc-per-node={c.gpus_per_node}"]
     rdzv = ["--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$JOB_REF",
             "--max-restarts=0"]
@@ -166,7 +172,8 @@ def health_values(cfg: Config, container_options: list[str]) -> dict:
     the script's ``scontrol update ExcNodeList`` would otherwise replace.
     """
     c = cfg.cluster
-    words = [*srun_prefix(c, container_options), c.python, "-m", "launch.train.health"]
+    every_node = c.nodes + rollout.server_nodes(cfg)  # the vLLM server's nodes are checked too
+    words = [*srun_prefix(c, container_options, nodes=every_node), c.python, "-m", "launch.train.health"]
     line = " ".join(_quote_keeping_vars(w) for w in words) + ' "$RUN_DIR"'
     if c.container_image:
         cause = (f"cluster.python {c.python} in image {c.container_image} cannot import trainctl: build the image "
@@ -221,7 +228,8 @@ def _quote_keeping_vars(word: str) -> str:
     return "".join(parts)
 
 
-_SCRIPT_VARS = ("$RUN_DIR", "$MASTER_ADDR", "$MASTER_PORT", "$JOB_REF", "$SLURM_CPUS_ON_NODE")
+_SCRIPT_VARS = ("$RUN_DIR", "$MASTER_ADDR", "$MASTER_PORT", "$JOB_REF", "$SLURM_CPUS_ON_NODE", "$TRAIN_NODES",
+                "$ROLLOUT_NODES", "$ROLLOUT_MODEL")
 
 
 def _split_vars(word: str) -> list[str]:
@@ -235,6 +243,16 @@ def _split_vars(word: str) -> list[str]:
         out += [rest[:at], var]
         rest = rest[at + len(var):]
     return out
+
+
+def rollout_values(cfg: Config, container_options: list[str], models: list[str | None]) -> dict | None:
+    """The template's values for the vLLM server step (launch/executors/rollout.py), or None without one."""
+    if not rollout.server_nodes(cfg):
+        return None
+    words = [*srun_prefix(cfg.cluster, container_options, nodes=rollout.server_nodes(cfg), nodelist="$ROLLOUT_NODES"),
+             *rollout.server_command(cfg)]
+    line = " ".join(_quote_keeping_vars(w) for w in words)
+    return rollout.template_values(cfg, line, [m or "" for m in models])
 
 
 def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str | None = None) -> str:
@@ -252,7 +270,8 @@ def render_sbatch(cfg: Config, run_dir: Path, numbers: dict, *, dependency: str 
         signal_lead_s=lead, max_requeues=requeue_limit(cfg, numbers["run"]),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
         rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead, options), **health_values(cfg, options),
-        checkpoint_dir=str(checkpoint_dir(cfg, run_dir)), array_checkpoint_dirs=None)
+        checkpoint_dir=str(checkpoint_dir(cfg, run_dir)), array_checkpoint_dirs=None,
+        rollout=rollout_values(cfg, options, [cfg.stage.init_checkpoint]))
 
 
 def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: list[dict],
@@ -273,7 +292,8 @@ def render_array(cfg: Config, run_dirs: list[Path], sweep_dir: Path, numbers: li
         signal_lead_s=lead, max_requeues=max(requeue_limit(cfg, n["run"]) for n in numbers),
         max_crash_requeues=cfg.cluster.max_crash_requeues, env=job_env(cfg), setup=cfg.cluster.setup,
         rdzv_port=cfg.cluster.rdzv_port, srun_line=srun_line(cfg, lead, options), **health_values(cfg, options),
-        checkpoint_dir=None, array_checkpoint_dirs=[str(d) for d in checkpoint_dirs])
+        checkpoint_dir=None, array_checkpoint_dirs=[str(d) for d in checkpoint_dirs],
+        rollout=rollout_values(cfg, options, [c.stage.init_checkpoint for c in cfgs or [cfg] * len(run_dirs)]))
 
 
 def render_prepare(cfg: Config, run_dir: Path, sources: list[str]) -> str:

@@ -86,7 +86,7 @@ def _flock(run_dir: Path, path: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
+            holder = _wait_for_holder(fd)
             os.close(fd)
             raise UserError(refusal(run_dir, holder)) from None
         except OSError as exc:
@@ -123,6 +123,14 @@ def _read_holder(fd: int) -> dict | None:
         return json.loads(os.pread(fd, 4096, 0).decode() or "null")
     except (OSError, ValueError):
         return None
+
+
+def _wait_for_holder(fd: int, wait_s: float = 1.0) -> dict | None:
+    """The holder's record; a holder that has just taken the lock writes it a moment later, so wait briefly."""
+    deadline = time.monotonic() + wait_s
+    while (holder := _read_holder(fd)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return holder
 
 
 def _same_file(fd: int, path: Path) -> bool:

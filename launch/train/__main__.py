@@ -155,7 +155,7 @@ def _run(run_dir: Path, seen: SimpleNamespace) -> Ending:
         if resume is not None:
             trainer.resume(resume)
         elif preflight.init_checkpoint(cfg):
-            trainer.init_from(Path(preflight.init_checkpoint(cfg)))
+            trainer.init_from(preflight.resolve_init(cfg, engine))  # what preflight checked
         code = trainer.train()
     finally:
         watchdog.beat(phase="closing")  # wandb's upload, the engine's teardown: timed afresh

@@ -26,7 +26,8 @@ What it patches, and why:
 - ``torch.cuda.current_device`` returns 0 (which the device rewrite maps to the
   CPU); ``synchronize``, ``empty_cache``, ``nvtx.range_push/pop`` do nothing;
   ``Stream``, ``Event``, ``stream()``, ``current_stream()``, ``default_stream()``
-  are inert stand-ins (overlapped communication is off on CPU runs anyway).
+  are inert stand-ins (overlapped communication is off on CPU runs anyway; the MoE alltoall
+  dispatcher's device-to-host copies are plain CPU tensors already).
 - The CUDA RNG (``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and
   megatron's ``tensor_parallel.random._get/_set_cuda_rng_state``) is the CPU
   generator: megatron's model-parallel RNG tracker forks "CUDA" states for
@@ -42,6 +43,12 @@ What it patches, and why:
   autograd function: it is the one ``tensor_parallel.checkpoint`` uses, the path
   of both recompute settings trainctl writes (``recompute_modules: [core_attn]``
   for selective; ``CheckpointWithoutOutput``, for other modules, is not patched).
+
+- MoE routing: megatron-core 0.16.1's router gate (``moe_utils.RouterGatingLinearFunction``)
+  tests ``te_general_gemm is not None``, a name its module binds only when TransformerEngine
+  imports: without TE (every CPU run) the first MoE forward raises ``NameError``. It is bound
+  to None here, the value megatron's own TE extension gives it when TE's GEMM is missing, so
+  the gate takes its ``torch.mm`` path.
 
 ``torch.cuda.is_available()`` stays False, so code that asks (the trainer's
 choice of gloo, peak-memory reporting) still sees a CPU machine.
@@ -72,6 +79,7 @@ def install() -> None:
     _patch_megatron_rng()
     mode = _device_to_cpu_mode()
     _patch_megatron_recompute(mode)
+    _patch_megatron_router()
     mode.__enter__()  # never exited
     _installed = True
 
@@ -115,13 +123,14 @@ def _device_to_cpu_mode():
 
 
 class _Inert:
-    """A stand-in for torch.cuda.Stream / Event: accepts every call, does nothing."""
+    """A stand-in for torch.cuda.Stream / Event: accepts every call, does nothing, and returns another
+    stand-in (``stream.record_event()`` is an event the MoE token dispatcher then synchronizes)."""
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __getattr__(self, name):
-        return lambda *a, **k: None
+        return lambda *a, **k: _Inert()
 
     def query(self):
         return True
@@ -176,3 +185,11 @@ def _patch_megatron_recompute(mode) -> None:
             return backward(ctx, *grads)
 
     mrandom.CheckpointFunction.backward = staticmethod(backward_on_cpu)
+
+
+def _patch_megatron_router() -> None:
+    """Bind ``moe_utils.te_general_gemm`` to None where TransformerEngine is absent (module docstring)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

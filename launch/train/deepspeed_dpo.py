@@ -8,7 +8,8 @@ guard and the export are its own. What differs is the step's objective and a sec
   partitioning when the policy has it, no optimizer section): given no optimizer, DeepSpeed builds
   an inference engine, weights only (no gradients, no optimizer state), as TRL's
   ``prepare_deepspeed`` does for its reference model. Its weights come from
-  ``stage.reference_checkpoint``, else ``stage.init_checkpoint`` (a Hugging Face model directory);
+  ``stage.reference_checkpoint``, else ``stage.init_checkpoint`` (the Hugging Face model each leads to:
+  ``launch.train.preflight.resolve_reference``);
   with ``stage.from_scratch=true`` it is a copy of the policy's initial weights, so both start
   equal. It is never saved: a resumed job loads it again from the same place.
 - A micro-batch of preference samples ``[mbs, 2, S]`` becomes one ``[2 mbs, S]`` batch (chosen rows,
@@ -27,10 +28,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from launch.config.schema import BackendName
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
 from launch.train.deepspeed_trainer import DeepSpeedModule
 from launch.train.dpo import dpo_loss, pair_stats, sequence_logps, split_pairs, stats_metrics
-from launch.train.preflight import init_checkpoint
+from launch.train.preflight import ENGINES, resolve_reference
 
 REFERENCE_CONFIG = "ds_reference_config.json"
 
@@ -40,7 +42,8 @@ class DpoDeepSpeedModule(DeepSpeedModule):
         super().__init__(run_dir, record, plan)
         cfg = record.cfg
         self.beta, self.loss_type = float(cfg.stage.dpo_beta), cfg.stage.dpo_loss.value
-        self.reference_from = cfg.stage.reference_checkpoint or init_checkpoint(cfg)
+        source = resolve_reference(cfg, ENGINES[BackendName.deepspeed])  # what preflight checked
+        self.reference_from = str(source.path) if source else None
         ref_config = read_backend_file(run_dir, REFERENCE_CONFIG)
         self.reference = _reference_engine(ref_config, self.reference_from, self.engine.module)
         self.ref_zero = ref_config.get("zero_optimization", {}).get("stage", 0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 import deepspeed
@@ -174,11 +173,7 @@ class DeepSpeedModule(TrainModule):
         if self.rank != 0:
             return
         self.engine.module.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
-        tok = Path(self.cfg.data.tokenizer)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            src = tok if name == "tokenizer.json" and tok.is_file() else tok.parent / name
-            if src.is_file():
-                shutil.copy(src, directory / name)
+        model_mod.copy_tokenizer(self.cfg.data.tokenizer, directory)
 
     def close(self) -> None:
         if dist.is_initialized():

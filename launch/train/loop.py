@@ -259,10 +259,12 @@ class Trainer:
         if not self.module.params_finite():
             raise Diverged(f"step {self.step}: a parameter is not finite; no {what} written", self.step)
 
-    def init_from(self, path: Path) -> None:
-        """``stage.init_checkpoint``'s weights, for an engine that loads them after building."""
-        if self.module.init_from(path):
-            self.report.event(f"initialised from {path} (weights only)")
+    def init_from(self, source) -> None:
+        """``stage.init_checkpoint``'s weights (``launch.train.init_source.InitSource``), loaded by the engine
+        now or, for one that loads them while building, already."""
+        self.module.init_from(source)
+        note = f"; {source.note}" if source.note else ""
+        self.report.event(f"initialised from {source.path} ({source.format.value}, weights only{note})")
 
     def export(self) -> Path:
         """``{checkpoint_dir}/final``: the module's export, marked and renamed into place by rank 0."""

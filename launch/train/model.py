@@ -10,8 +10,9 @@ num_query_groups -> num_key_value_heads, rotary_base -> rope_theta, ...).
   partitioned (it would leave PyTorch's default init: embeddings with std 1), so it
   is re-run module by module on gathered parameters (rank 0 writes, DeepSpeed
   broadcasts), as ``transformers`` does for ZeRO-3 itself.
-- Later stages: ``from_pretrained(stage.init_checkpoint)``, a local HF-format
-  directory (``{checkpoint_dir}/final`` of the previous stage), ``local_files_only``.
+- Later stages: ``from_pretrained`` of the Hugging Face model ``stage.init_checkpoint`` leads to
+  (``launch.train.preflight.resolve_init``: a run directory, its checkpoints or ``final/``, whichever
+  backend trained it, or a model directory), ``local_files_only``.
   transformers' own ZeRO-3-aware loading needs ``accelerate`` (not a dependency);
   here every rank loads the weights on the CPU and ``deepspeed.initialize``
   partitions them.
@@ -22,8 +23,8 @@ num_query_groups -> num_key_value_heads, rotary_base -> rope_theta, ...).
 from __future__ import annotations
 
 from launch.compat import TRANSFORMERS_INIT_WEIGHTS, require
-from launch.config.schema import Activation, Normalization, PositionEmbedding, Recompute
-from launch.train.preflight import init_checkpoint
+from launch.config.schema import Activation, BackendName, Normalization, PositionEmbedding, Recompute
+from launch.train.preflight import ENGINES, resolve_init
 
 
 class ModelError(Exception):
@@ -89,9 +90,9 @@ def _build(cfg, ds_config: dict, *, eod: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    init = init_checkpoint(cfg)
+    init = resolve_init(cfg, ENGINES[BackendName.deepspeed])  # what preflight checked: a Hugging Face model
     if init:
-        model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(init.path, local_files_only=True, dtype=torch.float32)
         model.config.use_cache = False
         return model
     config = hf_config(cfg, eod=eod)
@@ -127,6 +128,21 @@ def _reinit_partitioned(model) -> None:
                 continue
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 model._init_weights(module)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(tokenizer: str, directory) -> None:
+    """``data.tokenizer``'s files (a ``tokenizer.json`` path or its directory) into an exported model's directory."""
+    import shutil
+    from pathlib import Path
+
+    tok = Path(tokenizer)
+    for name in TOKENIZER_FILES:
+        src = tok if name == "tokenizer.json" and tok.is_file() else (tok if tok.is_dir() else tok.parent) / name
+        if src.is_file():
+            shutil.copy(src, Path(directory) / name)
 
 
 def n_params(model) -> int:

@@ -81,8 +81,9 @@ class TrainModule(ABC):
     def load(self, step_dir: Path, marker: dict, step: int) -> None:
         """Restore model and optimizer from ``step_dir`` (marker: its trainctl.json) to continue at ``step``."""
 
-    def init_from(self, path: Path) -> bool:
-        """Load only the weights of ``stage.init_checkpoint`` after building; False if the build did it."""
+    def init_from(self, source) -> bool:
+        """Load only the weights of ``stage.init_checkpoint`` after building (``source``: a
+        ``launch.train.init_source.InitSource``, what preflight resolved); False if the build did it."""
         return False
 
     @abstractmethod

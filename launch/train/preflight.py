@@ -20,7 +20,9 @@ from launch.config.stages import trains
 from launch.errors import UserError
 from launch.record.read import RunConfig
 from launch.record import checkpoints as ckpt
+from launch.train import init_source
 from launch.train.data import MissingData, check_data
+from launch.train.init_source import Format, InitSource
 
 EXIT_USER = 2
 """A user error found on the node (missing data, a changed config on resume, a damaged record, a checkpoint
@@ -37,9 +39,9 @@ EXIT_STORAGE = 7
 class Engine:
     module: str
     """``module:Class`` of its ``TrainModule``."""
-    init_file: str
-    """The file a usable ``stage.init_checkpoint`` directory holds."""
-    init_kind: str
+    name: str
+    init_formats: tuple[Format, ...]
+    """What it loads as ``stage.init_checkpoint``, preferred first (``launch.train.init_source``)."""
     unsupported: Callable[[Config], str | None] = lambda cfg: None
     stage_modules: dict[StageKind, str] = field(default_factory=dict)
     """``module:Class`` for a stage whose objective differs (DPO), else ``module``."""
@@ -57,11 +59,11 @@ def _deepspeed_unsupported(cfg: Config) -> str | None:
 
 
 ENGINES = {
-    BackendName.deepspeed: Engine("launch.train.deepspeed_trainer:DeepSpeedModule", "config.json",
-                                  "Hugging Face model", unsupported=_deepspeed_unsupported,
+    BackendName.deepspeed: Engine("launch.train.deepspeed_trainer:DeepSpeedModule", "DeepSpeed", (Format.hf,),
+                                  unsupported=_deepspeed_unsupported,
                                   stage_modules={StageKind.dpo: "launch.train.deepspeed_dpo:DpoDeepSpeedModule"}),
-    BackendName.megatron: Engine("launch.train.megatron.module:MegatronModule", "metadata.json",
-                                 "Megatron-Core distributed checkpoint"),
+    BackendName.megatron: Engine("launch.train.megatron.module:MegatronModule", "Megatron-Core",
+                                 (Format.megatron, Format.hf)),
 }
 
 
@@ -70,6 +72,46 @@ def init_checkpoint(cfg: Config) -> str | None:
     if cfg.stage.from_scratch:
         return None
     return cfg.stage.init_checkpoint or None
+
+
+def resolve_init(cfg: Config, engine: Engine) -> InitSource | None:
+    """What this run's engine loads for ``stage.init_checkpoint`` (``launch.train.init_source``), or None;
+    ``UserError`` when there is nothing it can load there, or a Hugging Face model of another shape.
+    Preflight and both trainers call this: they load what preflight checked."""
+    init = init_checkpoint(cfg)
+    if not init:
+        return None
+    source = init_source.resolve_init(init, engine.init_formats, engine.name)
+    if source.format is Format.hf:
+        problem = init_source.llama_problem(cfg) if Format.megatron in engine.init_formats else None
+        if problem:
+            raise UserError(f"stage.init_checkpoint={init}: a Hugging Face model, which the {engine.name} trainer "
+                            f"imports only for the Llama and Mixtral families; {problem}\n  fix: a Megatron-Core "
+                            "checkpoint of this model, or a Llama/Mixtral model preset")
+        problems = init_source.hf_problems(cfg, source.path)
+        if problems:
+            raise UserError(f"stage.init_checkpoint={init}: the Hugging Face model in {source.path} is not model="
+                            f"{cfg.model.name}: {'; '.join(problems)}\n  fix: set model.* to the checkpoint's "
+                            "shape, or name a checkpoint of this model")
+    return source
+
+
+def resolve_reference(cfg: Config, engine: Engine) -> InitSource | None:
+    """DPO's frozen reference: what ``stage.reference_checkpoint`` leads to (found as ``stage.init_checkpoint``
+    is), else the init checkpoint's; None for another stage, or from scratch (a copy of the initial weights)."""
+    if cfg.stage.kind != StageKind.dpo:
+        return None
+    ref = cfg.stage.reference_checkpoint
+    if not ref:
+        return resolve_init(cfg, engine)
+    key = "stage.reference_checkpoint"
+    source = init_source.resolve_init(ref, engine.init_formats, engine.name, key=key)
+    problems = init_source.hf_problems(cfg, source.path) if source.format is Format.hf else []
+    if problems:
+        raise UserError(f"{key}={ref}: the Hugging Face model in {source.path} is not model={cfg.model.name}: "
+                        f"{'; '.join(problems)}\n  fix: the reference is the policy's architecture: name a "
+                        "checkpoint of this model")
+    return source
 
 
 def preflight(run_dir: Path, record: RunConfig, engine: Engine) -> tuple[str | None, int, Path | None]:
@@ -85,14 +127,11 @@ def preflight(run_dir: Path, record: RunConfig, engine: Engine) -> tuple[str | N
         check_data(cfg)  # the prepared shards; for sft, the chat JSONL files
     except MissingData as exc:
         return str(exc), EXIT_USER, None
-    init = init_checkpoint(cfg)
-    if init and not Path(init, engine.init_file).is_file():
-        return (f"stage.init_checkpoint={init}: no {engine.init_kind} there ({engine.init_file}); it is the "
-                "previous stage's {checkpoint_dir}/final"), EXIT_USER, None
-    ref = cfg.stage.reference_checkpoint if cfg.stage.kind == StageKind.dpo else None
-    if ref and not Path(ref, engine.init_file).is_file():
-        return (f"stage.reference_checkpoint={ref}: no {engine.init_kind} there ({engine.init_file}); it is a "
-                "model directory such as the previous stage's {checkpoint_dir}/final"), EXIT_USER, None
+    try:
+        resolve_init(cfg, engine)
+        resolve_reference(cfg, engine)
+    except UserError as exc:
+        return "\n".join(exc.problems), EXIT_USER, None
     ckpt_dir = ckpt.checkpoint_dir(cfg, run_dir)
     problem = ckpt.writable_problem(ckpt_dir)  # here, not at the first save an interval later
     if problem:

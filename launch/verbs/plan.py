@@ -18,6 +18,7 @@ from launch.errors import UserError
 from launch.estimate import estimate
 from launch.estimate.calibration import Calibration, load_calibration
 from launch.executors.requeue_limit import requeue_problem
+from launch.verbs.stage_fit import stage_fit_problem
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ def make_plan(composed: DictConfig) -> Plan:
         raise UserError([str(p) for p in problems])
     calibration = load_calibration(cfg)  # the file is read here, once, never inside launch/estimate/
     numbers = plan_numbers(cfg, d, calibration)
+    problem = stage_fit_problem(cfg, calibration)  # a DPO or RL stage that does not fit is refused here, with fixes
+    if problem:
+        raise UserError(problem)
     problem = requeue_problem(cfg, numbers["run"])  # the need comes from the estimate, so it is checked after it
     if problem:
         raise UserError(problem)

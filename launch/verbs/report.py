@@ -82,9 +82,47 @@ def plan_table(plan: Plan) -> Table:
     mtbf = f", one every {run['mtbf_cluster_min']:.0f} min" if run.get("mtbf_cluster_min") else ""
     table.add_row("risk", f"{run['expected_failures']:.3g} expected failures{mtbf}; checkpoint every "
                   f"{_duration(run['checkpoint_interval_min'] / 1440)}")
-    table.add_row("scaling", f"{n['scaling']['tokens_per_param']:.3g} tokens/param, predicted loss "
-                  f"{n['scaling']['predicted_loss']:.3f}")
+    _stage_rows(table, plan)
+    loss = n["scaling"]["predicted_loss"]
+    table.add_row("scaling", f"{n['scaling']['tokens_per_param']:.3g} tokens/param"
+                  + (f", predicted loss {loss:.3f}" if loss is not None else
+                     f" (no predicted loss: a pretraining scaling law says nothing about a {cfg.stage.kind.name} stage)"))
     return table
+
+
+PART_NAMES = {"policy": "policy", "reference": "reference model", "reward_model": "reward model",
+              "rollout_weights": "rollout weights", "kv_cache": "KV cache"}
+PHASE_NAMES = {"generation": "generation", "weight_sync": "weight sync", "reference": "reference forward",
+               "reward_model": "reward-model forward", "train": "policy training"}
+
+
+def _stage_rows(table: Table, plan: Plan) -> None:
+    """A DPO or RL stage's memory by owner and step time by phase (plan.json's ``stage`` block)."""
+    cfg, stage = plan.cfg, plan.numbers.get("stage", {})
+    if "train_gpus" not in stage:  # pretraining and SFT: the rows above say it all
+        return
+    step = plan.numbers["throughput"]["step_time_s"]
+    memory = ", ".join(f"{PART_NAMES[k]} {v:.1f}" for k, v in stage["memory_gib"].items() if v)
+    times = ", ".join(f"{PHASE_NAMES[k]} {v:.3g} s ({100 * v / step:.0f}%)" for k, v in stage["time_s"].items())
+    if cfg.stage.kind.name == "dpo":
+        pairs = cfg.train.global_batch_size
+        table.add_row("stage", f"DPO: {pairs} pairs = {stage['sequences_per_step']} sequences (chosen + rejected) "
+                      f"a step; the reference model frozen, weights only, sharded as the policy")
+    else:
+        s, r = cfg.stage, stage["rollout"]
+        prompts = cfg.train.global_batch_size // max(s.num_generations, 1)
+        where = (f"on {s.rollout.nodes} node(s) added to the {cfg.cluster.nodes} that train"
+                 if r["gpu_peak_gib"] is not None else "in the training ranks")
+        table.add_row("stage", f"{s.rl_algorithm.name.upper()}: {prompts} prompts x {s.num_generations} = "
+                      f"{cfg.train.global_batch_size} completions of <= {s.max_completion_length} tokens a step; "
+                      f"rollout {r['engine']} {where}; {r['waves']} wave(s) of {r['sequences_per_engine']:.3g} "
+                      f"sequences per engine, {r['decode_step_ms']:.3g} ms per decode step (HBM-bound)")
+        table.add_row("generating", f"{100 * stage['generation_share']:.0f}% of the step (generation + weight sync)")
+    table.add_row("stage memory", f"{memory} GiB per training GPU"
+                  + (f"; rollout GPUs {r['gpu_peak_gib']:.1f} GiB (vLLM's reservation: weights "
+                     f"{r['weights_gib']:.1f}, KV cache {r['kv_cache_pool_gib']:.1f})"
+                     if cfg.stage.kind.name == "rlhf" and r["gpu_peak_gib"] is not None else ""))
+    table.add_row("step time", times)
 
 
 def _stages(values) -> str:

@@ -1,2 +1,3 @@
 """The Megatron-Core engine, split by job: ``build`` (parallel state, model, optimizer), ``state``
-(distributed checkpoints) and ``module`` (``MegatronModule``: the step, behind ``launch.train.module``)."""
+(distributed checkpoints), ``module`` (``MegatronModule``: the step, behind ``launch.train.module``),
+``hf`` (weights to and from Hugging Face's Llama/Mixtral) and ``export`` (its command line)."""

@@ -151,10 +151,26 @@ def _initial_value(key: str, shape, generator, device, config):
 def init_by_name(chunks, *, seed: int, config, device) -> int:
     """Give every parameter the same values in every layout; the number of shards written.
 
-    The model's sharded state dict names each local tensor by its global key, its
-    layer (and expert) offset, and where its slice sits in the full tensor (gated
-    MLPs' fc1 as two slices, tied output weights under the embedding's key): each is
-    drawn whole from a generator seeded by (train.seed, global name) and sliced.
+    Each global tensor (``fill_by_name``) is drawn whole from a generator seeded by (train.seed, its
+    global name: the key and its layer/expert numbers), so every rank slices the same values.
+    """
+    def draw(key: str, index: tuple, shape) -> torch.Tensor:
+        name = key + "".join(f"[{o}]" for o in index)
+        gen = torch.Generator(device=device).manual_seed(_seed_of(name, seed))
+        return _initial_value(key, shape, gen, device, config)
+
+    return fill_by_name(chunks, draw)
+
+
+def fill_by_name(chunks, value_of) -> int:
+    """Set every parameter shard of ``chunks`` from the global tensors ``value_of(key, index, shape)`` gives;
+    the number of shards written.
+
+    The model's sharded state dict names each local tensor by its global key, its layer (and
+    expert) numbers (``index``: the offsets on its prepended axes), and where its slice sits in
+    the full tensor of ``shape`` (gated MLPs' fc1 as two slices, tied output weights under the
+    embedding's key): this rank copies its slice of each. Used for the seeded initialisation and
+    for importing Hugging Face weights (``launch.train.megatron.hf``).
     """
     written = 0
     with torch.no_grad():
@@ -165,11 +181,8 @@ def init_by_name(chunks, *, seed: int, config, device) -> int:
                     if not isinstance(sh, ShardedTensor):
                         continue  # _extra_state objects
                     p = sh.prepend_axis_num
-                    name = sh.key + "".join(f"[{o}]" for o in sh.global_offset[:p])
-                    full_shape = sh.global_shape[p:]
-                    gen = torch.Generator(device=device).manual_seed(_seed_of(name, seed))
-                    full = _initial_value(sh.key, full_shape, gen, device, config)
+                    full = value_of(sh.key, tuple(sh.global_offset[:p]), sh.global_shape[p:])
                     index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[p:], sh.data.shape))
-                    sh.data.copy_(full[index].to(sh.data.dtype))
+                    sh.data.copy_(full[index].to(sh.data.device, sh.data.dtype))
                     written += 1
     return written

@@ -7,8 +7,9 @@ between stages. A step is two passes of the same schedule
 (``get_forward_backward_func``):
 
 1. the reference (``build.build_frozen``: the policy's tp x pp x vpp layout, weights of
-   ``stage.reference_checkpoint``, else ``stage.init_checkpoint``, else the policy's
-   initial weights) with ``forward_only=True`` under ``torch.no_grad``: each micro-batch's
+   ``stage.reference_checkpoint``, else ``stage.init_checkpoint``, found as
+   ``preflight.resolve_reference`` finds them (a distributed checkpoint or a Hugging Face
+   model), else the policy's initial weights) with ``forward_only=True`` under ``torch.no_grad``: each micro-batch's
    per-sequence log-probabilities, on the last pipeline stage, where its loss function runs;
 2. the policy, whose loss function (last stage only) gets that micro-batch's reference
    log-probabilities through the data iterator (the fourth item of each batch: None on the
@@ -58,18 +59,30 @@ def loss_of(total) -> float:
 class DpoObjective:
     """The reference model and the preference loss of one run (one per ``MegatronModule``)."""
 
-    def __init__(self, *, doc: dict, stage, init_checkpoint: str | None, device, mbs: int, seq: int):
+    def __init__(self, *, doc: dict, stage, device, mbs: int, seq: int, source, hf_config):
+        """``source``: ``preflight.resolve_reference``'s answer (a distributed checkpoint of any layout, or a
+        Hugging Face model imported as ``stage.init_checkpoint`` is), None for the initial weights."""
+        from launch.train.init_source import Format
         from launch.train.megatron import build, state
 
         self.reference = build.build_frozen(doc, device)
-        self.source = stage.reference_checkpoint or init_checkpoint
-        if self.source:
-            state.load_weights(self.reference, Path(self.source))
+        self.source = source
+        if source is not None and source.format is Format.hf:
+            from launch.errors import UserError
+            from launch.train.megatron import hf
+
+            try:
+                hf.load_hf(self.reference, source.path, hf_config())
+            except hf.MappingError as exc:
+                raise UserError(f"DPO's reference {source.path}: {exc}\n  fix: a Llama or Mixtral model of the "
+                                "policy's shape") from None
+        elif source is not None:
+            state.load_weights(self.reference, source.path)
         self.beta, self.loss_type = float(stage.dpo_beta), stage.dpo_loss.value
         self.position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(2 * mbs, -1)
 
     def describe(self) -> str:
-        where = self.source or "the initial weights (stage.from_scratch)"
+        where = self.source.path if self.source else "the initial weights (stage.from_scratch)"
         return f"DPO {self.loss_type}, beta {self.beta:g}, against a frozen reference from {where}"
 
     # --- the two passes -----------------------------------------------------------------------

@@ -3,10 +3,14 @@
 Reads ``megatron.yaml`` (one mapping of constructor arguments per megatron-core
 object, written by ``launch.backends.megatron``) beside the run record; builds
 the model (``build.py``), runs megatron-core's pipeline schedule for a step, and
-saves, loads and exports distributed checkpoints (``state.py``). The export is the
-last step's distributed checkpoint, hard-linked (the next stage's
-``stage.init_checkpoint``, weights only). ``stage=dpo`` adds a frozen reference model and
-runs the schedule twice per step (``dpo.py``); the rest is the same for every stage.
+saves, loads and exports distributed checkpoints (``state.py``). The export (``final/``) is a
+Hugging Face model, as the DeepSpeed trainer's (``hf.py``: Llama and Mixtral; every rank converts a
+share of the tensors), with the last step's distributed checkpoint beside it in ``final/megatron/``
+(hard links): either is the next stage's ``stage.init_checkpoint``, whichever backend runs it. A
+model outside those families exports ``final/megatron/`` only. ``stage.init_checkpoint`` loads
+weights only: a distributed checkpoint of any layout, or a Hugging Face model imported through the
+same mapping. ``stage=dpo`` adds a frozen reference model, loaded the same ways, and runs the
+schedule twice per step (``dpo.py``); the rest is the same for every stage.
 
 On a CPU cluster profile (``cluster.gpu.name: cpu``) ``launch.train.cuda_on_cpu``
 redirects megatron-core's CUDA calls to the CPU (a test mode; real runs need GPUs).
@@ -23,18 +27,23 @@ import torch
 import torch.distributed as dist
 
 from launch.compat import MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, require
-from launch.config.schema import StageKind
+from launch.config.schema import BackendName, StageKind
 from launch.errors import UserError
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
 from launch.train import guard
+from launch.train.init_source import MEGATRON_SUBDIR, Format, InitSource, llama_problem
 from launch.train.module import TrainModule
-from launch.train.preflight import cpu_devices, init_checkpoint
+from launch.train.preflight import ENGINES, cpu_devices, resolve_reference
 
 
 class MegatronModule(TrainModule):
-    export_kind = "Megatron-Core distributed checkpoint"
+    export_kind = "Hugging Face model (its Megatron-Core distributed checkpoint in megatron/)"
 
     def __init__(self, run_dir: Path, record: RunConfig, plan: PlanNumbers):
+        self.cfg = record.cfg
+        self.no_hf = llama_problem(record.cfg)
+        if self.no_hf:
+            self.export_kind = f"Megatron-Core distributed checkpoint in {MEGATRON_SUBDIR}/ (no Hugging Face model: {self.no_hf})"
         cuda = not cpu_devices(record.cfg)
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -64,8 +73,9 @@ class MegatronModule(TrainModule):
         if record.cfg.stage.kind == StageKind.dpo:
             from launch.train.megatron.dpo import DpoObjective
 
-            self.dpo = DpoObjective(doc=self.doc, stage=record.cfg.stage, init_checkpoint=init_checkpoint(record.cfg),
-                                    device=self.device, mbs=self.mbs, seq=self.seq)
+            self.dpo = DpoObjective(doc=self.doc, stage=record.cfg.stage, device=self.device, mbs=self.mbs,
+                                    seq=self.seq, source=resolve_reference(record.cfg, ENGINES[BackendName.megatron]),
+                                    hf_config=self._hf_config)
         self.dp, self.dp_rank = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
         self.faults, self._fault = guard.Faults(), None
         self.last_stage_reporter = self.ps.is_pipeline_last_stage() and self.ps.get_tensor_model_parallel_rank() == 0
@@ -230,16 +240,52 @@ class MegatronModule(TrainModule):
         self.built.scheduler.num_steps = 0  # a rewind in process (launch/train/guard.py): from step 0 again
         self.built.scheduler.step(increment=step)
 
-    def init_from(self, path: Path) -> bool:
-        """``stage.init_checkpoint``: the weights only (any layout)."""
-        sharding = self._state.saved_sharding(path)
-        self._state.load(self.built.chunks, self.built.optimizer, path, weights_only=True, sharding=sharding)
+    def init_from(self, source: InitSource) -> bool:
+        """``stage.init_checkpoint``: the weights only, from a distributed checkpoint (any layout) or a Hugging
+        Face model (each rank reads the tensors of its shards); the optimizer's main copies follow them."""
+        if source.format is Format.hf:
+            from launch.train.megatron import hf
+
+            try:
+                hf.load_hf([c.module for c in self.built.chunks], source.path, self._hf_config())
+            except hf.MappingError as exc:
+                raise UserError(f"stage.init_checkpoint={source.path}: {exc}\n  fix: a Llama or Mixtral model of "
+                                f"model={self.cfg.model.name}'s shape") from None
+        else:
+            sharding = self._state.saved_sharding(source.path)
+            self._state.load(self.built.chunks, self.built.optimizer, source.path, weights_only=True,
+                             sharding=sharding)
+        # bf16 runs keep fp32 main copies in the optimizer: refreshed from the loaded weights (Megatron-LM's
+        # load_checkpoint does the same when it loads no optimizer state); a no-op for fp32 parameters.
+        self.built.optimizer.reload_model_params()
         return True
 
     def export(self, directory: Path, last_step: Path) -> None:
-        """The last step's distributed checkpoint, hard-linked (rank 0), out of reach of the retention of step_*."""
+        """``final/``: the last step's distributed checkpoint hard-linked into ``megatron/`` (rank 0), and the
+        Hugging Face model converted from it (``hf.py``): each rank converts every world-th tensor, rank 0
+        writes the index, ``config.json`` and the tokenizer's files."""
         if self.rank == 0:
-            self._state.publish(last_step, directory)
+            self._state.publish(last_step, directory / MEGATRON_SUBDIR)
+        if self.no_hf:
+            return
+        from launch.train.megatron import hf
+
+        config = self._hf_config()
+        share = hf.export_share(last_step, directory, config, rank=self.rank, world=self.world)
+        shares = [None] * self.world
+        dist.all_gather_object(shares, share, group=self.stop_group)  # gloo: plain objects on the CPU
+        if self.rank == 0:
+            hf.finish_export(directory, config, {k: v for s in shares for k, v in s.items()},
+                             self.cfg.data.tokenizer)
+
+    def _hf_config(self):
+        """The transformers config of this model (``launch.train.model.hf_config``), in its parameters' dtype."""
+        from launch.train.data import eod_id
+        from launch.train.model import hf_config
+
+        config = hf_config(self.cfg, eod=eod_id(self.cfg.data.tokenizer)[1])
+        config.dtype = getattr(torch, self.doc["objects"]["transformer_config"]["params_dtype"])
+        return config
 
     def close(self) -> None:
         if dist.is_initialized():
