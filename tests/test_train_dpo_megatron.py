@@ -178,6 +178,17 @@ with m.evaluating():
                                   chosen_tokens=nc, rejected_tokens=nr)[0])
                    for (pc, pr), (rc, rr), (nc, nr) in logps]
         print("LOSSES", loss_type, trainer_loss, sum(by_hand) / len(by_hand))
+    # The policy's log-probs again, by transformers from the Hugging Face export of the same weights.
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    m.dpo.loss_type = "sigmoid"
+    by_transformers = []
+    for batch, (_, (rc, rr), _) in zip(batches, logps):
+        tokens, labels, mask = split_pairs(*batch)
+        pc, pr = sequence_logps(hf_model(tokens).logits, labels, mask)[0].chunk(2)
+        by_transformers.append(float(dpo_loss(pc, pr, rc, rr, beta=record.cfg.stage.dpo_beta, loss_type="sigmoid")[0]))
+    print("TRANSFORMERS", m.mean_loss([m.eval_step(batches)]), sum(by_transformers) / len(by_transformers))
     # A reference loaded from the policy's own checkpoint, either format, is the policy again.
     for source in (InitSource(final / "megatron", Format.megatron), InitSource(final, Format.hf)):
         m.dpo = DpoObjective(doc=m.doc, stage=record.cfg.stage, device=m.device, mbs=m.mbs, seq=m.seq,
@@ -191,7 +202,8 @@ m.close()
 def test_the_loss_is_the_shared_dpo_loss_on_full_logits(runs, tmp_path):
     """The trained policy against its initial weights on 4 pairs: the schedule's loss (vocab-parallel cross
     entropy, reference log-probs handed to the last stage) equals launch.train.dpo on the full logits, for
-    each loss type (IPO's per-token average needs the token counts through the same path). A reference
+    each loss type (IPO's per-token average needs the token counts through the same path), and on the
+    policy's log-probs computed by transformers from its Hugging Face export (``final/``). A reference
     loaded from the policy's own final checkpoint (its distributed checkpoint, or its Hugging Face export
     imported) gives log 2 and no margin."""
     run_dir = runs["ref"][0]
@@ -207,6 +219,8 @@ def test_the_loss_is_the_shared_dpo_loss_on_full_logits(runs, tmp_path):
         assert trainer_loss == pytest.approx(by_hand, rel=1e-5), loss_type
     trainer_loss = found["sigmoid"][0]
     assert abs(trainer_loss - math.log(2)) > 0.05  # the policy moved: a real comparison, not log 2 twice
+    trainer_loss, by_transformers = map(float, out.split("TRANSFORMERS ")[1].split()[:2])
+    assert trainer_loss == pytest.approx(by_transformers, rel=1e-4)
     same = {line.split()[1]: tuple(map(float, line.split()[2:4])) for line in out.splitlines()
             if line.startswith("SAME ")}
     assert sorted(same) == ["hf", "megatron"], out[-3000:]
