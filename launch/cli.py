@@ -30,7 +30,7 @@ launch artifacts into its run directory (runs/NAME).
 verbs:
 {verbs}
 
-not built yet: training the rlhf stage, and dpo on megatron (see the README).
+not built yet: training the rlhf stage (see the README).
 
 config groups (group=option; `trainctl plan --help` shows every key):
 {groups}

@@ -150,8 +150,8 @@ CASES = {
         [(["optim.z_loss=1e-4"], "moe_z_loss_coeff"), (["recipe=tiny_local", "optim.z_loss=-1"], "negative")]),
     b.stage_supported_by_backend: (
         ["recipe=llama3_8b_dpo_h100"],
-        [(["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "megatron-core ships neither"),
-         (["stage=dpo", "stage.from_scratch=true", "backend=megatron"], "backend=deepspeed"),
+        [(["recipe=llama3_8b_dpo_h100", "backend=megatron", "parallel.cp=2"], "does not add the parts up"),
+         (["recipe=llama3_8b_dpo_h100", "backend=megatron", "parallel.cp=2"], "parallel.cp=1"),
          (["recipe=llama3_8b_dpo_h100", "stage=rlhf", "stage.rl_algorithm=ppo", "stage.reward_model=/rm"],
           "no PPO trainer"),
          (["stage=rlhf", "stage.from_scratch=true", "backend=megatron", "stage.rewards=[format]"],

@@ -59,10 +59,10 @@ def local_cluster_precision(cfg: Config, d: Derived) -> Iterator[Problem]:
 def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
     """Which alignment stages each backend's translation covers (launch/backends)."""
     kind, keys = cfg.stage.kind, {"backend": cfg.backend.name, "stage": cfg.stage.kind}
-    if kind == StageKind.dpo and is_megatron(cfg):
-        yield Problem(keys, "DPO needs a frozen reference model and a preference loss: megatron-core ships neither, "
-                      "and Megatron-LM's pretrain_gpt.py has no DPO",
-                      "backend=deepspeed (ZeRO-3 with a frozen reference engine; tp, pp and cp 1)")
+    if kind == StageKind.dpo and is_megatron(cfg) and cfg.parallel.cp > 1:
+        yield Problem({**keys, "parallel.cp": cfg.parallel.cp},
+                      "DPO sums each sequence's log-probabilities, which context parallelism splits over cp ranks; "
+                      "trainctl's Megatron-Core DPO does not add the parts up", "parallel.cp=1")
     if kind == StageKind.rlhf and cfg.stage.rl_algorithm == RlAlgorithm.ppo:
         yield Problem({**keys, "stage.rl_algorithm": cfg.stage.rl_algorithm},
                       "PPO needs a value model trained beside the policy, and TRL 1.16 (which trainctl runs RL "

@@ -31,9 +31,9 @@ NOT_IN_ARTIFACTS: dict[str, tuple[str, str]] = {
     "data.sources.*.text_key": ("trainer", "prepare's text column; the SFT trainers' chat field (launch/train/chat.py)"),
     # --- stages
     "stage.from_scratch": ("trainer", "whether the trainers load stage.init_checkpoint (launch.train.preflight.init_checkpoint)"),
-    "stage.dpo_beta": ("trainer", "the DPO loss (launch/train/dpo.py, run by launch/train/deepspeed_dpo.py)"),
-    "stage.dpo_loss": ("trainer", "the DPO loss variant (launch/train/dpo.py, run by launch/train/deepspeed_dpo.py)"),
-    "stage.reference_checkpoint": ("trainer", "DPO's frozen reference (launch/train/deepspeed_dpo.py)"),
+    "stage.dpo_beta": ("trainer", "the DPO loss (launch/train/dpo.py, run by launch/train/deepspeed_dpo.py and launch/train/megatron/dpo.py)"),
+    "stage.dpo_loss": ("trainer", "the DPO loss variant (launch/train/dpo.py, run by launch/train/deepspeed_dpo.py and launch/train/megatron/dpo.py)"),
+    "stage.reference_checkpoint": ("trainer", "DPO's frozen reference (launch/train/deepspeed_dpo.py, launch/train/megatron/dpo.py)"),
     "stage.reward_model": ("trainer", "RLHF: a reward function of TRL's trainer (launch/train/rl.py)"),
     "stage.kl_coef": ("trainer", "RLHF: TRL's beta (launch/train/rl.py trl_args)"),
     "stage.clip_eps": ("trainer", "RLHF: TRL's epsilon (launch/train/rl.py trl_args)"),

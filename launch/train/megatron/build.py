@@ -64,14 +64,7 @@ def build(doc: dict, device) -> Built:
     # the optimizer's grad norm then counts only tp rank 0's shards (silently, a wrong clip).
     tc = TransformerConfig(**mb.resolve(doc, "transformer_config"))
     vpp = doc["model_parallel"]["virtual_pipeline_model_parallel_size"] or 1
-    spec = mb.resolve(doc, "gpt_model")
-    chunks = []
-    for vp in range(vpp):
-        vp_stage = vp if vpp > 1 else None
-        chunks.append(GPTModel(
-            tc, **spec, vp_stage=vp_stage,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)).to(device))
+    chunks = _gpt_chunks(doc, tc, device)
     n_local = sum(p.numel() for c in chunks for p in c.parameters()  # a tied output layer once
                   if not (getattr(p, "shared_embedding", False) and not c.pre_process))
     init_by_name(chunks, seed=seed, config=tc, device=device)
@@ -95,6 +88,40 @@ def build(doc: dict, device) -> Built:
     return Built(chunks=model, optimizer=optimizer, scheduler=scheduler,
                  forward_backward=get_forward_backward_func(), vpp=vpp, n_params_local=n_local,
                  overlap_param_gather=ddp_config.overlap_param_gather)
+
+
+def _gpt_chunks(doc: dict, tc, device) -> list:
+    """One GPTModel per virtual pipeline stage of this rank (parallel state initialised)."""
+    vpp = doc["model_parallel"]["virtual_pipeline_model_parallel_size"] or 1
+    spec = mb.resolve(doc, "gpt_model")
+    chunks = []
+    for vp in range(vpp):
+        vp_stage = vp if vpp > 1 else None
+        chunks.append(GPTModel(
+            tc, **spec, vp_stage=vp_stage,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)).to(device))
+    return chunks
+
+
+def build_frozen(doc: dict, device) -> list:
+    """A second model sharded like the trained one (the same tp x pp x vpp chunks on this rank), frozen:
+    DPO's reference policy. No DDP wrapper, no gradients, no optimizer state: weights only, in eval mode.
+
+    Its own ``TransformerConfig``: the trained model's carries the schedule's gradient hooks
+    (``no_sync_func``, ``finalize_model_grads_func``), which a forward-only pass over this one must
+    not call; activation recompute is off (nothing to recompute without a backward pass). Its
+    weights start as ``init_by_name`` draws them, the trained model's starting point when the
+    stage starts from scratch; a reference checkpoint overwrites them (``state.load_weights``).
+    """
+    tc = TransformerConfig(**{k: v for k, v in mb.resolve(doc, "transformer_config").items()
+                              if not k.startswith("recompute_")})
+    chunks = _gpt_chunks(doc, tc, device)
+    init_by_name(chunks, seed=int(doc["training"]["seed"]), config=tc, device=device)
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
+    return chunks
 
 
 # --- deterministic initialisation ---------------------------------------------------------------

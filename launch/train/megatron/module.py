@@ -9,7 +9,8 @@ share of the tensors), with the last step's distributed checkpoint beside it in 
 (hard links): either is the next stage's ``stage.init_checkpoint``, whichever backend runs it. A
 model outside those families exports ``final/megatron/`` only. ``stage.init_checkpoint`` loads
 weights only: a distributed checkpoint of any layout, or a Hugging Face model imported through the
-same mapping.
+same mapping. ``stage=dpo`` adds a frozen reference model, loaded the same ways, and runs the
+schedule twice per step (``dpo.py``); the rest is the same for every stage.
 
 On a CPU cluster profile (``cluster.gpu.name: cpu``) ``launch.train.cuda_on_cpu``
 redirects megatron-core's CUDA calls to the CPU (a test mode; real runs need GPUs).
@@ -26,12 +27,13 @@ import torch
 import torch.distributed as dist
 
 from launch.compat import MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, require
+from launch.config.schema import BackendName, StageKind
 from launch.errors import UserError
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
 from launch.train import guard
 from launch.train.init_source import MEGATRON_SUBDIR, Format, InitSource, llama_problem
 from launch.train.module import TrainModule
-from launch.train.preflight import cpu_devices
+from launch.train.preflight import ENGINES, cpu_devices, resolve_reference
 
 
 class MegatronModule(TrainModule):
@@ -67,6 +69,13 @@ class MegatronModule(TrainModule):
         self.micro_batches = int(t["num_microbatches"])
         self.built = build.build(self.doc, self.device)
         self.ps = build.ps
+        self.dpo = None  # stage=dpo: the frozen reference and the preference loss (launch/train/megatron/dpo.py)
+        if record.cfg.stage.kind == StageKind.dpo:
+            from launch.train.megatron.dpo import DpoObjective
+
+            self.dpo = DpoObjective(doc=self.doc, stage=record.cfg.stage, device=self.device, mbs=self.mbs,
+                                    seq=self.seq, source=resolve_reference(record.cfg, ENGINES[BackendName.megatron]),
+                                    hf_config=self._hf_config)
         self.dp, self.dp_rank = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
         self.faults, self._fault = guard.Faults(), None
         self.last_stage_reporter = self.ps.is_pipeline_last_stage() and self.ps.get_tensor_model_parallel_rank() == 0
@@ -81,7 +90,7 @@ class MegatronModule(TrainModule):
         mp = self.doc["model_parallel"]
         return (f"{self.world} rank(s) = tp {mp['tensor_model_parallel_size']} x pp "
                 f"{mp['pipeline_model_parallel_size']} (vpp {self.built.vpp}) x cp {mp['context_parallel_size']} "
-                f"x dp {self.dp}")
+                f"x dp {self.dp}" + (f"; {self.dpo.describe()}" if self.dpo else ""))
 
     def layout(self) -> dict:
         mp = self.doc["model_parallel"]
@@ -91,18 +100,29 @@ class MegatronModule(TrainModule):
     # --- steps ---------------------------------------------------------------------------------
 
     def _run_schedule(self, batches: list, forward_only: bool):
-        """One pass of the pipeline schedule over ``batches``; [loss sum, tokens] on the reporting ranks."""
-        chunks, vpp = self.built.chunks, self.built.vpp
-        iterators = [iter(batches) for _ in chunks] if vpp > 1 else iter(batches)
-        losses = self.built.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iterators, model=chunks if vpp > 1 else chunks[0],
-            num_microbatches=len(batches), seq_length=self.seq, micro_batch_size=self.mbs,
-            decoder_seq_length=self.seq, forward_only=forward_only)
-        sums = torch.zeros(2, dtype=torch.float64)
+        """One pass of the pipeline schedule over ``batches`` (DPO: the reference's, then the policy's);
+        [loss sum, count, ...] on the reporting ranks (zeros elsewhere)."""
+        step, width = self._forward_step, 2
+        if self.dpo:
+            from launch.train.megatron.dpo import WIDTH
+
+            batches = self.dpo.batches(self._schedule, batches)
+            step, width = self.dpo.policy_step(self._fault, self.dp_rank == 0), WIDTH
+        losses = self._schedule(self.built.chunks, step, batches, forward_only=forward_only)
+        sums = torch.zeros(width, dtype=torch.float64)
         if self.last_stage_reporter:
             for item in losses:
                 sums += item["lm loss"].detach().to("cpu", torch.float64)
         return sums
+
+    def _schedule(self, chunks: list, forward_step, batches: list, *, forward_only: bool) -> list:
+        """megatron-core's schedule over ``chunks`` (one per virtual stage): what the loss functions reported."""
+        iterators = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+        rows = batches[0][0].shape[0]  # sequences per micro-batch: mbs, or 2 x mbs for DPO's pairs
+        return self.built.forward_backward(
+            forward_step_func=forward_step, data_iterator=iterators, model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(batches), seq_length=self.seq, micro_batch_size=rows,
+            decoder_seq_length=self.seq, forward_only=forward_only)
 
     def _forward_step(self, data_iterator, model):
         tokens, labels, mask = next(data_iterator)
@@ -125,7 +145,7 @@ class MegatronModule(TrainModule):
         lr = optimizer.param_groups[0]["lr"]
         agreed = sums.to(self.device)
         dist.all_reduce(agreed)  # guard's one collective: [loss sum, tokens] from the loss-reporting ranks
-        self.step_loss = (agreed[0] / agreed[1].clamp(min=1)).item()
+        self.step_loss = self._loss(agreed)
         self.step_skipped, grad_norm = True, None
         if guard.finite(self.step_loss):
             # megatron-core's step discards non-finite gradients only under an fp16 loss scale, which
@@ -164,9 +184,28 @@ class MegatronModule(TrainModule):
                     chunk.train()
 
     def mean_loss(self, items: list) -> float:
-        """Token-weighted mean loss over the items, from the last pipeline stage's tp-rank-0 ranks."""
+        """The mean loss over the items, from the last pipeline stage's tp-rank-0 ranks: per token, per pair for DPO."""
+        return self._loss(self._summed(items))
+
+    def window_metrics(self, items: list) -> dict[str, float]:
+        """DPO: the loss, the rewards of the chosen and the rejected, their margin and the accuracy (per pair)."""
+        if not self.dpo:
+            return {}
+        from launch.train.dpo import stats_metrics
+
+        return stats_metrics(self._summed(items).tolist())
+
+    def _summed(self, items: list):
         total = torch.stack(items).sum(0).to(self.device)
         dist.all_reduce(total)
+        return total
+
+    def _loss(self, total) -> float:
+        """The mean loss of summed reports: per token ([loss sum, tokens]), or per pair (DPO's ``pair_stats``)."""
+        if self.dpo:
+            from launch.train.megatron.dpo import loss_of
+
+            return loss_of(total)
         return (total[0] / total[1].clamp(min=1)).item()
 
     @contextlib.contextmanager

@@ -27,11 +27,14 @@ from megatron.core import parallel_state as ps
 OPTIMIZER_SHARDING = "fully_reshardable"
 
 
+def _metadata(sharding: str) -> dict:
+    return {"distrib_optim_sharding_type": sharding, "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+
+
 def sharded_state_dict(chunks, optimizer, *, loading: bool, with_optimizer: bool = True,
                        sharding: str = OPTIMIZER_SHARDING) -> dict:
-    metadata = {"distrib_optim_sharding_type": sharding, "singleton_local_shards": False,
-                "chained_optim_avoid_prefix": True,
-                "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    metadata = _metadata(sharding)
     # The GPTModels, not their DDP wrappers (whose keys gain a "module." prefix): Megatron-LM's keys.
     state = {f"model{i}": chunk.module.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)}
     if with_optimizer:
@@ -64,6 +67,15 @@ def load(chunks, optimizer, step_dir: Path, *, weights_only: bool, sharding: str
     with torch_adam_step_kept(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
     unshare_adam_steps(optimizer)
+
+
+def load_weights(models, step_dir: Path) -> None:
+    """The weights of ``step_dir`` (any layout) into bare GPTModels (no DDP wrapper): a frozen reference."""
+    state = {f"model{i}": m.sharded_state_dict(metadata=_metadata(saved_sharding(step_dir)))
+             for i, m in enumerate(models)}
+    loaded = dist_checkpointing.load(state, str(step_dir))
+    for i, m in enumerate(models):
+        m.load_state_dict(loaded[f"model{i}"], strict=True)
 
 
 def publish(step_dir: Path, directory: Path) -> None:
