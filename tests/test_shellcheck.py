@@ -37,7 +37,7 @@ def test_rendered_scripts_pass_shellcheck(workdir: Path, name: str) -> None:
     out = run_trainctl("render", *RENDERS[name], cwd=workdir)
     assert out.returncode == 0, out.stderr
     scripts = sorted(workdir.glob("runs/**/job.sbatch")) + sorted(workdir.glob("runs/**/launch.sh"))
-    assert scripts and len(scripts) == (3 if name == "pipeline" else 1)
+    assert scripts and len(scripts) == (4 if name == "pipeline" else 1)
     check = shellcheck(*scripts)
     assert check.returncode == 0, check.stdout
 

@@ -33,7 +33,6 @@ micro-batches and the data-parallel ranks like the pretraining loss.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torch
 
