@@ -71,8 +71,9 @@ def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:
     elif kind == StageKind.rlhf and is_megatron(cfg):
         yield Problem(keys, "GRPO and RLOO run on TRL's trainers, which train Hugging Face models on the DeepSpeed "
                       "backend; megatron-core ships no RL loop",
-                      "export the Megatron checkpoint to Hugging Face format and run this stage with "
-                      "backend=deepspeed stage.init_checkpoint=/path/to/hf_export")
+                      "run this stage with backend=deepspeed stage.init_checkpoint=/path/to/megatron_run (a Megatron-"
+                      "Core run's checkpoints/final is a Hugging Face model; `python -m launch.train.megatron.export` "
+                      "converts any other step)")
 
 
 def learning_rate_schedule(cfg: Config, d: Derived) -> Iterator[Problem]:

@@ -218,6 +218,17 @@ def commit(checkpoint_dir: Path, tmp_tag: str, step: int, marker: dict, keep: in
     return final
 
 
+def publish_final(tmp: Path, final: Path, marker: dict) -> None:
+    """Rank 0's last move of an export: the marker (with the fingerprint of the weights, for the next stage
+    to check it starts from them: ``launch.train.fingerprint``) written last, then ``tmp`` renamed to
+    ``final`` in place of an older one."""
+    from launch.train import fingerprint
+
+    write_json(tmp / MARKER, {**marker, "weights_sha256": fingerprint.of_directory(tmp)})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
 def write_latest(checkpoint_dir: Path, tag: str) -> None:
     tmp = checkpoint_dir / f".latest.{os.getpid()}"
     tmp.write_text(tag)

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import time
@@ -39,7 +38,7 @@ from launch.errors import UserError
 from launch.record import checkpoints as ckpt
 from launch.record import manifest
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig
-from launch.train import fingerprint, stop, trust, watchdog
+from launch.train import stop, trust, watchdog
 from launch.train.guard import Diverged, Guard
 from launch.train.data import build_datasets, micro_batch
 from launch.train.metrics import Reporter
@@ -281,11 +280,8 @@ class Trainer:
         m.export(tmp, self.ckpt_dir / ckpt.step_name(self.step))
         dist.barrier()
         if m.rank == 0:
-            ckpt.write_json(tmp / ckpt.MARKER, {"step": self.step, "config": self.raw,
-                                                "record_version": RECORD_VERSION, "time": time.time(),
-                                                "weights_sha256": fingerprint.of_directory(tmp)})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            ckpt.publish_final(tmp, final, {"step": self.step, "config": self.raw,
+                                             "record_version": RECORD_VERSION, "time": time.time()})
         dist.barrier()
         return final
 

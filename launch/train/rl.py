@@ -306,11 +306,8 @@ class RLTrainer:
             model = self.trl.accelerator.unwrap_model(engine)
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp))
-            ckpt.write_json(tmp / ckpt.MARKER, {"step": self._step, "config": self.raw,
-                                                "record_version": RECORD_VERSION, "time": time.time(),
-                                                "weights_sha256": fingerprint.of_directory(tmp)})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            ckpt.publish_final(tmp, final, {"step": self._step, "config": self.raw,
+                                             "record_version": RECORD_VERSION, "time": time.time()})
         dist.barrier()
         return final
 
