@@ -126,6 +126,7 @@ def _torchrun(run_dir: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # minutes of training: `pytest -m slow`
 def test_tiny_dpo_learns_stops_and_resumes(tmp_path):
     """From random weights (the reference a copy of them): step 1's loss is log 2 with zero rewards; the run is
     stopped by SIGUSR1 after a few steps and resumed from its checkpoint (the reference again the initial

@@ -28,6 +28,8 @@ import pytest
 
 from tests.conftest import PYTHONPATH, run_trainctl
 
+pytestmark = pytest.mark.slow  # minutes of training: `pytest -m slow` (kept out of CI's budget)
+
 STEPS = 4
 NAN_AT = 2
 COMMON = ("recipe=tiny_dpo", "backend=megatron", "stage.lr=1e-3", f"train.steps={STEPS}", "optim.warmup_steps=1",

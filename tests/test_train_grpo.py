@@ -76,6 +76,7 @@ def grpo(tmp_path_factory) -> dict:
     return {"run_dir": run_dir, "out1": out1, "out2": out2}
 
 
+@pytest.mark.slow  # minutes of training: `pytest -m slow`
 def test_sigusr1_saves_a_checkpoint_and_the_resume_continues_at_its_step(grpo):
     run_dir, out1, out2 = grpo["run_dir"], grpo["out1"], grpo["out2"]
     stopped, done = _outcomes(run_dir)
@@ -92,6 +93,7 @@ def test_sigusr1_saves_a_checkpoint_and_the_resume_continues_at_its_step(grpo):
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # nothing half-committed left behind
 
 
+@pytest.mark.slow  # minutes of training: `pytest -m slow`
 def test_grpo_mean_reward_rises(grpo):
     """From random weights: the digits reward (share of digit characters) varies within each group from step 1,
     so GRPO's advantages are not all zero and the policy moves toward digits."""
@@ -103,6 +105,7 @@ def test_grpo_mean_reward_rises(grpo):
     assert first["reward_std"] > 0 and {"reward_digits", "reward_format", "reward_exact_match"} <= first.keys()
 
 
+@pytest.mark.slow  # minutes of training: `pytest -m slow`
 def test_final_is_the_trained_hugging_face_model(grpo):
     from safetensors.numpy import load_file
 
@@ -114,6 +117,7 @@ def test_final_is_the_trained_hugging_face_model(grpo):
     assert abs(trained["lm_head.weight"] - start["lm_head.weight"]).max() > 1e-3  # trained, not the init
 
 
+@pytest.mark.slow  # minutes of training: `pytest -m slow`
 def test_rloo_trains(tmp_path):
     """One rank (the CI machine's two cores are the fixture's): one group of 8 completions per step."""
     run_dir = _render(tmp_path, "stage.rl_algorithm=rloo", "train.steps=2", "cluster.gpus_per_node=1",
