@@ -68,6 +68,7 @@ class MegatronModule(TrainModule):
         self.mbs, self.seq = int(t["micro_batch_size"]), int(t["seq_length"])
         self.micro_batches = int(t["num_microbatches"])
         self.built = build.build(self.doc, self.device)
+        state.prepare_saves()  # before any stop signal can arrive (launch/train/megatron/state.py)
         self.ps = build.ps
         self.dpo = None  # stage=dpo: the frozen reference and the preference loss (launch/train/megatron/dpo.py)
         if record.cfg.stage.kind == StageKind.dpo:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from megatron.core import dist_checkpointing
@@ -46,6 +47,30 @@ def save(chunks, optimizer, directory: Path, client_state: dict) -> None:
     state = sharded_state_dict(chunks, optimizer, loading=False)
     state["trainctl"] = client_state
     dist_checkpointing.save(state, str(directory), content_metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING})
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def prepare_saves() -> None:
+    """megatron-core's checkpoint writer keeps its results queue in a Manager process it spawns on the first
+    save (``filesystem_async._get_write_results_queue``). Slurm's SIGTERM at a preemption reaches every
+    process of the job, that one too: it died, and the stop save after the signal failed (BrokenPipeError),
+    losing the job step's work (tests/test_faults_slurm.py caught it). So trainctl starts that Manager
+    itself, ignoring the stop signals (the rank decides when to stop), and hands megatron-core its queue;
+    at start-up, since spawning it after a stop signal may not finish before Slurm's kill."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from multiprocessing.managers import SyncManager
+    import multiprocessing as mp
+
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return  # already made (by us), or a megatron-core without this private global: nothing to do
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_ignore_stop_signals)
+    filesystem_async._results_queue = manager.Queue()
+    filesystem_async._trainctl_manager = manager  # kept alive with the process
 
 
 def saved_sharding(step_dir: Path) -> str:
