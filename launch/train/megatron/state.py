@@ -50,8 +50,12 @@ def save(chunks, optimizer, directory: Path, client_state: dict) -> None:
 
 
 def _ignore_stop_signals() -> None:
+    """The Manager's start: deaf to the stop signals, and killed with the rank that started it (no orphan)."""
+    from launch.train.stop import die_with_parent
+
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
 
 
 def prepare_saves() -> None:
