@@ -23,6 +23,7 @@ from launch.errors import EXIT_USER_ERROR, UserError
 
 USAGE = """\
 usage: trainctl VERB [overrides] [-m] [--cfg job --resolve] [--help]
+       trainctl --version
 
 Compose a training run from config groups, check it, estimate it, and write its
 launch artifacts into its run directory (runs/NAME).
@@ -30,7 +31,7 @@ launch artifacts into its run directory (runs/NAME).
 verbs:
 {verbs}
 
-not built yet: training the rlhf stage (see the README).
+stages: pretrain, sft and dpo train on both backends; rlhf (GRPO, RLOO) on deepspeed.
 
 config groups (group=option; `trainctl plan --help` shows every key):
 {groups}
@@ -159,8 +160,14 @@ VERBS: dict[str, Verb] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[0:1] in (["--version"], ["-V"]):
+        return _quietly(lambda: print(_version()) or 0)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        return _quietly(lambda: print(_usage()) or 0)
+        try:
+            return _quietly(lambda: print(_usage()) or 0)
+        except UserError as exc:  # TRAINCTL_CONFIG_PATH names what is not a directory
+            _error("\n".join(exc.problems))
+            return EXIT_USER_ERROR
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         near = difflib.get_close_matches(verb, VERBS, n=1)
@@ -194,6 +201,27 @@ def _run_direct(verb: str, args: list[str]) -> int:
     except UserError as exc:
         _error("\n".join(exc.problems))
         return EXIT_USER_ERROR
+
+
+ENGINES = ("hydra-core", "omegaconf", "torch", "deepspeed", "megatron-core", "transformers", "trl", "datasets",
+           "wandb")
+"""The packages a run depends on, as ``--version`` reports them (and a bug report should quote them)."""
+
+
+def _version() -> str:
+    """trainctl's version and the engines' found in this environment, read from their metadata (no import:
+    a login node without the [train] extra says "not installed")."""
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    width = max(map(len, ENGINES))
+    return "\n".join([f"trainctl {version('trainctl')} (Python {platform.python_version()})",
+                      *(f"  {name:<{width}}  {version(name)}" for name in ENGINES)])
 
 
 def _usage() -> str:

@@ -92,10 +92,17 @@ DEEPSPEED_MICRO_STEPS = Patch(
     "DeepSpeedEngine.set_gradient_accumulation_boundary", ("is_boundary",),
     "said explicitly per micro-batch: DeepSpeed's own count breaks when a batch ramp-up changes the "
     "accumulation steps (launch/train/deepspeed_trainer.py).")
+MEGATRON_WRITE_RESULTS_QUEUE = Patch(
+    "megatron-core", ("0.16", "0.17"), "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "_get_write_results_queue", (),
+    "its checkpoint writer's results queue lives in a Manager process it spawns on the first save, kept in "
+    "the module global _results_queue that this function reads; trainctl sets that global at build time to "
+    "a Manager deaf to the stop signals, or a preemption's SIGTERM kills it and fails the stop save "
+    "(launch/train/megatron/state.py).")
 
 PATCHES = (HYDRA_MODE_PROBE, HYDRA_FILE_SOURCE, OMEGACONF_NODE, MEGATRON_ADAM_DUMMY_STATE,
            MEGATRON_ADAM_SET_STATES, MEGATRON_CUDA_RNG_GET, MEGATRON_CUDA_RNG, MEGATRON_RECOMPUTE,
-           DEEPSPEED_ZERO3_GATHER, DEEPSPEED_MICRO_STEPS, TRANSFORMERS_INIT_WEIGHTS)
+           DEEPSPEED_ZERO3_GATHER, DEEPSPEED_MICRO_STEPS, TRANSFORMERS_INIT_WEIGHTS, MEGATRON_WRITE_RESULTS_QUEUE)
 
 _checked: set[Patch] = set()
 

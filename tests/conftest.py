@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,68 @@ def run_trainctl(*args: str, cwd: Path, env: dict | None = None) -> subprocess.C
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=120)
+
+
+# --- trainers started as the job script starts them: torchrun, CPU ranks ---------------------------
+
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""The signals job.sbatch has torchrun pass on to its ranks."""
+
+
+def trainer_env(**extra: str) -> dict:
+    """A test trainer's environment: this checkout, one thread per rank (2 cores), wandb offline."""
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **extra}
+
+
+def torchrun(run_dir: Path, nproc: int = 2, env: dict | None = None, command: tuple = ()) -> subprocess.Popen:
+    """``torchrun -m launch.train RUN_DIR`` (or ``torchrun COMMAND``) in the background from the directory
+    above ``runs/`` (stdout and stderr together)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         f"--signals-to-handle={TORCHRUN_SIGNALS}", *(command or ("-m", "launch.train", str(run_dir)))],
+        cwd=run_dir.parent.parent, env=env or trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
+def train(run_dir: Path, nproc: int = 2, env: dict | None = None, timeout: float = 400) -> str:
+    """Run the trainer to its end; its output (it must exit 0)."""
+    proc = torchrun(run_dir, nproc, env)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-8000:]
+    return out
+
+
+def stop_and_resume(run_dir: Path, nproc: int = 2, *, after: int, env: dict | None = None) -> str:
+    """SIGUSR1 to torchrun (as the job script forwards it) once ``after`` steps are logged, then the same run
+    again to its end; both outputs."""
+    first = torchrun(run_dir, nproc, env)
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and first.poll() is None:
+        if len(records(run_dir)) >= after:
+            first.send_signal(signal.SIGUSR1)
+            break
+        time.sleep(0.2)
+    out, _ = first.communicate(timeout=150)
+    return out + train(run_dir, nproc, env)
+
+
+def records(run_dir: Path, kind: str = "train") -> list[dict]:
+    """The run's metrics.jsonl records of one kind (train, eval, skip, init...); none before it exists."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """The sample mixture (data=tiny_mix) tokenized once for the whole session by ``trainctl prepare``:
+    shards and their manifests, as a user's ``prepare`` writes them. Every test that trains reads these
+    (``data.prepared_dir=...``) instead of preparing its own copy."""
+    out = tmp_path_factory.mktemp("prepared")
+    result = run_trainctl("prepare", "recipe=tiny_local", f"data.prepared_dir={out}",
+                          cwd=tmp_path_factory.mktemp("prepare_cwd"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
 
 
 @pytest.fixture
@@ -79,8 +144,6 @@ def job_field(env: dict, job_id: str, key: str) -> str:
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "condition") -> None:
-    import time
-
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if predicate():

@@ -5,7 +5,7 @@ TRL), four jobs chained with ``afterok``, each starting from the previous stage'
 Only the GPUs are fake (2 CPU processes on one node per job). What a user would check, checked:
 pretraining's and SFT's losses fall, DPO's reward margin rises and its loss ends below log 2, GRPO's mean
 reward rises, and each stage started from exactly the weights the stage before exported (the fingerprint
-its trainer recorded after loading equals the one the export wrote; ``launch.train.fingerprint``).
+its trainer recorded after loading equals the one the export wrote; ``launch.record.fingerprint``).
 """
 
 from __future__ import annotations

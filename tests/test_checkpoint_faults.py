@@ -28,9 +28,6 @@ from launch.record.outcome import Outcome
 from tests.conftest import PYTHONPATH, ROOT, run_trainctl
 
 STEPS, EVERY = 10, 2
-SOURCES = {"prose": (str(ROOT / "data/sample/prose.jsonl"), "text"),
-           "code": (str(ROOT / "data/sample/code.jsonl"), "text")}
-TOKENIZER = str(ROOT / "data/sample/tokenizer.json")
 BACKENDS = {"deepspeed": (), "megatron": ("backend=megatron",)}
 
 
@@ -216,15 +213,6 @@ def _rank_traceback(out: str) -> bool:
 
 def _last_outcome(run_dir: Path) -> outcome.Record:
     return outcome.read(outcome.last(run_dir, "local"))
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from launch.train.data import write_shards
-
-    out = tmp_path_factory.mktemp("prepared")
-    write_shards(SOURCES, TOKENIZER, out)
-    return out
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,22 @@ def test_unknown_verb(workdir: Path):
     assert out.returncode == 2 and "did you mean 'trainctl plan'" in out.stderr
 
 
+def test_version_names_trainctl_and_the_engines_found(workdir: Path):
+    from importlib import metadata
+
+    out = run_trainctl("--version", cwd=workdir)
+    assert out.returncode == 0 and out.stdout.startswith(f"trainctl {metadata.version('trainctl')} (Python 3."), out
+    assert re.search(rf"^\s+megatron-core\s+{re.escape(metadata.version('megatron-core'))}$", out.stdout, re.M)
+    assert re.search(r"^\s+deepspeed\s+\S+$", out.stdout, re.M) and list(workdir.iterdir()) == []
+
+
+def test_a_token_in_the_config_is_refused_without_being_printed_or_written(workdir: Path):
+    token = "hf_" + "Q7rT" * 9
+    out = run_trainctl("render", "recipe=tiny_slurm", f"cluster.setup=['export HF_TOKEN={token}']", cwd=workdir)
+    assert out.returncode == 2 and "cluster.setup[0]=<hidden>" in out.stderr and "fix:" in out.stderr, out.stderr
+    assert token not in out.stdout + out.stderr and list(workdir.iterdir()) == []
+
+
 def test_failed_rerun_keeps_the_previous_records(workdir: Path):
     assert run_trainctl("plan", "recipe=tiny_local", cwd=workdir).returncode == 0
     run_dir = workdir / "runs/tiny_local"
@@ -227,6 +244,24 @@ def test_user_recipes_and_cluster_profiles_join_through_the_search_path(workdir:
         config = yaml.safe_load((workdir / "runs/my_8b/config.yaml").read_text())
         assert config["cluster"]["partition"] == "gpu-long" and config["cluster"]["nodes"] == 16
         assert config["cluster"]["gpu"]["hbm_gib"] == 79.6 and config["model"]["num_layers"] == 32
+
+
+def test_a_broken_search_path_or_config_file_is_one_line_naming_it(workdir: Path, tmp_path: Path):
+    site = tmp_path / "site"
+    (site / "recipe").mkdir(parents=True)
+    (site / "recipe" / "broken.yaml").write_text("# @package _global_\nname: my_run\ncluster: [nodes\n")
+    out = run_trainctl("plan", "recipe=broken", cwd=workdir, env={"TRAINCTL_CONFIG_PATH": str(site)})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"{site}/recipe/broken.yaml, line 4, column 1: not valid YAML" in out.stderr and "fix:" in out.stderr
+    for entry in (tmp_path / "absent", site / "recipe" / "broken.yaml"):  # silently skipped by Hydra
+        for verb in ("plan", "--help"):
+            out = run_trainctl(verb, "recipe=tiny_local", cwd=workdir, env={"TRAINCTL_CONFIG_PATH": f"{site}:{entry}"})
+            assert out.returncode == 2 and f"TRAINCTL_CONFIG_PATH: {entry} " in out.stderr, out.stderr
+    (workdir / "afile").write_text("x")
+    for verb in ("status", "cancel"):
+        out = run_trainctl(verb, "afile", cwd=workdir)
+        assert out.returncode == 2 and out.stderr.startswith("trainctl: error: afile: not a directory"), out.stderr
+    assert not (workdir / "runs").exists()  # nothing written
 
 
 @pytest.mark.parametrize("verb,allowed", [("plan", ()), ("tune", ()), ("render", ("numpy", "matplotlib"))])

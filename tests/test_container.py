@@ -19,7 +19,6 @@ checked as text, and the [train] extra against NGC's torch versions.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import re
 import subprocess

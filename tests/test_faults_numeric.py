@@ -37,7 +37,6 @@ from launch.record import outcome
 from launch.record.outcome import Outcome
 from launch.train import guard
 from tests.conftest import PYTHONPATH, run_trainctl
-from tests.test_train_deepspeed import prepared  # noqa: F401  (the module-scoped shards fixture)
 
 GBS = 8  # tiny_local's global batch
 POLICY = ("train.guard.spike_window=2", "train.guard.spike_zscore=10", "train.guard.spike_skip_batches=2")

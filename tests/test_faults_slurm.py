@@ -1,4 +1,5 @@
-"""The fault table's Slurm rows, for real: a rank killed, a node lost, a job preempted again and again.
+"""The fault table's Slurm rows, for real: a rank killed, a node lost, a job at its time limit and then
+preempted again and again.
 
 The jobs are the tiny DeepSpeed run on the local test cluster (slurm/cluster.sh: slurmctld and two
 slurmd on this host). Each fault is injected at a fixed early step; each test then checks what a
@@ -15,7 +16,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +25,8 @@ from tests.conftest import ROOT, SLURM_STATE, job_field, run_trainctl, slurm, wa
 STEPS, INTERVAL = 12, 3
 
 
-def _submit(workdir: Path, env: dict, *overrides: str) -> tuple[str, Path]:
-    assert run_trainctl("prepare", "recipe=tiny_slurm", cwd=workdir, env=env).returncode == 0
-    out = run_trainctl("submit", "recipe=tiny_slurm", f"train.steps={STEPS}",
+def _submit(workdir: Path, env: dict, prepared: Path, *overrides: str) -> tuple[str, Path]:
+    out = run_trainctl("submit", "recipe=tiny_slurm", f"data.prepared_dir={prepared}", f"train.steps={STEPS}",
                        f"train.checkpoint_interval={INTERVAL}", "train.eval_interval=0", *overrides,
                        cwd=workdir, env=env)
     assert out.returncode == 0, out.stderr
@@ -72,7 +71,8 @@ def _wait_done(env: dict, job: str, run_dir: Path, timeout: float = 300) -> None
     assert job_field(env, job, "JobState") == "COMPLETED", log[-3000:]
 
 
-BACKENDS = pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+BACKENDS = pytest.mark.parametrize("backend", [("backend=deepspeed",), ("backend=megatron", "parallel.tp=2")],
+                                   ids=["deepspeed", "megatron-tp2"])
 
 
 def _assert_resumed_exactly(run_dir: Path, most_lost: int) -> list[dict]:
@@ -90,8 +90,8 @@ def _assert_resumed_exactly(run_dir: Path, most_lost: int) -> list[dict]:
 
 @BACKENDS
 def test_a_rank_killed_mid_run_is_requeued_and_resumes_from_the_last_checkpoint(workdir: Path, slurm_env: dict,
-                                                                                 backend: str) -> None:
-    job, run_dir = _submit(workdir, slurm_env, f"backend={backend}")
+                                                                                 prepared: Path, backend: tuple) -> None:
+    job, run_dir = _submit(workdir, slurm_env, prepared, *backend)
     wait_for(lambda: _latest_step(run_dir) >= INTERVAL and len(_steps(run_dir)) >= INTERVAL + 1, 240,
              "a checkpoint and one step after it")
     ranks = _ranks(job)
@@ -107,21 +107,35 @@ def test_a_rank_killed_mid_run_is_requeued_and_resumes_from_the_last_checkpoint(
 
 
 @BACKENDS
-def test_repeated_preemption_resumes_each_time_and_loses_nothing(workdir: Path, slurm_env: dict, backend: str) -> None:
-    """Preemption as Slurm does it (PreemptMode=REQUEUE: SIGTERM, then the job is requeued), three times."""
-    job, run_dir = _submit(workdir, slurm_env, f"backend={backend}")
+def test_the_time_limit_then_repeated_preemption_resume_each_time_and_lose_nothing(workdir: Path, slurm_env: dict,
+                                                                                   prepared: Path, backend: tuple) -> None:
+    """First the time limit (Slurm's --signal=B:USR1@T: the script has the step save, then requeues the job
+    itself), then preemption as Slurm does it (PreemptMode=REQUEUE: SIGTERM, Slurm requeues), twice."""
+    job, run_dir = _submit(workdir, slurm_env, prepared, *backend)
     for restart, at_step in enumerate((2, 5, 8), start=1):
         wait_for(lambda: len(_steps(run_dir)) >= at_step and job_field(slurm_env, job, "JobState") == "RUNNING",
                  240, f"step {at_step}")
-        slurm(slurm_env, "scontrol", "requeue", job)
-        wait_for(lambda: job_field(slurm_env, job, "Restarts") == str(restart), 60, f"requeue {restart}")
+        if restart == 1:
+            slurm(slurm_env, "scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@T does at T
+        else:
+            slurm(slurm_env, "scontrol", "requeue", job)
+        wait_for(lambda: job_field(slurm_env, job, "Restarts") == str(restart), 90, f"requeue {restart}")
+        if restart == 1:  # the step saved where the signal found it: latest names the last logged step
+            assert _latest_step(run_dir) == _steps(run_dir)[-1]
     _wait_done(slurm_env, job, run_dir)
     assert job_field(slurm_env, job, "Restarts") == "3"
     log = (run_dir / "job.log").read_text()
-    assert log.count("got SIGTERM: asking the job step to checkpoint and stop") == 3, log
-    _assert_resumed_exactly(run_dir, most_lost=0)  # each SIGTERM saved a checkpoint of the step it ended
+    assert log.count("got SIGUSR1: asking the job step to checkpoint and stop") == 1, log
+    assert "job step stopped after SIGUSR1" in log and "requeueing (restart 1" in log, log
+    assert log.count("got SIGTERM: asking the job step to checkpoint and stop") == 2, log
+    _assert_resumed_exactly(run_dir, most_lost=0)  # each signal saved a checkpoint of the step it ended
     outcomes = [json.loads(p.read_text()) for p in sorted((run_dir / "outcomes").glob(f"{job}.*.json"))]
     assert [o["outcome"] for o in outcomes] == ["stopped", "stopped", "stopped", "done"], outcomes
+    assert (run_dir / "checkpoints/final/config.json").is_file()  # a Hugging Face model from either backend
+    if "backend=megatron" in backend:
+        assert (run_dir / "checkpoints/final/megatron/metadata.json").is_file()  # and the dist checkpoint
+    out = run_trainctl("status", str(run_dir), cwd=workdir, env=slurm_env).stdout
+    assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+3\s+0\s+{STEPS}/{STEPS}\s", out), out
 
 
 def _slurmd_pid(node: str) -> int:
@@ -144,10 +158,10 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def test_a_lost_node_requeues_the_job_and_it_resumes_on_another(workdir: Path, slurm_env: dict) -> None:
+def test_a_lost_node_requeues_the_job_and_it_resumes_on_another(workdir: Path, slurm_env: dict, prepared: Path) -> None:
     """The node the job runs on disappears: its slurmd and every process of the job there are SIGKILLed.
     slurmctld marks it DOWN after SlurmdTimeout (short in the test cluster) and requeues the job."""
-    job, run_dir = _submit(workdir, slurm_env)
+    job, run_dir = _submit(workdir, slurm_env, prepared)
     wait_for(lambda: _latest_step(run_dir) >= INTERVAL and len(_steps(run_dir)) >= INTERVAL + 1, 240,
              "a checkpoint and one step after it")
     node = job_field(slurm_env, job, "NodeList")

@@ -1,4 +1,4 @@
-"""The weights fingerprint a stage's export writes and the next stage's trainer checks (launch/train/fingerprint.py)."""
+"""The weights fingerprint a stage's export writes and the next stage's trainer checks (launch/record/fingerprint.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from launch.record import checkpoints as ckpt
-from launch.train import fingerprint
+from launch.record import fingerprint
 
 
 def test_an_export_and_the_model_that_loaded_it_agree_and_any_change_shows(tmp_path):

@@ -31,12 +31,9 @@ import pytest
 from launch.record import outcome
 from launch.record.outcome import Outcome
 from launch.train.watchdog import EXIT_HANG, STALL_KNOB
-from tests.conftest import PYTHONPATH, ROOT, run_trainctl
+from tests.conftest import PYTHONPATH, run_trainctl
 from tests.test_sbatch import STUB_SCONTROL, STUB_SINFO, render
 
-SOURCES = {"prose": (str(ROOT / "data/sample/prose.jsonl"), "text"),
-           "code": (str(ROOT / "data/sample/code.jsonl"), "text")}
-TOKENIZER = str(ROOT / "data/sample/tokenizer.json")
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what job.sbatch gives torchrun
 HANG_TIMEOUT_S = 10
 """Longer than a tiny step on a busy 2-core machine (seen: up to 2.5 s; building is not timed)."""
@@ -44,15 +41,6 @@ HANG_TIMEOUT_S = 10
 
 def _env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from launch.train.data import write_shards
-
-    out = tmp_path_factory.mktemp("prepared")
-    write_shards(SOURCES, TOKENIZER, out)
-    return out
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -91,7 +79,7 @@ def test_a_stalled_rank_ends_the_job_step_as_a_hang_with_every_rank_s_stacks(tmp
     assert "_stalled_by_test_knob" in dumps["rank_1.txt"] and "_stalled_by_test_knob" not in dumps["rank_0.txt"]
     waiting = r"distributed_c10d\.py\", line \d+ in \w+|partition_parameters\.py\", line \d+ in wait"  # ZeRO-3's gather
     assert re.search(waiting, dumps["rank_0.txt"]), dumps["rank_0.txt"]
-    assert all(f"after step 2" in d for d in dumps.values())
+    assert all("after step 2" in d for d in dumps.values())
     # One line from trainctl, and no rank's traceback: the only one is torchrun's summary of the exit codes.
     assert text.count("trainctl: hang on rank") == 1, text[-4000:]
     assert f"exitcode  : {EXIT_HANG}" in text

@@ -25,7 +25,6 @@ from launch.record import lock
 from launch.record.outcome import Outcome
 from tests.conftest import PYTHONPATH, run_trainctl, slurm, wait_for
 from tests.test_sbatch import STUB_SRUN, render as render_sbatch, run_script, stubs  # noqa: F401 (fixture)
-from tests.test_train_deepspeed import prepared  # noqa: F401 (module fixture: the tokenized sample data)
 
 STEPS = 10
 

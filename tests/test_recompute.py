@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_train_megatron import _records, _torchrun, prepared  # noqa: F401 - prepared is a fixture
-from tests.conftest import run_trainctl
+from tests.conftest import records, run_trainctl, torchrun
 
 STEPS = 2
 MODEL = ("model.num_layers=8", "model.hidden_size=32", "model.ffn_hidden_size=2048", "model.num_attention_heads=8",
@@ -48,7 +47,7 @@ def _render(cwd, prepared, backend: str, recompute: str):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, prepared) -> dict:  # noqa: F811
+def runs(tmp_path_factory, prepared) -> dict:
     """{(backend, recompute): train records}. One process per run, two runs at a time (the peak is each
     process's own; two cores halve the wall time)."""
     todo = [(b, r) for b, settings in RUNS.items() for r in settings]
@@ -57,20 +56,20 @@ def runs(tmp_path_factory, prepared) -> dict:  # noqa: F811
     while todo or running:
         while todo and len(running) < PARALLEL:
             key = todo.pop(0)
-            running[key] = _torchrun(dirs[key], 1)
+            running[key] = torchrun(dirs[key], 1)
         key = next(iter(running))
         outputs[key] = running[key].communicate(timeout=300)[0]
         assert running.pop(key).returncode == 0, (key, outputs[key][-5000:])
-    done = {key: _records(run_dir) for key, run_dir in dirs.items()}
+    done = {key: records(run_dir) for key, run_dir in dirs.items()}
     peaks = {f"{b}/{r}": max(x["peak_memory_gib"] for x in recs) for (b, r), recs in done.items()}
     print("peak RSS (GiB):", ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
     return done
 
 
 def _peak(runs, backend, recompute) -> float:
-    records = runs[backend, recompute]
-    assert {r["memory_kind"] for r in records} == {"cpu_peak_rss"}
-    return max(r["peak_memory_gib"] for r in records)
+    train = runs[backend, recompute]
+    assert {r["memory_kind"] for r in train} == {"cpu_peak_rss"}
+    return max(r["peak_memory_gib"] for r in train)
 
 
 @pytest.mark.parametrize("backend, recompute", [(b, r) for b, s in RUNS.items() for r in s if r != "none"])

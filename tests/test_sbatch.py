@@ -150,9 +150,9 @@ def run_script(script: Path, stubs: Path, mode: str, *, restarts: int = 0, usr1_
 def test_config_values_cannot_run_commands(workdir: Path, stubs: Path) -> None:
     evil = "$(touch pwned)"
     script = render(workdir, "recipe=tiny_slurm", "name=evil", f"cluster.partition='{evil}'",
-                    f"cluster.account='`touch pwned2`'", f"+cluster.env.EVIL='{evil}; touch pwned3'",
+                    "cluster.account='`touch pwned2`'", f"+cluster.env.EVIL='{evil}; touch pwned3'",
                     "cluster.container_image='img;touch pwned4'", f"cluster.container_mounts=['{evil}:/x']",
-                    f"+cluster.directives.comment='\"; touch pwned5'", f"cluster.python='python3 {evil}'")
+                    "+cluster.directives.comment='\"; touch pwned5'", f"cluster.python='python3 {evil}'")
     result = run_script(script, stubs, "ok", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert not list(workdir.glob("pwned*")) and not list(script.parent.glob("pwned*"))

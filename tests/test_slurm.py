@@ -224,41 +224,6 @@ def test_submit_refuses_a_dpo_stage_whose_pairs_are_missing(workdir: Path, slurm
     assert run_trainctl("render", *args, cwd=workdir).returncode == 0  # render works
 
 
-@pytest.mark.parametrize("backend", [("backend=deepspeed",), ("backend=megatron", "parallel.tp=2")],
-                         ids=["deepspeed", "megatron-tp2"])
-def test_training_stops_on_usr1_requeues_and_resumes_where_it_stopped(workdir: Path, slurm_env: dict,
-                                                                      backend: tuple) -> None:
-    """The whole time-limit path: SIGUSR1 -> checkpoint -> scontrol requeue -> the job resumes from it."""
-    assert run_trainctl("prepare", "recipe=tiny_slurm", cwd=workdir, env=slurm_env).returncode == 0
-    job = submit(workdir, slurm_env, "recipe=tiny_slurm", *backend, "train.steps=30", "train.checkpoint_interval=100")
-    run_dir = workdir / "runs/tiny_slurm"
-    metrics = run_dir / "metrics.jsonl"
-
-    def train_records() -> list[dict]:
-        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        return [r for r in records if r["kind"] == "train"]  # validation records have kind "eval"
-
-    def steps() -> list[int]:
-        return [r["step"] for r in train_records()]
-
-    wait_for(lambda: len(steps()) >= 3, 180, "three logged training steps")
-    slurm(slurm_env, "scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@T does at T
-    wait_for(lambda: "requeueing (restart 1" in (run_dir / "job.log").read_text(), 120, "the script to requeue")
-    stopped_at = steps()[-1]
-    assert (run_dir / "checkpoints/latest").read_text().strip().endswith(f"step_{stopped_at:07d}")
-    wait_state(slurm_env, job, "COMPLETED", "FAILED", timeout=300)  # requeued (~10 s), resumed, finished
-    assert state(slurm_env, job) == "COMPLETED", (run_dir / f"slurm-{job}.log").read_text()[-3000:]
-    assert job_field(slurm_env, job, "Restarts") == "1"
-    assert steps() == list(range(1, 31))  # the second run went on from the checkpoint: no step twice, none missing
-    losses = [r["loss"] for r in train_records()]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # the loss curve continued downwards
-    assert (run_dir / "checkpoints/final/config.json").is_file()  # a Hugging Face model from either backend
-    if "backend=megatron" in backend:
-        assert (run_dir / "checkpoints/final/megatron/metadata.json").is_file()  # and the dist checkpoint
-    out = run_trainctl("status", "runs/tiny_slurm", cwd=workdir, env=slurm_env).stdout
-    assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+1\s+0\s+30/30\s", out), out
-
-
 def test_prepare_on_slurm_runs_one_array_task_per_shard(workdir: Path, slurm_env: dict) -> None:
     out = run_trainctl("prepare", "recipe=tiny_slurm", "data.prepare_on=slurm", cwd=workdir, env=slurm_env)
     assert out.returncode == 0, out.stderr
@@ -278,12 +243,12 @@ def test_prepare_on_slurm_runs_one_array_task_per_shard(workdir: Path, slurm_env
     assert (workdir / "runs/tiny_slurm/prepare.json").is_file()  # the report, written here
 
 
-def test_tune_probes_the_top_layouts_and_calibrates_from_what_they_measured(workdir: Path, slurm_env: dict) -> None:
+def test_tune_probes_the_top_layouts_and_calibrates_from_what_they_measured(workdir: Path, slurm_env: dict,
+                                                                            prepared: Path) -> None:
     """tune.probe=true: the top 2 layouts of the tiny model train 6 steps each as one job array on the local
     Slurm; `trainctl tune` again reads their metrics.jsonl, compares with the prediction and writes
     calibration.json, which `trainctl plan` applies through cluster.calibration."""
-    assert run_trainctl("prepare", "recipe=tiny_slurm", cwd=workdir, env=slurm_env).returncode == 0
-    tune = ("recipe=tiny_slurm", "tune.probe=true", "tune.top_k=2", "tune.probe_steps=6")
+    tune = ("recipe=tiny_slurm", f"data.prepared_dir={prepared}", "tune.probe=true", "tune.top_k=2", "tune.probe_steps=6")
     out = run_trainctl("tune", *tune, cwd=workdir, env=slurm_env)
     assert out.returncode == 0, out.stderr
     array = re.search(r"submitted job array (\d+) \(2 tasks\)", out.stdout).group(1)

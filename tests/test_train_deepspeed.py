@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -21,42 +20,11 @@ import pytest
 
 from launch.record import outcome
 from launch.record.outcome import Outcome
-from tests.conftest import PYTHONPATH, ROOT, run_trainctl
+from tests.conftest import ROOT, run_trainctl, torchrun as _torchrun, trainer_env as _env
+from tests.conftest import records as _records
 
 STEPS = 14
-SOURCES = {"prose": (str(ROOT / "data/sample/prose.jsonl"), "text"),
-           "code": (str(ROOT / "data/sample/code.jsonl"), "text")}
 TOKENIZER = str(ROOT / "data/sample/tokenizer.json")
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what job.sbatch gives torchrun
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-
-
-def _torchrun(run_dir: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "launch.train", str(run_dir)],
-        cwd=run_dir.parent.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from launch.train.data import write_shards
-
-    out = tmp_path_factory.mktemp("prepared")
-    write_shards(SOURCES, TOKENIZER, out)
-    return out
-
-
 def _render(cwd: Path, prepared: Path, *extra: str) -> Path:
     out = run_trainctl("render", "recipe=tiny_local", f"data.prepared_dir={prepared}", f"train.steps={STEPS}",
                        "train.checkpoint_interval=4", "train.eval_interval=7", *extra, cwd=cwd)

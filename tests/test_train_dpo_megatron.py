@@ -15,18 +15,13 @@ reference), outside the schedule.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHONPATH, run_trainctl
+from tests.conftest import records as _records
+from tests.conftest import run_trainctl, stop_and_resume, torchrun, train, trainer_env
 
 pytestmark = pytest.mark.slow  # minutes of training: `pytest -m slow` (kept out of CI's budget)
 
@@ -41,44 +36,16 @@ COMMON = ("recipe=tiny_dpo", "backend=megatron", "stage.lr=1e-3", f"train.steps=
 per micro-batch."""
 LAYOUTS = {"tp2": ("parallel.tp=2", "train.save_final=false"), "pp2": ("parallel.pp=2", "train.save_final=false")}
 LOSS_REL, GRAD_NORM_REL = 1e-5, 1e-4
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-            "TRAINCTL_FAULT_NAN_AT_STEP": str(NAN_AT)}
+    return trainer_env(TRAINCTL_FAULT_NAN_AT_STEP=str(NAN_AT))
 
 
 def _render(cwd: Path, *extra: str) -> Path:
     out = run_trainctl("render", *COMMON, *extra, cwd=cwd)
     assert out.returncode == 0, out.stdout + out.stderr
     return cwd / "runs/tiny_dpo"
-
-
-def _torchrun(run_dir: Path, nproc: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-         f"--signals-to-handle={TORCHRUN_SIGNALS}", *(args or ("-m", "launch.train", str(run_dir)))],
-        cwd=run_dir.parent.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _train(run_dir: Path, nproc: int) -> str:
-    proc = _torchrun(run_dir, nproc)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-8000:]
-    return out
-
-
-def _stop_and_resume(run_dir: Path, nproc: int, *, after: int) -> str:
-    first = _torchrun(run_dir, nproc)
-    deadline = time.monotonic() + 200
-    while time.monotonic() < deadline and first.poll() is None:
-        if (run_dir / "metrics.jsonl").is_file() and len(_records(run_dir)) >= after:
-            first.send_signal(signal.SIGUSR1)
-            break
-        time.sleep(0.2)
-    out, _ = first.communicate(timeout=150)
-    return out + _train(run_dir, nproc)
 
 
 def _norms(records: list[dict]) -> list[float]:
@@ -89,18 +56,15 @@ def _margins(records: list[dict]) -> list[float]:
     return [r.get("rewards/margins", float("nan")) for r in records]  # none for a skipped step
 
 
-def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     done = {}
     ref = _render(tmp_path_factory.mktemp("ref"), "cluster.gpus_per_node=1")
-    done["ref"] = (ref, _train(ref, 1))
+    done["ref"] = (ref, train(ref, 1, _env()))
     for name, overrides in LAYOUTS.items():
         run_dir = _render(tmp_path_factory.mktemp(name), *overrides)
-        done[name] = (run_dir, _stop_and_resume(run_dir, 2, after=NAN_AT) if name == "pp2" else _train(run_dir, 2))
+        done[name] = (run_dir, stop_and_resume(run_dir, 2, after=NAN_AT, env=_env()) if name == "pp2"
+                          else train(run_dir, 2, _env()))
     return done
 
 
@@ -211,7 +175,7 @@ def test_the_loss_is_the_shared_dpo_loss_on_full_logits(runs, tmp_path):
     run_dir = runs["ref"][0]
     script = tmp_path / "check.py"
     script.write_text(CHECK)
-    proc = _torchrun(run_dir, 1, str(script), str(run_dir))
+    proc = torchrun(run_dir, 1, _env(), command=(str(script), str(run_dir)))
     out, _ = proc.communicate(timeout=200)
     assert proc.returncode == 0, out[-8000:]
     found = {line.split()[1]: tuple(map(float, line.split()[2:4])) for line in out.splitlines()

@@ -9,9 +9,7 @@ checkpoints, the metrics (the mean reward rises) and the exported model. Nothing
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,29 +18,19 @@ import pytest
 
 from launch.record import outcome
 from launch.record.outcome import Outcome
-from tests.conftest import PYTHONPATH, run_trainctl
+from tests.conftest import records as _records
+from tests.conftest import run_trainctl, torchrun, trainer_env
 
 STEPS = 9
 STOP_AFTER = 3  # train records seen before SIGUSR1: the stop lands at step >= 3
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what job.sbatch gives torchrun
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return trainer_env(WANDB_MODE="disabled")
 
 
-def _torchrun(run_dir: Path, ranks: int = 2) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-         f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "launch.train", str(run_dir)],
-        cwd=run_dir.parent.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+def _torchrun(run_dir: Path, ranks: int = 2):
+    return torchrun(run_dir, ranks, _env())
 
 
 def _render(cwd: Path, *extra: str) -> Path:

@@ -13,30 +13,20 @@ distributed-optimizer state resharded) and must continue with the reference's lo
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHONPATH, ROOT, run_trainctl
+from tests.conftest import records as _records
+from tests.conftest import run_trainctl, stop_and_resume, train, trainer_env
 
 STEPS = 6
 SAVE_AT = 3
-SOURCES = {"prose": (str(ROOT / "data/sample/prose.jsonl"), "text"),
-           "code": (str(ROOT / "data/sample/code.jsonl"), "text")}
-TOKENIZER = str(ROOT / "data/sample/tokenizer.json")
 LAYOUTS = {"tp2": ("parallel.tp=2",), "pp2": ("parallel.pp=2",), "pp2_vpp2": ("parallel.pp=2", "parallel.vpp=2")}
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what job.sbatch gives torchrun
 LOSS_REL, GRAD_NORM_REL = 1e-5, 1e-4
 """Seen: losses agree to ~3e-8 relative, grad norms to ~6e-6 (tensor-parallel sums in another order)."""
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 
 def _render(cwd: Path, prepared: Path, *extra: str) -> Path:
@@ -47,57 +37,17 @@ def _render(cwd: Path, prepared: Path, *extra: str) -> Path:
     return cwd / "runs/tiny_local"
 
 
-def _torchrun(run_dir: Path, nproc: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-         f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "launch.train", str(run_dir)],
-        cwd=run_dir.parent.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _train(run_dir: Path, nproc: int) -> str:
-    proc = _torchrun(run_dir, nproc)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-8000:]
-    return out
-
-
-def _stop_and_resume(run_dir: Path, nproc: int, *, after: int) -> str:
-    """SIGUSR1 (as the sbatch script forwards it) once ``after`` steps are logged, then run again to the end."""
-    first = _torchrun(run_dir, nproc)
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and first.poll() is None:
-        if (run_dir / "metrics.jsonl").is_file() and len(_records(run_dir)) >= after:
-            first.send_signal(signal.SIGUSR1)
-            break
-        time.sleep(0.2)
-    out, _ = first.communicate(timeout=120)
-    return out + _train(run_dir, nproc)
-
-
-def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from launch.train.data import write_shards
-
-    out = tmp_path_factory.mktemp("prepared")
-    write_shards(SOURCES, TOKENIZER, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, prepared) -> dict:
     """{name: (run_dir, output)}: the reference, each layout, and the tp 2 checkpoint resumed at tp 1 x dp 2."""
     done = {}
     ref = _render(tmp_path_factory.mktemp("ref"), prepared, "cluster.gpus_per_node=1")
-    done["ref"] = (ref, _train(ref, 1))
+    done["ref"] = (ref, train(ref, 1))
     for name, overrides in LAYOUTS.items():
         extra = (f"train.checkpoint_interval={SAVE_AT}",) if name == "tp2" else ()
         run_dir = _render(tmp_path_factory.mktemp(name), prepared, *overrides, *extra)
         # pp 2 is stopped by SIGUSR1 on the way and resumed (same layout): its records must not notice.
-        done[name] = (run_dir, _stop_and_resume(run_dir, 2, after=2) if name == "pp2" else _train(run_dir, 2))
+        done[name] = (run_dir, stop_and_resume(run_dir, 2, after=2) if name == "pp2" else train(run_dir, 2))
     # The tp 2 run's step-3 checkpoint, alone in a new run directory rendered at tp 1 (dp 2).
     cwd = tmp_path_factory.mktemp("resharded")
     run_dir = _render(cwd, prepared)
@@ -106,7 +56,7 @@ def runs(tmp_path_factory, prepared) -> dict:
     step = f"step_{SAVE_AT:07d}"
     subprocess.run(["cp", "-r", str(done["tp2"][0] / "checkpoints" / step), str(ckpts / step)], check=True)
     (ckpts / "latest").write_text(step)
-    done["resharded"] = (run_dir, _train(run_dir, 2))
+    done["resharded"] = (run_dir, train(run_dir, 2))
     return done
 
 
@@ -122,7 +72,7 @@ def test_cuda_on_cpu_redirects_devices_in_its_own_process():
         "torch.manual_seed(3); assert torch.equal(a, torch.rand(2))\n"
         "assert not torch.cuda.is_available()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=trainer_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -190,7 +140,7 @@ def test_a_tp2_checkpoint_resumes_at_tp1_with_the_same_losses(runs):
 def test_resume_allows_another_layout_but_not_another_config(runs, prepared):
     run_dir = runs["tp2"][0]
     _render(run_dir.parent.parent, prepared, "parallel.pp=2", "optim.lr=5e-4")
-    out = subprocess.run([sys.executable, "-m", "launch.train", str(run_dir)], cwd=run_dir.parent.parent, env=_env(),
+    out = subprocess.run([sys.executable, "-m", "launch.train", str(run_dir)], cwd=run_dir.parent.parent, env=trainer_env(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert "refusing to resume" in out.stderr and "optim.lr: 0.001 -> 0.0005" in out.stderr
@@ -200,7 +150,7 @@ def test_resume_allows_another_layout_but_not_another_config(runs, prepared):
 def test_batch_ramp_up_through_the_interleaved_schedule(tmp_path, prepared):
     """train.rampup_batch_size=[4,4,8] at pp 2 x vpp 2: 2 micro-batches per step, then the full 4."""
     run_dir = _render(tmp_path, prepared, "parallel.pp=2", "parallel.vpp=2", "train.rampup_batch_size=[4,4,8]")
-    _train(run_dir, 2)
+    train(run_dir, 2)
     records = _records(run_dir)
     assert [r["global_batch_size"] for r in records] == [4, 4] + [8] * (STEPS - 2)
     assert records[-1]["consumed_samples"] == 8 + 8 * (STEPS - 2)
@@ -219,7 +169,7 @@ def checkpoint_logits(runs, tmp_path_factory) -> dict:
     torch.save(tokens, work / "tokens.pt")
     jobs = [f"{runs[name][0]},{work / name}.pt" for name in ("tp2", "pp2")]
     out = subprocess.run([sys.executable, "-m", "tests.megatron_logits", str(runs["ref"][0]), str(work / "tokens.pt"),
-                          *jobs], env=_env(), capture_output=True, text=True, timeout=300)
+                          *jobs], env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     return {name: (tokens, torch.load(work / f"{name}.pt")) for name in ("tp2", "pp2")}
 
@@ -246,7 +196,7 @@ def test_the_export_command_writes_what_the_trainer_exported(runs, tmp_path):
     from safetensors import safe_open
 
     run_dir, out = runs["tp2"][0], tmp_path / "hf"
-    done = subprocess.run([sys.executable, "-m", "launch.train.megatron.export", str(run_dir), str(out)], env=_env(),
+    done = subprocess.run([sys.executable, "-m", "launch.train.megatron.export", str(run_dir), str(out)], env=trainer_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == f"exported {run_dir / 'checkpoints/final/megatron'} to {out} (Hugging Face model)"

@@ -116,7 +116,15 @@ CASES = {
                                                           "cluster.max_excluded_nodes=-1: the number of nodes")]),
     r.no_secrets_in_files: (
         ["+cluster.env.NCCL_IB_HCA=mlx5"],
-        [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN")]),
+        [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN"),
+         (["+cluster.env.GITHUB_PAT=abc"], "GITHUB_PAT"), (["+cluster.env.HF_AUTH=abc"], "HF_AUTH"),
+         (["+cluster.env.SSH_PRIVATE_KEY_FILE=x"], "SSH_PRIVATE_KEY_FILE"),
+         (["cluster.setup=['module load cuda', 'export WANDB_API_KEY=0123abc']"],
+          "cluster.setup[1]=<hidden>: assigns a literal to WANDB_API_KEY"),
+         (["+cluster.directives.comment='HF_TOKEN=abc'"], "assigns a literal to HF_TOKEN"),
+         ([f"+cluster.env.NOTE={'hf_' + 'a1B2' * 9}"], "cluster.env.NOTE=<hidden>: holds what looks like a Hugging Face token"),
+         ([f"cluster.account={'ghp_' + 'Z9y8' * 9}"], "looks like a GitHub token"),
+         ([f"cluster.partition={'AKIA' + 'ABCDEFGH12345678'}"], "looks like an AWS access key")]),
     r.env_names: (["+cluster.env.NCCL_IB_HCA=mlx5"], [(["+cluster.env.NCCL-IB=mlx5"], "cluster.env.NCCL-IB")]),
     b.local_cluster_precision: (["cluster=h100", "train.precision=fp8"], [(["train.precision=fp8"], "FP8 needs H100")]),
     r.mixture_weights: (

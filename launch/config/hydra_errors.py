@@ -12,6 +12,7 @@ import difflib
 import re
 import typing
 
+import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
@@ -25,6 +26,9 @@ def explain(exc: BaseException, schema: type = Config) -> str | None:
     ``schema`` is the verb's config dataclass (``size`` has its own), where the
     nearest valid key and the expected type are looked up.
     """
+    bad_yaml = next((e for e in _chain(exc) if isinstance(e, yaml.YAMLError)), None)
+    if bad_yaml is not None:
+        return _yaml_error(bad_yaml)
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         return _missing_option(exc)
     if isinstance(exc, OverrideParseException):
@@ -55,6 +59,24 @@ def explain(exc: BaseException, schema: type = Config) -> str | None:
         why = f": {str(exc.__cause__).splitlines()[0]}" if exc.__cause__ else ""
         return f"{str(exc).strip()}{why}\n  fix: check the overrides and config files named above"
     return None
+
+
+def _chain(exc: BaseException | None):
+    """``exc`` and the exceptions it was raised from or during."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """A config file that is not YAML: where (file, line, column) and what the parser expected."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a config file"
+    what = ": ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or str(exc)
+    return (f"{where}: not valid YAML: {what}\n"
+            "  fix: correct the file there (a list is [a, b]; quote a value that holds ': ' or ' #')")
 
 
 def _raised_in(exc: BaseException, prefixes: tuple[str, ...]) -> bool:

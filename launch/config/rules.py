@@ -7,6 +7,7 @@ they run. A new rule is a function here and a line there.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Iterator
 
@@ -385,15 +386,58 @@ def exclusion_cap(cfg: Config, d: Derived) -> Iterator[Problem]:
 
 
 def no_secrets_in_files(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """cluster.env is written into the job script; secrets stay in the submitting environment."""
+    """Every value of the config is written to disk (config.yaml, the job script), and cluster.setup and
+    cluster.directives reach the script as raw shell: a secret stays in the submitting environment, which
+    jobs inherit. Three checks: cluster.env names that say "secret", setup/directive lines that assign a
+    literal to such a name, and any value shaped like a well-known token (the value is never printed)."""
+    fix_export = "remove it and export {name} where you run trainctl; jobs inherit the environment " \
+                 "(list it in cluster.export_env when that is set)"
     for key in cfg.cluster.env:
-        if _SECRET.search(key):
+        if _SECRET_NAME.search(key):
             yield Problem({f"cluster.env.{key}": "<hidden>"}, "looks like a secret, and cluster.env is written to disk",
-                          f"remove it and export {key} where you run trainctl; jobs inherit the environment "
-                          "(list it in cluster.export_env when that is set)")
+                          fix_export.format(name=key))
+    raw = [(f"cluster.setup[{i}]", line) for i, line in enumerate(cfg.cluster.setup)]
+    raw += [(f"cluster.directives.{k}", v) for k, v in cfg.cluster.directives.items()]
+    for key, line in raw:
+        for name, value in _ASSIGNMENT.findall(str(line)):
+            if _SECRET_NAME.search(name) and value and not value.startswith(("$", '"$')):
+                yield Problem({key: "<hidden>"}, f"assigns a literal to {name}, which looks like a secret, and this "
+                              "line is written into the job script", fix_export.format(name=name) +
+                              f"; a line may still use it as ${name}")
+    for key, value in _strings(cfg):
+        token = _TOKEN_VALUE.search(value)
+        if token:
+            yield Problem({key: "<hidden>"}, f"holds what looks like {_TOKEN_KINDS[token.lastgroup]}, and the "
+                          "config is written to disk", "remove it; pass the token in the environment that runs "
+                          "trainctl (jobs inherit it), never in the config")
 
 
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(OR)?D|PASSPHRASE|CREDENTIAL|AUTH|PRIVATE|COOKIE|(^|_)PAT($|_)",
+                          re.IGNORECASE)
+"""Names that hold secrets by convention: WANDB_API_KEY, HF_TOKEN, GITHUB_PAT, HF_AUTH, SSH_PRIVATE_KEY..."""
+_ASSIGNMENT = re.compile(r"(?:^|[\s;&|(])(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(\S*)")
+_TOKEN_KINDS = {"hf": "a Hugging Face token", "gh": "a GitHub token", "sk": "an API secret key",
+                "slack": "a Slack token", "aws": "an AWS access key", "gitlab": "a GitLab token", "pem": "a private key"}
+_TOKEN_VALUE = re.compile(
+    r"(?P<hf>\bhf_[A-Za-z0-9]{30,})|(?P<gh>\b(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}))"
+    r"|(?P<sk>\bsk-[A-Za-z0-9_-]{20,})|(?P<slack>\bxox[abprs]-[A-Za-z0-9-]{10,})|(?P<aws>\bAKIA[0-9A-Z]{16}\b)"
+    r"|(?P<gitlab>\bglpat-[A-Za-z0-9_-]{20,})|(?P<pem>-----BEGIN [A-Z ]*PRIVATE KEY-----)")
+"""The published shapes of common tokens (Hugging Face, GitHub, OpenAI-style sk-, Slack, AWS, GitLab, PEM)."""
+
+
+def _strings(node, path: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, value) of every string in a config dataclass, its lists and dicts included."""
+    if isinstance(node, str):
+        yield path, node
+    elif dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _strings(getattr(node, f.name), f"{path}.{f.name}".lstrip("."))
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{path}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{path}[{i}]")
 
 
 def env_names(cfg: Config, d: Derived) -> Iterator[Problem]:

@@ -21,8 +21,9 @@ from hydra.plugins.config_source import ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
-from launch.paths import asset_dir
 from launch.config.schema import register_schemas
+from launch.errors import UserError
+from launch.paths import asset_dir
 
 RECIPE_GROUP = "recipe"
 USER_PATH_ENV = "TRAINCTL_CONFIG_PATH"
@@ -84,16 +85,30 @@ class TrainctlSearchPath(SearchPathPlugin):
         # config groups (`~train` would mean the package). It holds no configs.
         path = search_path.get_path()
         path[:] = [e for e in path if not (e.provider == "main" and e.path == "pkg://launch")]
-        for directory in os.environ.get(USER_PATH_ENV, "").split(os.pathsep):
-            if directory:
-                search_path.append("trainctl-user", f"file://{os.path.abspath(directory)}")
+        for directory in user_config_dirs():
+            search_path.append("trainctl-user", f"file://{directory}")
         search_path.append("trainctl", "trainctl://")
+
+
+def user_config_dirs() -> list[str]:
+    """The absolute directories of ``TRAINCTL_CONFIG_PATH``; an entry that is not a directory is a
+    UserError (Hydra would skip it without a word, and the site's recipes would silently be missing)."""
+    found = []
+    for directory in os.environ.get(USER_PATH_ENV, "").split(os.pathsep):
+        if not directory:
+            continue
+        if not os.path.isdir(directory):
+            what = "is a file, not a directory" if os.path.exists(directory) else "does not exist"
+            raise UserError(f"{USER_PATH_ENV}: {directory} {what}\n  fix: name directories that hold config groups "
+                            f"(recipe/, cluster/, ...), separated by '{os.pathsep}', or unset {USER_PATH_ENV}")
+        found.append(os.path.abspath(directory))
+    return found
 
 
 def group_options() -> dict[str, list[str]]:
     """Each config group and its options, shipped and from TRAINCTL_CONFIG_PATH, without composing."""
     sources: list[ConfigSource] = [TrainctlConfigSource("trainctl", "trainctl://")]
-    sources += [FileConfigSource("trainctl-user", d) for d in os.environ.get(USER_PATH_ENV, "").split(os.pathsep) if d]
+    sources += [FileConfigSource("trainctl-user", d) for d in user_config_dirs()]
     found: dict[str, set[str]] = {}
     for source in sources:
         if not source.available():

@@ -59,7 +59,7 @@ from omegaconf import OmegaConf
 from launch.config.resume import refusal
 from launch.config.schema import BackendName, Config
 from launch.errors import UserError
-from launch.record import manifest
+from launch.record import fingerprint, manifest
 from launch.record.write import write_file
 
 KEEP = 3
@@ -115,7 +115,7 @@ def inspect(step_dir: Path, *, sizes: bool = True) -> Inspection:
     if problem or missing:
         return Inspection(None, problem or f"no {' or '.join(missing)} in {MARKER}")
     if "manifest" not in marker:
-        return Inspection(marker, None, f"no manifest (saved before trainctl verified checkpoints): "
+        return Inspection(marker, None, "no manifest (saved before trainctl verified checkpoints): "
                                         "loaded unverified")
     found = marker["manifest"]
     problem = manifest.shape_problem(found)
@@ -220,10 +220,8 @@ def commit(checkpoint_dir: Path, tmp_tag: str, step: int, marker: dict, keep: in
 
 def publish_final(tmp: Path, final: Path, marker: dict) -> None:
     """Rank 0's last move of an export: the marker (with the fingerprint of the weights, for the next stage
-    to check it starts from them: ``launch.train.fingerprint``) written last, then ``tmp`` renamed to
+    to check it starts from them: ``launch.record.fingerprint``) written last, then ``tmp`` renamed to
     ``final`` in place of an older one."""
-    from launch.train import fingerprint
-
     write_json(tmp / MARKER, {**marker, "weights_sha256": fingerprint.of_directory(tmp)})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -25,8 +25,9 @@ import torch.distributed as dist
 from launch.compat import DEEPSPEED_MICRO_STEPS, DEEPSPEED_ZERO3_GATHER, require
 from launch.config.schema import BackendName
 from launch.errors import UserError
+from launch.record import fingerprint
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
-from launch.train import fingerprint, guard
+from launch.train import guard
 from launch.train import model as model_mod
 from launch.train.data import eod_id
 from launch.train.loss import lm_loss

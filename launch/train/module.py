@@ -34,7 +34,7 @@ class TrainModule(ABC):
     """The last step's loss, the same on every rank (``train_step`` agrees it with one all-reduce):
     ``launch.train.guard`` judges the step from it."""
     init_fingerprint: str | None = None
-    """``launch.train.fingerprint.of_model`` of the weights ``init_from`` (or the build) loaded from a Hugging
+    """``launch.record.fingerprint.of_model`` of the weights ``init_from`` (or the build) loaded from a Hugging
     Face model: recorded so a pipeline's stage can be checked to start from the previous stage's export."""
     step_skipped: bool = False
     """True when the last ``train_step`` applied no optimizer update (a non-finite loss or gradient)."""

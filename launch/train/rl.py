@@ -63,9 +63,9 @@ from transformers import TrainerCallback
 from launch.config.schema import BackendName, Precision, Recompute, RlAlgorithm, Schedule
 from launch.errors import UserError
 from launch.record import checkpoints as ckpt
-from launch.record import manifest
+from launch.record import fingerprint, manifest
 from launch.record.read import RECORD_VERSION, PlanNumbers, RunConfig, read_backend_file
-from launch.train import fingerprint, stop, trust, watchdog
+from launch.train import stop, trust, watchdog
 from launch.train.guard import Diverged
 from launch.train.metrics import Reporter
 from launch.train.preflight import ENGINES, cpu_devices, resolve_init
@@ -202,7 +202,7 @@ class RLTrainer:
 
     def init_from(self, source) -> None:
         """Nothing to load: TRL built the policy (and its reference) from ``stage.init_checkpoint``. Recorded
-        with the fingerprint of the weights the policy holds (``launch.train.fingerprint``; ZeRO-3 partitions
+        with the fingerprint of the weights the policy holds (``launch.record.fingerprint``; ZeRO-3 partitions
         are gathered one tensor at a time, on every rank)."""
         import deepspeed
 

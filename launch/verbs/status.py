@@ -49,6 +49,9 @@ def runs_of(paths: list[str]) -> list[Row]:
     for text in paths:
         path = Path(text).absolute()  # once, here: records and /proc hold absolute paths; labels keep the text
         text = str(Path(text))
+        if not path.is_dir():
+            raise UserError(f"{text}: {'not a directory' if path.exists() else 'does not exist'}\n"
+                            "  fix: give a run, sweep or pipeline directory that `trainctl submit` printed (runs/NAME)")
         if (sweep := jobs.read(path / jobs.SWEEP_RECORD)) is not None:
             rows += [Row(f"{text}/{Path(p['run_dir']).name}", path / p["run_dir"], p.get("job_id"))
                      for p in sweep["points"]]

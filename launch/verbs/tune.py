@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from launch.config import Config, Derived, derive
-from launch.config.derive import pipeline_split, uneven_first_last
+from launch.config.derive import pipeline_split
 from launch.config.schema import BackendName, ParallelConfig, Recompute
 from launch.config.validate import divisors, validate
 from launch.errors import UserError

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch.compat import MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, require
+from launch.compat import (MEGATRON_ADAM_DUMMY_STATE, MEGATRON_ADAM_SET_STATES, MEGATRON_WRITE_RESULTS_QUEUE,
+                           require)
 from launch.config.schema import BackendName, StageKind
 from launch.errors import UserError
 from launch.record.read import PlanNumbers, RunConfig, read_backend_file
@@ -55,6 +56,7 @@ class MegatronModule(TrainModule):
 
         require(MEGATRON_ADAM_DUMMY_STATE)  # private, used on every resume: checked now, not days later
         require(MEGATRON_ADAM_SET_STATES)
+        require(MEGATRON_WRITE_RESULTS_QUEUE)
 
         self._state = state
         dist.init_process_group("nccl" if cuda else "gloo")

@@ -7,11 +7,12 @@ here"). Keys are Megatron-LM's (the GPTModels', not their DDP wrappers'). The
 sequence around these calls (temporary directory, RNG states, marker, ``latest``)
 is the skeleton's (``launch.train.loop``).
 
-Two megatron-core 0.16 traps are worked around here, each through an attribute
+Three megatron-core 0.16 traps are worked around here, each through an attribute
 ``launch.compat`` declares (``MegatronModule`` checks them when it starts): a fresh optimizer has no Adam state to load
-into (``create_adam_state``), and loading a ``fully_reshardable`` state into torch's
+into (``create_adam_state``); loading a ``fully_reshardable`` state into torch's
 AdamW drops its per-parameter ``step`` (``torch_adam_step_kept``), which must not end
-up one tensor shared by every parameter (``unshare_adam_steps``).
+up one tensor shared by every parameter (``unshare_adam_steps``); and the checkpoint writer's
+results queue lives in a Manager process that a preemption's SIGTERM kills (``prepare_saves``).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def prepare_saves() -> None:
     from multiprocessing.managers import SyncManager
     import multiprocessing as mp
 
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:
-        return  # already made (by us), or a megatron-core without this private global: nothing to do
+    if filesystem_async._results_queue is not None:
+        return  # already made (by us)
     manager = SyncManager(ctx=mp.get_context("spawn"))
     manager.start(initializer=_ignore_stop_signals)
     filesystem_async._results_queue = manager.Queue()
