@@ -18,25 +18,35 @@ RL = ["recipe=llama3_8b_sft_h100", "stage=rlhf", "stage.init_checkpoint=/models/
 # rule -> (accepted overrides, [(rejected overrides, words the message must contain)])
 CASES = {
     r.name_is_a_path_component: (["name=my_run-2.b"], [(["name=a/b"], "name=a/b")]),
-    r.sizes_are_positive: (["parallel.tp=1"], [
-        (["parallel.pp=0"], "parallel.pp=0: must be at least 1"),
+    r.values_within_bounds: (["parallel.tp=1", "optim.beta2=0.999", "train.checkpoint_interval=1"], [
+        (["parallel.pp=0"], "parallel.pp=0: must be at least 1 and at most 1.04858e+06: a parallel size"),
         (["model.num_layers=0"], "model.num_layers=0: must be at least 1"),
         (["model.num_attention_heads=0"], "model.num_attention_heads=0"),
-        (["cluster.gpu.mtbf_hours=0"], "cluster.gpu.mtbf_hours=0.0: must be positive"),
-        (["cluster.gpu.peak_bf16_tflops=-1"], "cluster.gpu.peak_bf16_tflops=-1.0")]),
+        (["cluster.gpu.mtbf_hours=0"], "cluster.gpu.mtbf_hours=0.0: must be above 0"),
+        (["cluster.gpu.peak_bf16_tflops=-1"], "cluster.gpu.peak_bf16_tflops=-1.0"),
+        (["train.steps=0"], "train.steps=0: must be at least 1"),
+        (["train.steps=99999999999999999999999"], "train.steps=99999999999999999999999: must be at least 1 and at "
+                                                  "most 9.0072e+15"),
+        (["train.checkpoint_interval=-2"], "train.checkpoint_interval=-2: must be at least 1"),
+        (["optim.beta2=2"], "optim.beta2=2.0: must be at least 0 and below 1"),
+        (["optim.eps=0"], "Adam divides by sqrt(v) + eps"),
+        (["optim.lr=nan"], "optim.lr=nan: must be above 0"),
+        (["model.init_method_std=1e20"], "fix: model.init_method_std=0.02 (the default)"),
+        (["cluster.pue=0.5"], "cluster.pue=0.5: must be at least 1"),
+        (["train.rank_check_min_busbw_gbps=-1"], "train.rank_check_min_busbw_gbps=-1.0: must be at least 0"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints=0: must be at least 1 and at most 1e+06: at least one "
+                                       "checkpoint must be kept"),
+        (["cluster.max_excluded_nodes=-1"], "cluster.max_excluded_nodes=-1: must be at least 0"),
+        (["backend=deepspeed", "parallel.zero_stage=4"], "DeepSpeed's ZeRO stages are 0 to 3"),
+        (["train.guard.max_consecutive_skips=0"], "train.guard.max_consecutive_skips=0: must be at least 1"),
+        (["train.guard.spike_window=1"], "train.guard.spike_window=1: must be at least 2"),
+        (["train.guard.spike_zscore=1"], "flags ordinary steps"),
+        (["stage=rlhf", "stage.num_generations=1"], "stage.num_generations=1: must be at least 2")]),
     r.tokens_or_steps: (
         ["train.tokens=1000000", "train.steps=null"],
-        [(["train.tokens=1000"], "exactly one of train.tokens and train.steps"),
-         (["train.steps=0"], "at least one step")]),
-    r.rank_check_floor: (["train.rank_check_min_busbw_gbps=0"], [
-        (["train.rank_check_min_busbw_gbps=-1"], "train.rank_check_min_busbw_gbps=-1.0: a bandwidth floor cannot")]),
+        [(["train.tokens=1000"], "exactly one of train.tokens and train.steps")]),
     r.guard_policy: (["train.guard.spike_zscore=null", "train.guard.max_rewinds=0"], [
-        (["train.guard.max_consecutive_skips=0"], "train.guard.max_consecutive_skips=0: must be at least 1"),
-        (["train.guard.max_skipped_steps=3"], "below the bound on skips in a row"),
-        (["train.guard.spike_window=1"], "train.guard.spike_window=1: must be at least 2"),
-        (["train.guard.spike_zscore=1"], "flags ordinary steps")]),
-    r.checkpoints_kept: (["train.keep_checkpoints=1"], [
-        (["train.keep_checkpoints=0"], "train.keep_checkpoints=0: at least one checkpoint must be kept")]),
+        (["train.guard.max_skipped_steps=3"], "below the bound on skips in a row")]),
     r.hang_timeout: (["train.hang_timeout_s=0"], [
         (["train.hang_timeout_s=0.5"], "train.hang_timeout_s=0.5: a hang timeout is 0 (no watchdog) or at least 1"),
         (["train.hang_timeout_s=-5"], "train.hang_timeout_s=480 (longer than a checkpoint save)")]),
@@ -96,7 +106,6 @@ CASES = {
         [(["backend=deepspeed", "parallel.tp=2", "cluster.gpus_per_node=2"], "backend=megatron"),
          (["backend=deepspeed", "parallel.pp=2", "cluster.gpus_per_node=2"], "parallel.pp=2"),
          (["backend=deepspeed", "parallel.recompute=selective"], "full activation checkpointing only"),
-         (["backend=deepspeed", "parallel.zero_stage=4"], "ZeRO stages are 0, 1, 2 and 3"),
          (["backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=cpu"], "needs ZeRO stage 3"),
          (["backend=deepspeed", "parallel.zero_stage=0", "parallel.offload_optimizer=cpu"], "ZeRO stage 1 or higher"),
          (["backend=deepspeed", "cluster=h100", "train.precision=fp8"], "TransformerEngine")]),
@@ -112,8 +121,6 @@ CASES = {
         ["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=128"],
         [(["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=64"], "needs a multiple of pp = 8 micro-batches"),
          (["recipe=gpt3_175b_pretrain_h100", "train.global_batch_size=192"], "this layout has 12")]),
-    r.exclusion_cap: (["cluster.max_excluded_nodes=0"], [(["cluster.max_excluded_nodes=-1"],
-                                                          "cluster.max_excluded_nodes=-1: the number of nodes")]),
     r.no_secrets_in_files: (
         ["+cluster.env.NCCL_IB_HCA=mlx5"],
         [(["+cluster.env.WANDB_API_KEY=abc"], "looks like a secret"), (["+cluster.env.HF_TOKEN=abc"], "HF_TOKEN"),
@@ -127,6 +134,8 @@ CASES = {
          ([f"cluster.partition={'AKIA' + 'ABCDEFGH12345678'}"], "looks like an AWS access key")]),
     r.env_names: (["+cluster.env.NCCL_IB_HCA=mlx5"], [(["+cluster.env.NCCL-IB=mlx5"], "cluster.env.NCCL-IB")]),
     b.local_cluster_precision: (["cluster=h100", "train.precision=fp8"], [(["train.precision=fp8"], "FP8 needs H100")]),
+    b.local_cluster_is_one_node: (["cluster=h100", "cluster.nodes=2"], [(["cluster=local", "cluster.nodes=2"],
+                                                                        "cluster.nodes=2: a local cluster is this one")]),
     r.mixture_weights: (
         ["data.sources.code.weight=0.01"],
         [(["data.sources.code.weight=0"], "data.sources.code.weight=0"),
@@ -275,8 +284,9 @@ def test_proposed_pipeline_split_is_accepted(layers, pp, vpp):
 
 
 def test_backend_scoped_keys_are_ignored():
-    """zero_stage means nothing to Megatron, distributed_optimizer nothing to DeepSpeed."""
-    cfg, d = typed("backend=megatron", "parallel.zero_stage=7")
+    """ZeRO settings mean nothing to Megatron, distributed_optimizer nothing to DeepSpeed (ranges still hold:
+    ``BOUNDS``)."""
+    cfg, d = typed("backend=megatron", "parallel.zero_stage=2", "parallel.offload_params=cpu")
     assert v.validate(cfg, d) == []
     cfg, d = typed("backend=deepspeed", "parallel.distributed_optimizer=false")
     assert v.validate(cfg, d) == []
@@ -295,3 +305,24 @@ def test_mha_model_gets_one_problem_for_tp():
                    "parallel.allow_tp_across_nodes=true")
     problems = [str(p) for p in v.validate(cfg, d) if "parallel.tp=5" in str(p) and "heads" in str(p).lower()]
     assert len(problems) == 1 and "num_query_groups" not in problems[0]
+
+
+def test_every_numeric_key_of_the_schema_has_a_bound_with_a_reason():
+    """A numeric key added to the schema without a range would accept -1, 0, NaN and 10^30 unchecked."""
+    import dataclasses
+    import typing
+
+    from launch.config.schema import BOUNDS, Config
+
+    def numeric(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            if typing.get_origin(hint) in (list, dict):
+                continue  # data.split: data_split checks it
+            if dataclasses.is_dataclass(base):
+                yield from numeric(base, f"{prefix}{f.name}.")
+            elif base in (int, float):
+                yield f"{prefix}{f.name}"
+    assert set(numeric(Config)) == set(BOUNDS)
+    assert all(b.why and b.low < b.high for b in BOUNDS.values())

@@ -26,8 +26,6 @@ def deepspeed_layout(cfg: Config, d: Derived) -> Iterator[Problem]:
         yield Problem({"backend": "deepspeed", "parallel.recompute": p.recompute},
                       "Hugging Face models offer full activation checkpointing only",
                       "parallel.recompute=full (or none)")
-    if p.zero_stage not in (0, 1, 2, 3):
-        yield Problem({"parallel.zero_stage": p.zero_stage}, "ZeRO stages are 0, 1, 2 and 3", "parallel.zero_stage=3")
     if p.offload_optimizer.name != "none" and p.zero_stage == 0:
         yield Problem({"parallel.offload_optimizer": p.offload_optimizer, "parallel.zero_stage": p.zero_stage},
                       "optimizer offload needs ZeRO stage 1 or higher", "parallel.zero_stage=3")
@@ -54,6 +52,14 @@ def local_cluster_precision(cfg: Config, d: Derived) -> Iterator[Problem]:
     if cfg.cluster.scheduler == Scheduler.local and cfg.train.precision == Precision.fp8:
         yield Problem({"cluster": cfg.cluster.name, "train.precision": cfg.train.precision},
                       "FP8 needs H100-class GPUs", "train.precision=fp32 (CPU) or bf16")
+
+
+def local_cluster_is_one_node(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """A local cluster is the machine trainctl runs on: launch.sh starts torchrun --standalone there."""
+    if cfg.cluster.scheduler == Scheduler.local and cfg.cluster.nodes != 1:
+        yield Problem({"cluster": cfg.cluster.name, "cluster.nodes": cfg.cluster.nodes},
+                      "a local cluster is this one machine", "cluster.nodes=1, or a Slurm profile (cluster=h100) "
+                      "for more nodes")
 
 
 def stage_supported_by_backend(cfg: Config, d: Derived) -> Iterator[Problem]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from typing import Iterator
 
 from launch.config.derive import Derived, uneven_split
 from launch.config.problem import Problem, divisors, is_megatron, split_evenly
-from launch.config.schema import Config, StageKind
+from launch.config.schema import BOUNDS, Bound, Config, StageKind
 from launch.config.slurm_time import parse_time_limit
 
 
@@ -29,33 +30,42 @@ def name_is_a_path_component(cfg: Config, d: Derived) -> Iterator[Problem]:
                       "name=my_run_v2")
 
 
-def sizes_are_positive(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """Counts and hardware figures the estimator divides by."""
-    p, c, t, m, g = cfg.parallel, cfg.cluster, cfg.train, cfg.model, cfg.cluster.gpu
-    sizes = {
-        "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.vpp": p.vpp, "parallel.cp": p.cp,
-        "parallel.ep": p.ep, "parallel.etp": p.etp, "parallel.micro_batch_size": p.micro_batch_size,
-        "cluster.nodes": c.nodes, "cluster.gpus_per_node": c.gpus_per_node,
-        "train.global_batch_size": t.global_batch_size,
-        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
-        "model.ffn_hidden_size": m.ffn_hidden_size, "model.num_attention_heads": m.num_attention_heads,
-        "model.num_query_groups": m.num_query_groups, "model.kv_channels": m.kv_channels,
-        "model.vocab_size": m.vocab_size, "model.seq_length": m.seq_length,
-        "model.num_experts": m.num_experts, "model.moe_router_topk": m.moe_router_topk,
-    }
-    for key, value in sizes.items():
-        if value is not None and value < 1:
-            yield Problem({key: value}, "must be at least 1", f"{key}=1" if "model" not in key else "a positive value")
-    figures = {f"cluster.gpu.{k}": getattr(g, k) for k in (
-        "peak_bf16_tflops", "peak_fp8_tflops", "hbm_gib", "hbm_bandwidth_tbps", "nvlink_gbps", "ib_gbps",
-        "power_w", "mtbf_hours")}
-    figures["cluster.pue"] = c.pue
-    for key, value in figures.items():
-        if not value > 0:
-            yield Problem({key: value}, "must be positive", f"{key}=<the datasheet figure>")
-    if c.usd_per_gpu_hour < 0:
-        yield Problem({"cluster.usd_per_gpu_hour": c.usd_per_gpu_hour}, "a price cannot be negative",
-                      "cluster.usd_per_gpu_hour=0 when you do not know it")
+def values_within_bounds(cfg: Config, d: Derived) -> Iterator[Problem]:
+    """Every numeric key within its range (``launch.config.schema.BOUNDS``: the range and why). NaN and
+    infinities are never within one."""
+    for key, bound in BOUNDS.items():
+        value = _at(cfg, key)
+        if value is None:
+            continue
+        low_ok = value > bound.low if bound.open_low else value >= bound.low
+        high_ok = value < bound.high if bound.open_high else value <= bound.high
+        if low_ok and high_ok:
+            continue
+        default = _default(key)
+        suggestion = f"{key}={default} (the default)" if default is not None else f"a value {_range(bound)}"
+        yield Problem({key: value}, f"must be {_range(bound)}: {bound.why}", suggestion)
+
+
+def _range(b: Bound) -> str:
+    low = f"above {b.low:g}" if b.open_low else f"at least {b.low:g}"
+    high = f"below {b.high:g}" if b.open_high else f"at most {b.high:g}"
+    return f"{low} and {high}"
+
+
+def _at(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _default(key: str):
+    """The schema's default for ``key`` when it is a plain number (None for required and optional keys)."""
+    group, _, name = key.rpartition(".")
+    node = Config
+    for part in filter(None, group.split(".")):
+        node = typing.get_type_hints(node)[part]
+    found = {f.name: f.default for f in dataclasses.fields(node)}.get(name)
+    return found if isinstance(found, (int, float)) and not isinstance(found, bool) else None
 
 
 def tokens_or_steps(cfg: Config, d: Derived) -> Iterator[Problem]:
@@ -64,44 +74,18 @@ def tokens_or_steps(cfg: Config, d: Derived) -> Iterator[Problem]:
     if (t.tokens is None) == (t.steps is None):
         yield Problem(keys, "set exactly one of train.tokens and train.steps",
                       "train.tokens=1000000000 train.steps=null, or train.steps=1000 train.tokens=null")
-    elif (t.tokens or t.steps or 0) < 1:
-        yield Problem(keys, "the run must train on at least one step", "train.steps=1000")
-
-
-def rank_check_floor(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """The rank check's floor is a bandwidth (launch/train/rankcheck.py)."""
-    floor = cfg.train.rank_check_min_busbw_gbps
-    if floor is not None and not floor >= 0:
-        yield Problem({"train.rank_check_min_busbw_gbps": floor}, "a bandwidth floor cannot be negative",
-                      "train.rank_check_min_busbw_gbps=null (half of cluster.gpu.nvlink_gbps), or 0 to only report")
 
 
 def guard_policy(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """The divergence policy's bounds and the spike test (launch/train/guard.py)."""
+    """The divergence policy: skips in the run bound skips in a row (ranges: ``BOUNDS``; launch/train/guard.py)."""
     g = cfg.train.guard
-    for key, value, least in (("max_consecutive_skips", g.max_consecutive_skips, 1),
-                              ("max_skipped_steps", g.max_skipped_steps, 1), ("spike_window", g.spike_window, 2),
-                              ("spike_skip_batches", g.spike_skip_batches, 0), ("max_rewinds", g.max_rewinds, 0)):
-        if value < least:
-            yield Problem({f"train.guard.{key}": value}, f"must be at least {least}",
-                          f"train.guard.{key}={getattr(type(g), key)} (the default)")
     if g.max_skipped_steps < g.max_consecutive_skips:
         yield Problem({"train.guard.max_skipped_steps": g.max_skipped_steps,
                        "train.guard.max_consecutive_skips": g.max_consecutive_skips},
                       "the run's bound on skipped steps is below the bound on skips in a row, which never counts",
                       f"train.guard.max_skipped_steps={max(g.max_consecutive_skips, 50)}")
-    if g.spike_zscore is not None and not g.spike_zscore > 1:
-        yield Problem({"train.guard.spike_zscore": g.spike_zscore},
-                      "a spike threshold of 1 standard deviation or less flags ordinary steps (a sixth of them)",
-                      "train.guard.spike_zscore=6, or null for no spike detection")
 
 
-def checkpoints_kept(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """At least one checkpoint must survive pruning, or a resume has nothing to load."""
-    keep = cfg.train.keep_checkpoints
-    if keep < 1:
-        yield Problem({"train.keep_checkpoints": keep}, "at least one checkpoint must be kept to resume from",
-                      "train.keep_checkpoints=3 (the default), or 1 where space is short")
 def hang_timeout(cfg: Config, d: Derived) -> Iterator[Problem]:
     """The watchdog's timeout is a duration; under a second it would call every step a hang."""
     timeout = cfg.train.hang_timeout_s
@@ -374,15 +358,6 @@ def interleaved_schedule_microbatches(cfg: Config, d: Derived) -> Iterator[Probl
                       f"the interleaved schedule needs a multiple of pp = {p.pp} micro-batches per step, this layout "
                       f"has {d.grad_accum_steps}",
                       f"train.global_batch_size as a multiple of {per_step}, or parallel.vpp=1")
-
-
-def exclusion_cap(cfg: Config, d: Derived) -> Iterator[Problem]:
-    """The job script compares the exclusion list's length with it: a negative cap would drop every entry
-    while saying it keeps some."""
-    if cfg.cluster.max_excluded_nodes < 0:
-        yield Problem({"cluster.max_excluded_nodes": cfg.cluster.max_excluded_nodes},
-                      "the number of nodes a requeued job may leave out cannot be negative",
-                      "cluster.max_excluded_nodes=0 (never exclude a node) or 8 (the default)")
 
 
 def no_secrets_in_files(cfg: Config, d: Derived) -> Iterator[Problem]:

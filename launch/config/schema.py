@@ -634,3 +634,121 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="trainctl_schema", node=Config)
+
+
+# --- bounds: the one place that says which numbers make sense, and why ----------------------------
+
+@dataclass(frozen=True)
+class Bound:
+    low: float
+    high: float
+    why: str
+    open_low: bool = False
+    """``low`` itself is out (the value must be above it: a positive float)."""
+    open_high: bool = False
+    """``high`` itself is out (Adam's betas must stay below 1)."""
+
+
+_EXACT = 2 ** 53
+"""The largest count a float holds exactly: JSON readers, metrics and the estimator see counts as floats."""
+_COUNT = Bound(1, _EXACT, "a count of at least one, small enough to be counted exactly")
+_PARALLEL = Bound(1, 2 ** 20, "a parallel size: 1 turns that dimension off")
+_SHAPE = Bound(1, 2 ** 24, "a model dimension")
+_FIGURE = Bound(0, 1e9, "a datasheet figure the estimator divides by", open_low=True)
+_FRACTION = Bound(0, 1, "a fraction")
+_EFFICIENCY = Bound(0, 1, "a share of the peak actually reached", open_low=True)
+_NEVER_NEGATIVE = Bound(0, _EXACT, "a count where 0 means none")
+_PORT = Bound(1, 65535, "a TCP port")
+
+BOUNDS: dict[str, Bound] = {
+    **{f"parallel.{k}": _PARALLEL for k in ("tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch_size")},
+    "parallel.zero_stage": Bound(0, 3, "DeepSpeed's ZeRO stages are 0 to 3"),
+    **{f"parallel.num_layers_in_{k}_pipeline_stage": Bound(0, 2 ** 24, "layers on that pipeline stage (null: an "
+                                                           "even split)") for k in ("first", "last")},
+    "cluster.nodes": Bound(1, 100_000, "nodes of the allocation"),
+    "cluster.gpus_per_node": Bound(1, 64, "GPUs (or CPU processes) per node"),
+    "train.global_batch_size": Bound(1, 2 ** 32, "sequences per optimizer step"),
+    **{f"model.{k}": _SHAPE for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                       "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
+                                       "num_experts", "moe_router_topk")},
+    "model.vocab_size": Bound(1, 2 ** 31 - 1, "token ids are stored as int32 (int16 below 65,500)"),
+    "model.rotary_base": Bound(1, 1e12, "RoPE's base: its frequencies are base^(-2i/d)", open_low=True),
+    "model.norm_epsilon": Bound(0, 1, "added to the variance under a square root: 0 divides by zero on a "
+                                "constant input, 1 or more swamps the variance", open_low=True, open_high=True),
+    "model.init_method_std": Bound(0, 1, "the weights' initial standard deviation: above 1 the first forward "
+                                   "pass overflows (a hidden size of 4096 multiplies it by 64 per layer)",
+                                   open_low=True),
+    "optim.lr": Bound(0, 1, "a learning rate above 1 moves every weight further than its own size in a step",
+                      open_low=True),
+    "optim.min_lr": Bound(0, 1, "the schedule's floor (0: decay to zero)"),
+    "optim.weight_decay": Bound(0, 1, "decoupled decay shrinks each weight by lr x weight_decay per step"),
+    "optim.beta1": Bound(0, 1, "Adam's first-moment decay: 1 never updates the moment", open_high=True),
+    "optim.beta2": Bound(0, 1, "Adam's second-moment decay: 1 never updates the moment, above 1 it grows "
+                         "without bound", open_high=True),
+    "optim.eps": Bound(0, 1, "Adam divides by sqrt(v) + eps: 0 divides by zero where a gradient is 0",
+                       open_low=True),
+    "optim.clip_grad": Bound(0, 1e9, "the gradient-norm clip (0: no clipping)"),
+    "optim.warmup_steps": _NEVER_NEGATIVE,
+    "optim.decay_fraction": _FRACTION,
+    "optim.z_loss": Bound(0, 1, "the z-loss coefficient (0: off)"),
+    "stage.lr": Bound(0, 1, "the stage's learning rate (null: optim.lr)", open_low=True),
+    "stage.dpo_beta": Bound(0, 1000, "DPO's beta scales the log-ratio margin: 0 makes every loss log 2",
+                            open_low=True),
+    "stage.num_generations": Bound(2, 2 ** 14, "GRPO/RLOO compare a prompt's completions with each other: "
+                                   "one completion has nothing to be compared with"),
+    "stage.max_completion_length": _SHAPE,
+    "stage.temperature": Bound(0, 100, "sampling temperature: 0 is not sampling", open_low=True),
+    "stage.kl_coef": Bound(0, 1000, "the KL penalty's coefficient (0: none)"),
+    "stage.clip_eps": Bound(0, 1, "the policy ratio's clip range", open_low=True),
+    "stage.rollout.nodes": Bound(0, 100_000, "nodes for a vLLM server (0: generation colocated)"),
+    "stage.rollout.tensor_parallel": Bound(1, 64, "vLLM's tensor-parallel size"),
+    "stage.rollout.gpu_memory_utilization": Bound(0, 1, "the share of GPU memory vLLM takes", open_low=True),
+    "stage.rollout.port": _PORT,
+    "stage.rollout.server_timeout_s": Bound(1, 2 ** 31, "seconds to wait for the vLLM server"),
+    **{f"cluster.gpu.{k}": _FIGURE for k in ("peak_bf16_tflops", "peak_fp8_tflops", "hbm_gib",
+                                              "hbm_bandwidth_tbps", "nvlink_gbps", "ib_gbps", "power_w",
+                                              "mtbf_hours")},
+    "cluster.usd_per_gpu_hour": Bound(0, 1e6, "a price (0 when you do not know it)"),
+    "cluster.pue": Bound(1, 10, "power usage effectiveness: facility power over IT power, 1 at best"),
+    "cluster.node_overhead_w": Bound(0, 1e6, "watts a node draws besides its GPUs"),
+    "cluster.grid_kgco2_per_kwh": Bound(0, 10, "the grid's carbon intensity (0 when unknown)"),
+    "cluster.checkpoint_write_gbps": _FIGURE,
+    "cluster.cpus_per_node": Bound(1, 2 ** 20, "CPUs per node"),
+    "cluster.rdzv_port": _PORT,
+    "cluster.signal_lead_s": Bound(0, 2 ** 31, "seconds before the time limit that Slurm signals the job"),
+    "cluster.max_requeues": Bound(0, 1_000_000, "requeues of one job (0: never requeue)"),
+    "cluster.max_crash_requeues": Bound(0, 1_000_000, "crashes in a row that are requeued (0: none)"),
+    "cluster.max_excluded_nodes": Bound(0, 100_000, "nodes a requeued job may leave out (0: never exclude one)"),
+    "train.tokens": _COUNT,
+    "train.steps": _COUNT,
+    "train.seed": Bound(0, 2 ** 32 - 1, "numpy's and torch's seeds are 32-bit"),
+    "train.log_interval": _COUNT,
+    "train.eval_interval": _NEVER_NEGATIVE,
+    "train.eval_iters": _COUNT,
+    "train.checkpoint_interval": Bound(1, _EXACT, "steps between checkpoints (null: from the failure rate); "
+                                       "a resume needs a checkpoint to load"),
+    "train.keep_checkpoints": Bound(1, 1_000_000, "at least one checkpoint must be kept to resume from"),
+    "train.rank_check_s": Bound(0, 1e6, "seconds of the allocation check (0: train)"),
+    "train.rank_check_min_busbw_gbps": Bound(0, 1e9, "a bus-bandwidth floor (0: only report)"),
+    "train.guard.max_consecutive_skips": _COUNT,
+    "train.guard.max_skipped_steps": _COUNT,
+    "train.guard.spike_zscore": Bound(1, 1e6, "a spike threshold of 1 standard deviation or less flags "
+                                      "ordinary steps (a sixth of them)", open_low=True),
+    "train.guard.spike_window": Bound(2, 1_000_000, "a standard deviation needs two losses"),
+    "train.guard.spike_skip_batches": _NEVER_NEGATIVE,
+    "train.guard.max_rewinds": _NEVER_NEGATIVE,
+    "train.hang_timeout_s": Bound(0, 1e7, "seconds without progress before the watchdog fires (0: off)"),
+    "estimate.mfu": Bound(0, 1, "a model FLOPs utilization (null: modelled)", open_low=True),
+    **{f"estimate.achievable_fraction_{k}": _EFFICIENCY for k in ("dense", "moe", "fp8", "hbm")},
+    **{f"estimate.{k}_comm_exposed_fraction": _FRACTION for k in ("dp", "tp", "ep", "pp")},
+    "estimate.cuda_context_gib": Bound(0, 1000, "GiB per GPU"),
+    "estimate.nccl_buffers_gib": Bound(0, 1000, "GiB per GPU"),
+    "estimate.allocator_fragmentation": Bound(0, 1, "a share of the allocated memory", open_high=True),
+    "tune.top_k": Bound(1, 10_000, "layouts to show or probe"),
+    "tune.max_micro_batch_size": _PARALLEL,
+    "tune.min_tokens_per_cp_rank": Bound(1, 2 ** 30, "tokens per context-parallel rank"),
+    "tune.probe_steps": Bound(2, 1_000_000, "a probe leaves its first logging window out of the measurement"),
+}
+"""Every numeric key's sensible range, with the reason; ``launch.config.rules.values_within_bounds``
+checks them all (a null optional key is not checked). Rules that relate keys to each other live in
+``launch.config.rules``."""

@@ -18,11 +18,9 @@ __all__ = ["BACKEND_RULES", "GENERAL_RULES", "RULES", "Problem", "Rule", "diviso
 
 GENERAL_RULES: tuple[Rule, ...] = (
     rules.name_is_a_path_component,
-    rules.sizes_are_positive,
+    rules.values_within_bounds,
     rules.tokens_or_steps,
-    rules.rank_check_floor,
     rules.guard_policy,
-    rules.checkpoints_kept,
     rules.hang_timeout,
     rules.time_limit_format,
     rules.world_divisible_by_model_parallel,
@@ -42,7 +40,6 @@ GENERAL_RULES: tuple[Rule, ...] = (
     rules.sequence_parallel_splits_sequence,
     rules.moe_settings,
     rules.interleaved_schedule_microbatches,
-    rules.exclusion_cap,
     rules.no_secrets_in_files,
     rules.env_names,
     rules.mixture_weights,
@@ -58,6 +55,7 @@ BACKEND_RULES: tuple[Rule, ...] = (
     backend_rules.deepspeed_layout,
     backend_rules.z_loss_backend,
     backend_rules.local_cluster_precision,
+    backend_rules.local_cluster_is_one_node,
     backend_rules.stage_supported_by_backend,
     backend_rules.learning_rate_schedule,
     backend_rules.deepspeed_nvme_offload,
