@@ -39,6 +39,12 @@ def run_trainctl(*args: str, cwd: Path, env: dict | None = None) -> subprocess.C
 
 # --- trainers started as the job script starts them: torchrun, CPU ranks ---------------------------
 
+SMALL_MODEL = ("model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=344", "model.seq_length=128",
+               "model.max_position_embeddings=128")
+"""The tiny model made smaller (2 layers of 128, 128-token sequences): a step costs a third of tiny's on 2 cores.
+For the fault tests, which check what happens around the steps (saves, signals, requeues, resumes), not how
+well the model learns."""
+
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 """The signals job.sbatch has torchrun pass on to its ranks."""
 

@@ -25,7 +25,7 @@ from launch.record import checkpoints as ckpt
 from launch.record import manifest
 from launch.record import outcome
 from launch.record.outcome import Outcome
-from tests.conftest import PYTHONPATH, ROOT, run_trainctl
+from tests.conftest import PYTHONPATH, ROOT, SMALL_MODEL, run_trainctl
 
 STEPS, EVERY = 10, 2
 BACKENDS = {"deepspeed": (), "megatron": ("backend=megatron",)}
@@ -193,7 +193,7 @@ def _train(run_dir: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def _render(cwd: Path, prepared: Path, backend: str, *extra: str) -> Path:
-    out = run_trainctl("render", "recipe=tiny_local", *BACKENDS[backend], f"data.prepared_dir={prepared}",
+    out = run_trainctl("render", "recipe=tiny_local", *BACKENDS[backend], f"data.prepared_dir={prepared}", *SMALL_MODEL,
                        f"train.steps={STEPS}", f"train.checkpoint_interval={EVERY}", "train.eval_interval=100",
                        "train.keep_checkpoints=5", *extra, cwd=cwd)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -36,14 +36,14 @@ import pytest
 from launch.record import outcome
 from launch.record.outcome import Outcome
 from launch.train import guard
-from tests.conftest import PYTHONPATH, run_trainctl
+from tests.conftest import PYTHONPATH, SMALL_MODEL, run_trainctl
 
 GBS = 8  # tiny_local's global batch
 POLICY = ("train.guard.spike_window=2", "train.guard.spike_zscore=10", "train.guard.spike_skip_batches=2")
 
 
 def _render(cwd: Path, data: Path, backend: str, steps: int, *extra: str) -> Path:
-    out = run_trainctl("render", "recipe=tiny_local", f"backend={backend}", f"data.prepared_dir={data}",
+    out = run_trainctl("render", "recipe=tiny_local", f"backend={backend}", f"data.prepared_dir={data}", *SMALL_MODEL,
                        f"train.steps={steps}", "train.log_interval=1", "train.eval_iters=1",
                        "train.eval_interval=100", *POLICY, *extra, cwd=cwd)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SLURM_STATE, job_field, run_trainctl, slurm, wait_for
+from tests.conftest import ROOT, SLURM_STATE, SMALL_MODEL, job_field, run_trainctl, slurm, wait_for
 
 STEPS, INTERVAL = 12, 3
 
 
 def _submit(workdir: Path, env: dict, prepared: Path, *overrides: str) -> tuple[str, Path]:
     out = run_trainctl("submit", "recipe=tiny_slurm", f"data.prepared_dir={prepared}", f"train.steps={STEPS}",
-                       f"train.checkpoint_interval={INTERVAL}", "train.eval_interval=0", *overrides,
+                       f"train.checkpoint_interval={INTERVAL}", "train.eval_interval=0", *SMALL_MODEL, *overrides,
                        cwd=workdir, env=env)
     assert out.returncode == 0, out.stderr
     return re.search(r"submitted job (\d+)", out.stdout).group(1), workdir / "runs/tiny_slurm"
@@ -88,7 +88,9 @@ def _assert_resumed_exactly(run_dir: Path, most_lost: int) -> list[dict]:
     return lost
 
 
-@BACKENDS
+@pytest.mark.parametrize("backend", [("backend=deepspeed",), pytest.param(("backend=megatron", "parallel.tp=2"),
+                                                                           marks=pytest.mark.slow)],
+                         ids=["deepspeed", "megatron-tp2"])
 def test_a_rank_killed_mid_run_is_requeued_and_resumes_from_the_last_checkpoint(workdir: Path, slurm_env: dict,
                                                                                  prepared: Path, backend: tuple) -> None:
     job, run_dir = _submit(workdir, slurm_env, prepared, *backend)

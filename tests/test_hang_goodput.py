@@ -31,7 +31,7 @@ import pytest
 from launch.record import outcome
 from launch.record.outcome import Outcome
 from launch.train.watchdog import EXIT_HANG, STALL_KNOB
-from tests.conftest import PYTHONPATH, run_trainctl
+from tests.conftest import PYTHONPATH, SMALL_MODEL, run_trainctl
 from tests.test_sbatch import STUB_SCONTROL, STUB_SINFO, render
 
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what job.sbatch gives torchrun
@@ -54,7 +54,7 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
 @pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
 def test_a_stalled_rank_ends_the_job_step_as_a_hang_with_every_rank_s_stacks(tmp_path, prepared, backend):
     out = run_trainctl("render", "recipe=tiny_local", f"backend={backend}", f"data.prepared_dir={prepared}",
-                       "train.steps=8", "train.checkpoint_interval=100", "train.eval_interval=100",
+                       *SMALL_MODEL, "train.steps=8", "train.checkpoint_interval=100", "train.eval_interval=100",
                        f"train.hang_timeout_s={HANG_TIMEOUT_S}", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     run_dir = tmp_path / "runs/tiny_local"
@@ -130,7 +130,7 @@ def _submit(workdir: Path, prepared: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "launch", "submit", "recipe=tiny_local", f"data.prepared_dir={prepared}",
          f"train.steps={STEPS}", f"train.checkpoint_interval={EVERY}", "train.eval_interval=100",
-         "train.log_interval=1"], cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         "train.log_interval=1", *SMALL_MODEL], cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
 
 

@@ -23,8 +23,6 @@ import pytest
 from tests.conftest import records as _records
 from tests.conftest import run_trainctl, stop_and_resume, torchrun, train, trainer_env
 
-pytestmark = pytest.mark.slow  # minutes of training: `pytest -m slow` (kept out of CI's budget)
-
 STEPS = 4
 NAN_AT = 2
 COMMON = ("recipe=tiny_dpo", "backend=megatron", "stage.lr=1e-3", f"train.steps={STEPS}", "optim.warmup_steps=1",
@@ -120,48 +118,54 @@ from launch.train.init_source import Format, InitSource
 from launch.train.megatron.dpo import DpoObjective
 from launch.train.megatron.module import MegatronModule
 
-run = Path(sys.argv[1])
-record = read_config(run)
-m = MegatronModule(run, record, read_plan(run))
-final = run / "checkpoints/final"  # a Hugging Face model, the distributed checkpoint beside it in megatron/
-m.init_from(InitSource(final / "megatron", Format.megatron))  # the trained policy; the reference: initial weights
-data = build_datasets(record.cfg, train_samples=8, valid_samples=0, cache_dir=run / "check_cache")
-batches = [tuple(micro_batch(data.train, first_sample=4, micro=i, micro_batch_size=1, dp_rank=0, dp=1))
-           for i in range(4)]
-with m.evaluating():
-    policy, reference = m.built.chunks[0].module, m.dpo.reference[0]
-    logps = []  # (policy sums, reference sums, token counts) per micro-batch, from the full logits
-    for batch in batches:
-        tokens, labels, mask = split_pairs(*batch)
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
-        p, counts = sequence_logps(policy(tokens, positions, None), labels, mask)
-        r, _ = sequence_logps(reference(tokens, positions, None), labels, mask)
-        logps.append((p.chunk(2), r.chunk(2), counts.chunk(2)))
-    for loss_type in ("sigmoid", "ipo", "hinge"):
-        m.dpo.loss_type = loss_type
-        trainer_loss = m.mean_loss([m.eval_step(batches)])
-        by_hand = [float(dpo_loss(pc, pr, rc, rr, beta=record.cfg.stage.dpo_beta, loss_type=loss_type,
-                                  chosen_tokens=nc, rejected_tokens=nr)[0])
-                   for (pc, pr), (rc, rr), (nc, nr) in logps]
-        print("LOSSES", loss_type, trainer_loss, sum(by_hand) / len(by_hand))
-    # The policy's log-probs again, by transformers from the Hugging Face export of the same weights.
-    from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
-    m.dpo.loss_type = "sigmoid"
-    by_transformers = []
-    for batch, (_, (rc, rr), _) in zip(batches, logps):
-        tokens, labels, mask = split_pairs(*batch)
-        pc, pr = sequence_logps(hf_model(tokens).logits, labels, mask)[0].chunk(2)
-        by_transformers.append(float(dpo_loss(pc, pr, rc, rr, beta=record.cfg.stage.dpo_beta, loss_type="sigmoid")[0]))
-    print("TRANSFORMERS", m.mean_loss([m.eval_step(batches)]), sum(by_transformers) / len(by_transformers))
-    # A reference loaded from the policy's own checkpoint, either format, is the policy again.
-    for source in (InitSource(final / "megatron", Format.megatron), InitSource(final, Format.hf)):
-        m.dpo = DpoObjective(doc=m.doc, stage=record.cfg.stage, device=m.device, mbs=m.mbs, seq=m.seq,
-                             source=source, hf_config=m._hf_config)
-        print("SAME", source.format.name, m.mean_loss([m.eval_step(batches)]),
-              m.window_metrics([m.eval_step(batches)])["rewards/margins"])
-m.close()
+def main():  # under a main guard: megatron-core's checkpoint writer starts a spawned process
+    run = Path(sys.argv[1])
+    record = read_config(run)
+    m = MegatronModule(run, record, read_plan(run))
+    final = run / "checkpoints/final"  # a Hugging Face model, the distributed checkpoint beside it in megatron/
+    m.init_from(InitSource(final / "megatron", Format.megatron))  # the trained policy; the reference: initial weights
+    data = build_datasets(record.cfg, train_samples=8, valid_samples=0, cache_dir=run / "check_cache")
+    batches = [tuple(micro_batch(data.train, first_sample=4, micro=i, micro_batch_size=1, dp_rank=0, dp=1))
+               for i in range(4)]
+    with m.evaluating():
+        policy, reference = m.built.chunks[0].module, m.dpo.reference[0]
+        logps = []  # (policy sums, reference sums, token counts) per micro-batch, from the full logits
+        for batch in batches:
+            tokens, labels, mask = split_pairs(*batch)
+            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+            p, counts = sequence_logps(policy(tokens, positions, None), labels, mask)
+            r, _ = sequence_logps(reference(tokens, positions, None), labels, mask)
+            logps.append((p.chunk(2), r.chunk(2), counts.chunk(2)))
+        for loss_type in ("sigmoid", "ipo", "hinge"):
+            m.dpo.loss_type = loss_type
+            trainer_loss = m.mean_loss([m.eval_step(batches)])
+            by_hand = [float(dpo_loss(pc, pr, rc, rr, beta=record.cfg.stage.dpo_beta, loss_type=loss_type,
+                                      chosen_tokens=nc, rejected_tokens=nr)[0])
+                       for (pc, pr), (rc, rr), (nc, nr) in logps]
+            print("LOSSES", loss_type, trainer_loss, sum(by_hand) / len(by_hand))
+        # The policy's log-probs again, by transformers from the Hugging Face export of the same weights.
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+        m.dpo.loss_type = "sigmoid"
+        by_transformers = []
+        for batch, (_, (rc, rr), _) in zip(batches, logps):
+            tokens, labels, mask = split_pairs(*batch)
+            pc, pr = sequence_logps(hf_model(tokens).logits, labels, mask)[0].chunk(2)
+            by_transformers.append(float(dpo_loss(pc, pr, rc, rr, beta=record.cfg.stage.dpo_beta, loss_type="sigmoid")[0]))
+        print("TRANSFORMERS", m.mean_loss([m.eval_step(batches)]), sum(by_transformers) / len(by_transformers))
+        # A reference loaded from the policy's own checkpoint, either format, is the policy again.
+        for source in (InitSource(final / "megatron", Format.megatron), InitSource(final, Format.hf)):
+            m.dpo = DpoObjective(doc=m.doc, stage=record.cfg.stage, device=m.device, mbs=m.mbs, seq=m.seq,
+                                 source=source, hf_config=m._hf_config)
+            print("SAME", source.format.name, m.mean_loss([m.eval_step(batches)]),
+                  m.window_metrics([m.eval_step(batches)])["rewards/margins"])
+    m.close()
+
+
+if __name__ == "__main__":
+    main()
 '''
 
 

@@ -18,7 +18,6 @@ __all__ = ["BACKEND_RULES", "GENERAL_RULES", "RULES", "Problem", "Rule", "diviso
 
 GENERAL_RULES: tuple[Rule, ...] = (
     rules.name_is_a_path_component,
-    rules.values_within_bounds,
     rules.tokens_or_steps,
     rules.guard_policy,
     rules.hang_timeout,
@@ -65,8 +64,11 @@ BACKEND_RULES: tuple[Rule, ...] = (
 )
 """Rules scoped to one backend (each returns nothing for the other)."""
 
-RULES: tuple[Rule, ...] = GENERAL_RULES + BACKEND_RULES
+RANGES: Rule = rules.values_within_bounds
+"""Runs first: when a value is out of its range, the other rules (which divide by such values and take
+their divisors) are not run, and the user fixes the ranges first."""
+RULES: tuple[Rule, ...] = (RANGES,) + GENERAL_RULES + BACKEND_RULES
 
 
 def validate(cfg: Config, d: Derived) -> list[Problem]:
-    return [problem for check in RULES for problem in check(cfg, d)]
+    return list(RANGES(cfg, d)) or [problem for check in RULES[1:] for problem in check(cfg, d)]

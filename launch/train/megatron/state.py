@@ -65,7 +65,9 @@ def prepare_saves() -> None:
     process of the job, that one too: it died, and the stop save after the signal failed (BrokenPipeError),
     losing the job step's work (tests/test_faults_slurm.py caught it). So trainctl starts that Manager
     itself, ignoring the stop signals (the rank decides when to stop), and hands megatron-core its queue;
-    at start-up, since spawning it after a stop signal may not finish before Slurm's kill."""
+    at start-up, since spawning it after a stop signal may not finish before Slurm's kill. (Spawned, as
+    megatron-core spawns its own: a script that builds the trainer needs a ``__main__`` guard, as
+    ``python -m launch.train`` has.)"""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from multiprocessing.managers import SyncManager
     import multiprocessing as mp
