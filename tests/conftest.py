@@ -72,18 +72,22 @@ def train(run_dir: Path, nproc: int = 2, env: dict | None = None, timeout: float
     return out
 
 
-def stop_and_resume(run_dir: Path, nproc: int = 2, *, after: int, env: dict | None = None) -> str:
-    """SIGUSR1 to torchrun (as the job script forwards it) once ``after`` steps are logged, then the same run
-    again to its end; both outputs."""
+def stop_after(run_dir: Path, nproc: int = 2, *, after: int, env: dict | None = None) -> str:
+    """Start the trainer, send torchrun SIGUSR1 (as the job script forwards it) once ``after`` steps are
+    logged, and wait for it to stop; its output."""
     first = torchrun(run_dir, nproc, env)
-    deadline = time.monotonic() + 200
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline and first.poll() is None:
         if len(records(run_dir)) >= after:
             first.send_signal(signal.SIGUSR1)
             break
         time.sleep(0.2)
-    out, _ = first.communicate(timeout=150)
-    return out + train(run_dir, nproc, env)
+    return first.communicate(timeout=180)[0]
+
+
+def stop_and_resume(run_dir: Path, nproc: int = 2, *, after: int, env: dict | None = None) -> str:
+    """``stop_after``, then the same run again to its end; both outputs."""
+    return stop_after(run_dir, nproc, after=after, env=env) + train(run_dir, nproc, env)
 
 
 def records(run_dir: Path, kind: str = "train") -> list[dict]:

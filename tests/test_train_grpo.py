@@ -9,9 +9,7 @@ checkpoints, the metrics (the mean reward rises) and the exported model. Nothing
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from launch.record import outcome
 from launch.record.outcome import Outcome
 from tests.conftest import records as _records
-from tests.conftest import run_trainctl, torchrun, trainer_env
+from tests.conftest import run_trainctl, stop_after, torchrun, train, trainer_env
 
 STEPS = 9
 STOP_AFTER = 3  # train records seen before SIGUSR1: the stop lands at step >= 3
@@ -50,17 +48,8 @@ def grpo(tmp_path_factory) -> dict:
     """A GRPO run stopped by SIGUSR1 after a few steps, then resumed to the end."""
     cwd = tmp_path_factory.mktemp("grpo")
     run_dir = _render(cwd)
-    first = _torchrun(run_dir)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and first.poll() is None:
-        if len(_records(run_dir)) >= STOP_AFTER:
-            first.send_signal(signal.SIGUSR1)
-            break
-        time.sleep(0.2)
-    out1, _ = first.communicate(timeout=180)
-    second = _torchrun(run_dir)
-    out2, _ = second.communicate(timeout=300)
-    assert second.returncode == 0, out2[-5000:]
+    out1 = stop_after(run_dir, after=STOP_AFTER, env=_env())
+    out2 = train(run_dir, env=_env(), timeout=300)
     return {"run_dir": run_dir, "out1": out1, "out2": out2}
 
 
