@@ -32,6 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from launch.record import outcome
 from launch.record.outcome import Outcome
@@ -204,12 +205,15 @@ def _tensors(obj):
 
 def test_a_real_divergence_ends_diverged_with_nothing_non_finite_saved(tmp_path_factory, prepared):  # noqa: F811
     """The issue's reproduction, optim.lr=1e6 on DeepSpeed: it once trained to "done" and saved NaN. Now its
-    gradient norms overflow (DeepSpeed discards those steps) until two in a row end the run."""
+    gradient norms overflow (DeepSpeed discards those steps) until two in a row end the run. `plan` refuses
+    that lr now (launch.config.schema.BOUNDS), but the trainer must still stop a run that diverges for real,
+    so the rendered record is given it afterwards, as a hand edit or an older trainctl's record could."""
     import torch
 
     cwd = tmp_path_factory.mktemp("diverged_ds")
-    run_dir = _render(cwd, prepared, "deepspeed", 8, "optim.lr=1e6", "train.checkpoint_interval=2",
+    run_dir = _render(cwd, prepared, "deepspeed", 8, "train.checkpoint_interval=2",
                       "train.guard.max_consecutive_skips=2")
+    _set_lr(run_dir, 1e6)
     run = _torchrun(run_dir)
     assert run.returncode != 0
     assert re.search(r"exitcode\s*:\s*6\b", run.stdout), run.stdout[-4000:]  # each rank's code, as torchrun says
@@ -227,6 +231,16 @@ def test_a_real_divergence_ends_diverged_with_nothing_non_finite_saved(tmp_path_
     assert files and all(torch.isfinite(t).all() for f in files
                          for t in _tensors(torch.load(f, weights_only=False, map_location="cpu"))
                          if t.is_floating_point())
+
+
+def _set_lr(run_dir: Path, lr: float) -> None:
+    """The learning rate in the rendered record: config.yaml and DeepSpeed's ds_config.json."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["optim"]["lr"] = lr
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    ds["optimizer"]["params"]["lr"] = lr
+    (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
