@@ -141,7 +141,8 @@ def _free_port() -> int:
 
 
 def test_two_nodes_the_slowest_below_the_floor_ends_the_job_with_a_node_outcome(workdir: Path):
-    run_dir = _render(workdir, "cluster.nodes=2", "train.rank_check_min_busbw_gbps=1e6")
+    # Two nodes emulated on this machine: a Slurm profile (a local cluster is one node), torchrun started by hand.
+    run_dir = _render(workdir, "cluster=slurm_local", "cluster.nodes=2", "train.rank_check_min_busbw_gbps=1e6")
     port = _free_port()
     agents = [_torchrun(run_dir, "--nnodes=2", f"--node-rank={n}", "--master-addr=127.0.0.1",
                         f"--master-port={port}") for n in (0, 1)]
