@@ -747,7 +747,7 @@ BOUNDS: dict[str, Bound] = {
     "tune.top_k": Bound(1, 10_000, "layouts to show or probe"),
     "tune.max_micro_batch_size": _PARALLEL,
     "tune.min_tokens_per_cp_rank": Bound(1, 2 ** 30, "tokens per context-parallel rank"),
-    "tune.probe_steps": Bound(2, 1_000_000, "a probe leaves its first logging window out of the measurement"),
+    "tune.probe_steps": Bound(2, 1_000_000, "a probe's first logging window is start-up and is not measured"),
 }
 """Every numeric key's sensible range, with the reason; ``launch.config.rules.values_within_bounds``
 checks them all (a null optional key is not checked). Rules that relate keys to each other live in

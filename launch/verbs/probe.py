@@ -57,9 +57,6 @@ def check_probeable(cfg) -> None:
     if cfg.cluster.scheduler != Scheduler.slurm:
         raise UserError(f"cluster={cfg.cluster.name}, tune.probe=true: probes run as a Slurm job array, and this "
                         "cluster has no scheduler\n  fix: a Slurm cluster profile (cluster=h100), or tune.probe=false")
-    if cfg.tune.probe_steps < 2:
-        raise UserError(f"tune.probe_steps={cfg.tune.probe_steps}: a probe needs at least 2 steps (the first "
-                        "logging window is start-up and is not measured)\n  fix: tune.probe_steps=20")
 
 
 def probe_config(composed: DictConfig, parallel, steps: int, name: str) -> DictConfig:

@@ -39,12 +39,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def run_tune(composed, run_dir: Path, command: list[str]) -> None:
     cfg = typed_config(composed)
     name = _layout_name(cfg)
-    for key, value, least, default in (("top_k", cfg.tune.top_k, 1, 5),
-                                       ("max_micro_batch_size", cfg.tune.max_micro_batch_size, 1, 8),
-                                       ("min_tokens_per_cp_rank", cfg.tune.min_tokens_per_cp_rank, 1, 4096)):
-        if value < least:
-            raise UserError(f"tune.{key}={value}: must be at least {least}\n  fix: tune.{key}={default}")
-    if cfg.tune.probe:
+    if cfg.tune.probe:  # tune.* ranges: launch.config.schema.BOUNDS, checked as search() validates the config
         probe.check_probeable(cfg)
     found = search(cfg)
     if not found.ranked:
